@@ -1,0 +1,43 @@
+# Two commands for a fresh machine:
+#   make run   installs the runtime and runs the local quickstart (a tiny model, 2 iterations)
+#   make test  installs the test dependencies and runs the test suite
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP_RUN := $(VENV)/.installed-run
+STAMP_TEST := $(VENV)/.installed-test
+
+.PHONY: run test install install-test crd bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch is pinned first: 2.13.0 is the CPU build here; a bare `torch` pulls CUDA wheels.
+$(STAMP_RUN): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[ml,operator]'
+	touch $@
+
+$(STAMP_TEST): pyproject.toml $(STAMP_RUN)
+	$(BIN)/pip install -q -e '.[ml,operator,test]'
+	touch $@
+
+install: $(STAMP_RUN)
+install-test: $(STAMP_TEST)
+
+run: $(STAMP_RUN)
+	$(BIN)/selfreward make-tiny-model .quickstart/tiny-model
+	$(BIN)/selfreward run examples/quickstart.yaml
+
+test: $(STAMP_TEST)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+crd: $(STAMP_RUN)
+	$(BIN)/selfreward crd -o crds/selfreward.dev_selfrewardruns.yaml
+
+bench: $(STAMP_TEST)
+	$(BIN)/python bench/pipeline.py
+
+clean:
+	rm -rf .quickstart

@@ -1,0 +1,125 @@
+"""The `selfreward` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional
+
+from .spec import PHASES, SpecError, load_spec_file, parse_spec, spec_from_document
+
+
+def _load_worker_spec(path: Optional[str]):
+    """The worker's spec: --spec FILE (YAML/JSON, bare or a manifest) or $SELFREWARD_SPEC (JSON)."""
+    if path:
+        return load_spec_file(path)[0]
+    raw = os.environ.get("SELFREWARD_SPEC")
+    if not raw:
+        raise SpecError([("spec", "give --spec FILE or set SELFREWARD_SPEC")], "worker")
+    return spec_from_document(json.loads(raw), "$SELFREWARD_SPEC")[0]
+
+
+def cmd_worker(args) -> int:
+    from .worker import main_phase
+
+    spec = _load_worker_spec(args.spec)
+    return main_phase(spec, args.phase, args.iteration, args.shard, args.num_shards, args.termination_log)
+
+
+def cmd_run(args) -> int:
+    from .local import run_local
+
+    spec, meta = load_spec_file(args.spec)
+    return run_local(spec, name=meta.get("name") or os.path.splitext(os.path.basename(args.spec))[0],
+                     quiet=args.quiet, python=sys.executable)
+
+
+def cmd_make_tiny_model(args) -> int:
+    from .tiny import make_tiny_model
+
+    make_tiny_model(args.dir, seed=args.seed, corpus=args.corpus)
+    print(f"tiny model written to {args.dir}")
+    return 0
+
+
+def cmd_crd(args) -> int:
+    from .crd import crd_yaml
+
+    text = crd_yaml()
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_validate(args) -> int:
+    spec, _ = load_spec_file(args.spec)
+    print(f"{args.spec}: valid ({spec.iterations} iterations)")
+    return 0
+
+
+def cmd_operator(args) -> int:
+    from .controller import run_operator
+
+    return run_operator(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="selfreward", description="Self-Rewarding LM training runs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a whole run on this machine (phases as local processes)")
+    r.add_argument("spec", help="run spec YAML (a bare spec or a SelfRewardRun manifest)")
+    r.add_argument("--quiet", action="store_true", help="no live progress display")
+    r.set_defaults(func=cmd_run)
+
+    w = sub.add_parser("worker", help="run one phase (the Job containers' entrypoint)")
+    w.add_argument("phase", choices=PHASES)
+    w.add_argument("--spec", help="run spec file; default: $SELFREWARD_SPEC (JSON)")
+    w.add_argument("--iteration", type=int, default=int(os.environ.get("SELFREWARD_ITERATION", "1")))
+    w.add_argument("--shard", type=int, default=None, help="default: $JOB_COMPLETION_INDEX, else 0")
+    w.add_argument("--num-shards", type=int, default=None, help="default: the spec's shards for the phase")
+    w.add_argument("--termination-log", default="", help="default: /dev/termination-log when writable")
+    w.set_defaults(func=cmd_worker)
+
+    t = sub.add_parser("make-tiny-model", help="build a tiny random Llama and an offline tokenizer")
+    t.add_argument("dir")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--corpus", default=None, help="text/JSONL file to train the tokenizer on")
+    t.set_defaults(func=cmd_make_tiny_model)
+
+    c = sub.add_parser("crd", help="print the SelfRewardRun CRD generated from the spec model")
+    c.add_argument("-o", "--output")
+    c.set_defaults(func=cmd_crd)
+
+    v = sub.add_parser("validate", help="check a run spec file")
+    v.add_argument("spec")
+    v.set_defaults(func=cmd_validate)
+
+    o = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
+    o.add_argument("--namespace", "-n", action="append", default=[], help="namespace to serve (repeatable)")
+    o.add_argument("--all-namespaces", "-A", action="store_true", help="serve the whole cluster")
+    o.add_argument("--metrics-port", type=int, default=int(os.environ.get("SELFREWARD_METRICS_PORT", "8080")))
+    o.add_argument("--health-port", type=int, default=int(os.environ.get("SELFREWARD_HEALTH_PORT", "8081")))
+    o.add_argument("--peering", default=os.environ.get("SELFREWARD_PEERING") or None,
+                   help="kopf peering name (for several replicas); default: standalone")
+    o.add_argument("--priority", type=int, default=None, help="peering priority; default: random, never equal")
+    o.add_argument("--worker-image", default=os.environ.get("SELFREWARD_WORKER_IMAGE", "ghcr.io/selfreward/worker:0.1.0"))
+    o.add_argument("--verbose", action="store_true")
+    o.set_defaults(func=cmd_operator)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

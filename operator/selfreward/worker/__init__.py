@@ -1,0 +1,120 @@
+"""`selfreward worker <phase>`: the one entrypoint of every Job container and local step.
+
+Each phase is a module of this package with ``run(ctx) -> dict`` (its summary figures)
+and, for sharded phases, an optional ``finalize(store, spec, iteration, summaries) -> dict``
+that aggregates the shard summaries into the phase summary. This dispatcher makes every
+phase idempotent in the same way: committed output is skipped, missing shards are
+(re)done, and the summary is always written last.
+"""
+from __future__ import annotations
+
+import importlib
+import time
+import traceback
+from typing import Any, Callable, Optional
+
+from .. import layout
+from ..spec import PHASES, RunSpec
+from ..storage import Store
+from .common import PhaseContext, PhaseError, aggregate, log, resolve_shard, shard_summaries, write_termination_log
+
+SHARDED = ("generate", "judge")
+
+
+def phase_module(phase: str):
+    if phase not in PHASES:
+        raise PhaseError(f"unknown phase {phase!r}; expected one of {', '.join(PHASES)}")
+    return importlib.import_module(f"selfreward.worker.{phase}")
+
+
+def default_shards(spec: RunSpec, phase: str) -> int:
+    if phase == "generate":
+        return spec.generation.shards
+    if phase == "judge":
+        return spec.judge.shards
+    return 1
+
+
+def phase_done(store: Store, iteration: int, phase: str) -> bool:
+    return store.exists(layout.summary_path(iteration, phase))
+
+
+def finalize_phase(store: Store, spec: RunSpec, iteration: int, phase: str, num_shards: int) -> Optional[dict]:
+    """Write the phase summary once every shard has committed; return it, or None if
+    shards are still missing."""
+    summaries = shard_summaries(store, iteration, phase, num_shards)
+    if any(s is None for s in summaries):
+        return None
+    mod = phase_module(phase)
+    finalize = getattr(mod, "finalize", None)
+    summary = finalize(store, spec, iteration, summaries) if finalize else aggregate(summaries)
+    summary.update({"phase": phase, "iteration": iteration, "numShards": num_shards})
+    store.write_json(layout.summary_path(iteration, phase), summary)
+    return summary
+
+
+def run_phase(
+    spec: RunSpec,
+    phase: str,
+    iteration: int,
+    shard: Optional[int] = None,
+    num_shards: Optional[int] = None,
+    store: Optional[Store] = None,
+    progress: Optional[Callable[[dict], Any]] = None,
+) -> dict:
+    """Run one phase (one shard of it, if sharded) and return its summary."""
+    mod = phase_module(phase)
+    store = store or Store.for_spec(spec)
+    if phase == "sft" and iteration != 0:
+        raise PhaseError("the sft phase belongs to iteration 0")
+    if phase != "sft" and not 1 <= iteration <= spec.iterations:
+        raise PhaseError(f"iteration {iteration} is outside 1..{spec.iterations}")
+
+    if phase_done(store, iteration, phase):
+        summary = store.read_json(layout.summary_path(iteration, phase))
+        summary["skipped"] = True
+        log(f"iter-{iteration}/{phase}: already committed, skipped")
+        return summary
+
+    if phase in SHARDED:
+        shard, num_shards = resolve_shard(shard, num_shards, default_shards(spec, phase))
+    else:
+        shard, num_shards = 0, 1
+    ctx = PhaseContext(spec=spec, store=store, iteration=iteration, phase=phase,
+                       shard=shard, num_shards=num_shards, progress=progress)
+
+    if phase in SHARDED:
+        if store.exists(ctx.shard_summary):
+            log(f"iter-{iteration}/{phase} shard {shard}/{num_shards}: already committed, skipped")
+            summary = store.read_json(ctx.shard_summary)
+            summary["skipped"] = True
+        else:
+            t0 = time.time()
+            summary = dict(mod.run(ctx))
+            summary.setdefault("durationSeconds", round(time.time() - t0, 3))
+            summary.update({"phase": phase, "iteration": iteration, "shard": shard, "numShards": num_shards})
+            store.write_json(ctx.shard_summary, summary)  # the shard's commit marker
+        final = finalize_phase(store, spec, iteration, phase, num_shards)
+        return final if final is not None else summary
+
+    t0 = time.time()
+    summary = dict(mod.run(ctx))
+    summary.setdefault("durationSeconds", round(time.time() - t0, 3))
+    summary.update({"phase": phase, "iteration": iteration})
+    store.write_json(layout.summary_path(iteration, phase), summary)  # the phase's commit marker
+    return summary
+
+
+def main_phase(spec: RunSpec, phase: str, iteration: int, shard: Optional[int], num_shards: Optional[int],
+               termination_log: str = "", progress=None) -> int:
+    """CLI body: run, write the termination message, map failures to exit codes."""
+    try:
+        summary = run_phase(spec, phase, iteration, shard, num_shards, progress=progress)
+    except Exception as e:  # every failure leaves a readable line for the operator
+        msg = f"{type(e).__name__}: {e}" if not isinstance(e, PhaseError) else str(e)
+        log(f"iter-{iteration}/{phase} failed: {msg}")
+        traceback.print_exc()
+        write_termination_log({"error": msg[:1500], "phase": phase, "iteration": iteration}, termination_log)
+        return 1
+    write_termination_log(summary, termination_log)
+    return 0
