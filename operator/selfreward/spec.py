@@ -150,7 +150,8 @@ class JudgeSpec(_Model):
     samplesPerResponse: int = Field(3, ge=1, le=64, description="Judge verdicts per response, aggregated (paper: 3).")
     aggregation: Literal["mean", "median"] = Field("mean")
     template: Optional[str] = Field(
-        None, description="Judge prompt with {prompt} and {response} placeholders; default: the additive 0-5 rubric."
+        None, max_length=65536,
+        description="Judge prompt with {prompt} and {response} placeholders; default: the additive 0-5 rubric.",
     )
     scorePattern: str = Field(
         DEFAULT_SCORE_PATTERN,
@@ -232,6 +233,7 @@ class StorageSpec(_Model):
     uri: str = Field(
         ...,
         min_length=1,
+        max_length=4096,
         description="Artifacts root: file:///path, a local path, or s3://bucket/prefix. Cannot change once set.",
     )
     endpoint: Optional[str] = Field(None, description="S3 endpoint URL (S3-compatible stores).")
