@@ -27,6 +27,16 @@ def cmd_worker(args) -> int:
     return main_phase(spec, args.phase, args.iteration, args.shard, args.num_shards, args.termination_log)
 
 
+def cmd_cleanup(args) -> int:
+    """Delete a run's whole artifact store (the operator's cleanup Job, deleteOnRunDeletion)."""
+    from .storage import Store
+
+    spec = _load_worker_spec(args.spec)
+    Store.for_spec(spec).delete("")
+    print(f"deleted {spec.storage.uri}")
+    return 0
+
+
 def cmd_run(args) -> int:
     from .local import run_local
 
@@ -84,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--num-shards", type=int, default=None, help="default: the spec's shards for the phase")
     w.add_argument("--termination-log", default="", help="default: /dev/termination-log when writable")
     w.set_defaults(func=cmd_worker)
+
+    cl = sub.add_parser("cleanup", help="delete a run's artifacts (the operator's cleanup Job)")
+    cl.add_argument("--spec", help="run spec file; default: $SELFREWARD_SPEC (JSON)")
+    cl.set_defaults(func=cmd_cleanup)
 
     t = sub.add_parser("make-tiny-model", help="build a tiny random Llama and an offline tokenizer")
     t.add_argument("dir")

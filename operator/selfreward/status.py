@@ -60,6 +60,7 @@ class RunStatus(_Model):
     startTime: Optional[str] = None
     completionTime: Optional[str] = None
     activeJob: Optional[str] = None
+    completedStep: Optional[str] = Field(None, description="Last step done, as iter-<t>/<phase>; the operator's progress mark.")
     attempts: Optional[dict[str, int]] = Field(None, description="Job attempts per step (iter-<t>/<phase>).")
     retryAfter: Optional[str] = Field(None, description="When the next retry of a failed step may start.")
     finalCheckpoint: Optional[str] = None

@@ -1,0 +1,519 @@
+"""The batch/v1 Jobs the operator creates: one per step of a run (and attempt).
+
+``build_job`` is a pure function of the run's metadata, the spec the step runs with,
+the step and the attempt number; reconcile calls it and the controller only sends the
+result. Everything a pod needs is in the manifest: the spec as JSON in
+``SELFREWARD_SPEC`` (never a secret: credentials come only as ``secretKeyRef`` from
+``spec.storage.credentialsSecret``), the command ``selfreward worker <phase>``, and, for
+the sharded phases, an Indexed Job whose ``JOB_COMPLETION_INDEX`` is the shard.
+
+Also here: reading facts back from observed Jobs and their pods (the step a Job runs,
+its attempt, whether it finished, why it failed, the summary its pods reported), so
+that reconcile stays free of manifest details.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+from .layout import Step
+from .spec import RunSpec
+
+GROUP = "selfreward.dev"
+VERSION = "v1alpha1"
+KIND = "SelfRewardRun"
+PLURAL = "selfrewardruns"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+LABEL_RUN = "selfreward.dev/run"
+LABEL_ITERATION = "selfreward.dev/iteration"
+LABEL_PHASE = "selfreward.dev/phase"
+LABEL_ATTEMPT = "selfreward.dev/attempt"
+LABEL_JOB = "selfreward.dev/job"
+LABEL_ROLE = "selfreward.dev/role"  # "step" or "cleanup"
+ANN_RUN_NAME = "selfreward.dev/run-name"
+ANN_GENERATION = "selfreward.dev/spec-generation"
+ANN_SUSPENDED = "selfreward.dev/suspended-by-operator"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+
+CONTAINER = "worker"
+EXIT_INVALID_SPEC = 2  # `selfreward worker` exits 2 on a SpecError: retrying cannot help
+DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
+MAX_NAME = 63
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Operator-wide settings that reconcile and build_job read."""
+
+    worker_image: str = "ghcr.io/selfreward/worker:0.1.0"
+    image_pull_grace_seconds: float = 120.0  # a pod stuck pulling its image fails the attempt after this
+    unschedulable_grace_seconds: float = 900.0  # a pod that cannot be scheduled fails the attempt after this
+    run_as_user: int = 1000
+    tmp_size_limit: str = "20Gi"
+
+
+# --- names and labels ---------------------------------------------------------------
+
+def _hash(text: str, n: int = 8) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def _dns_label(text: str, limit: int) -> str:
+    """A DNS-1123 label of at most ``limit`` chars derived from ``text``; when the text had
+    to be changed (too long, or '.' and other characters replaced), a hash of the original
+    keeps distinct inputs distinct."""
+    clean = re.sub(r"[^a-z0-9-]", "-", text.lower()).strip("-") or "run"
+    if clean == text and len(clean) <= limit:
+        return clean
+    h = _hash(text)
+    head = clean[: max(1, limit - len(h) - 1)].rstrip("-")
+    return f"{head}-{h}" if head else h
+
+
+def run_label(run_name: str) -> str:
+    """The value of the selfreward.dev/run label (label values are at most 63 chars)."""
+    if len(run_name) <= MAX_NAME and re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", run_name):
+        return run_name
+    return _dns_label(run_name, MAX_NAME)
+
+
+def job_suffix(step: Step, attempt: int) -> str:
+    suffix = f"-i{step.iteration}-{step.phase}"
+    if attempt > 1:
+        suffix += f"-r{attempt}"
+    return suffix
+
+
+def job_name(run_name: str, step: Step, attempt: int = 1) -> str:
+    """Deterministic: the same run, step and attempt always give the same name, so a
+    second create answers 409 and the operator adopts the Job instead of duplicating it."""
+    suffix = job_suffix(step, attempt)
+    return _dns_label(run_name, MAX_NAME - len(suffix)) + suffix
+
+
+def cleanup_job_name(run_name: str) -> str:
+    return _dns_label(run_name, MAX_NAME - len("-cleanup")) + "-cleanup"
+
+
+def owner_reference(run_meta: dict) -> dict:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": run_meta["name"],
+        "uid": run_meta.get("uid", ""),
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def run_selector(run_name: str) -> str:
+    return f"{LABEL_RUN}={run_label(run_name)}"
+
+
+def base_labels(run_name: str) -> dict[str, str]:
+    return {
+        LABEL_RUN: run_label(run_name),
+        "app.kubernetes.io/name": "selfreward",
+        "app.kubernetes.io/component": "worker",
+        "app.kubernetes.io/managed-by": "selfreward-operator",
+        "app.kubernetes.io/instance": run_label(run_name),
+    }
+
+
+# --- the manifest -------------------------------------------------------------------
+
+def spec_json(spec: RunSpec) -> str:
+    """The spec as the worker reads it from SELFREWARD_SPEC (a full, lossless dump)."""
+    return json.dumps(spec.model_dump(mode="json"), separators=(",", ":"), sort_keys=True)
+
+
+def _storage_env(spec: RunSpec) -> list[dict]:
+    env: list[dict] = []
+    st = spec.storage
+    if st.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL_S3", "value": st.endpoint})
+    if st.region:
+        env.append({"name": "AWS_REGION", "value": st.region})
+    if st.credentialsSecret:
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            env.append({"name": key, "valueFrom": {"secretKeyRef": {"name": st.credentialsSecret, "key": key}}})
+    return env
+
+
+def _security_context_pod(settings: Settings) -> dict:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": settings.run_as_user,
+        "runAsGroup": settings.run_as_user,
+        "fsGroup": settings.run_as_user,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _security_context_container(settings: Settings) -> dict:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": settings.run_as_user,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _job_shell(
+    run_meta: dict,
+    spec: RunSpec,
+    name: str,
+    labels: dict[str, str],
+    annotations: dict[str, str],
+    command: list[str],
+    env: list[dict],
+    phase_for_resources: str,
+    settings: Settings,
+    completions: int = 1,
+    backoff_limit: int = 1,
+) -> dict:
+    res = spec.resources.for_phase(phase_for_resources)
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if res.cpu:
+        requests["cpu"] = limits["cpu"] = res.cpu
+    if res.memory:
+        requests["memory"] = limits["memory"] = res.memory
+    if res.gpus:
+        limits[res.gpuResourceName or DEFAULT_GPU_RESOURCE] = str(res.gpus)
+
+    volumes = [{"name": "tmp", "emptyDir": {"sizeLimit": settings.tmp_size_limit}}]
+    mounts = [{"name": "tmp", "mountPath": "/tmp"}]
+    if res.shmSize:
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shmSize}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+
+    env = list(env) + [
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},
+        {"name": "HF_HOME", "value": "/tmp/.cache/huggingface"},
+        {"name": "TRITON_CACHE_DIR", "value": "/tmp/.cache/triton"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    env += _storage_env(spec)
+    reserved = {e["name"] for e in env}
+    for extra in res.env or []:
+        if extra.name not in reserved:  # user env may not override the spec or credentials
+            env.append({"name": extra.name, "value": extra.value})
+
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": spec.image or settings.worker_image,
+        "command": command,
+        "env": env,
+        "volumeMounts": mounts,
+        "securityContext": _security_context_container(settings),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if spec.imagePullPolicy:
+        container["imagePullPolicy"] = spec.imagePullPolicy
+    if requests or limits:
+        container["resources"] = {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
+
+    pod_labels = dict(labels)
+    pod_labels[LABEL_JOB] = name
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "containers": [container],
+        "volumes": volumes,
+        "securityContext": _security_context_pod(settings),
+        "enableServiceLinks": False,
+    }
+    if res.nodeSelector:
+        pod_spec["nodeSelector"] = dict(res.nodeSelector)
+    if res.tolerations:
+        pod_spec["tolerations"] = [t.model_dump(exclude_none=True) for t in res.tolerations]
+    if res.affinity:
+        pod_spec["affinity"] = res.affinity
+    if res.priorityClassName:
+        pod_spec["priorityClassName"] = res.priorityClassName
+    if spec.imagePullSecrets:
+        pod_spec["imagePullSecrets"] = [{"name": s} for s in spec.imagePullSecrets]
+    if spec.serviceAccountName:
+        pod_spec["serviceAccountName"] = spec.serviceAccountName
+        pod_spec["automountServiceAccountToken"] = True
+    else:
+        pod_spec["automountServiceAccountToken"] = False
+
+    job_spec: dict[str, Any] = {
+        "backoffLimit": backoff_limit,
+        "completions": completions,
+        "parallelism": completions,
+        "podFailurePolicy": {
+            "rules": [
+                # node drains, preemption, evictions: not the worker's fault, not counted
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                # an invalid spec fails the same way on every retry
+                {"action": "FailJob",
+                 "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_INVALID_SPEC]}},
+            ]
+        },
+        "template": {"metadata": {"labels": pod_labels, "annotations": dict(annotations)}, "spec": pod_spec},
+    }
+    if completions > 1:
+        job_spec["completionMode"] = "Indexed"
+    if res.activeDeadlineSeconds:
+        job_spec["activeDeadlineSeconds"] = res.activeDeadlineSeconds
+    if spec.ttlSecondsAfterFinished is not None:
+        job_spec["ttlSecondsAfterFinished"] = spec.ttlSecondsAfterFinished
+    if spec.kueue is not None:
+        labels = dict(labels)
+        labels[KUEUE_QUEUE_LABEL] = spec.kueue.queueName
+        job_spec["suspend"] = True  # Kueue admits (unsuspends) it
+
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": run_meta.get("namespace"),
+            "labels": labels,
+            "annotations": annotations,
+            "ownerReferences": [owner_reference(run_meta)],
+        },
+        "spec": job_spec,
+    }
+
+
+def build_job(run_meta: dict, spec: RunSpec, step: Step, attempt: int, settings: Optional[Settings] = None) -> dict:
+    """The Job of one attempt of one step."""
+    settings = settings or Settings()
+    run_name = run_meta["name"]
+    name = job_name(run_name, step, attempt)
+    labels = base_labels(run_name)
+    labels.update({
+        LABEL_ITERATION: str(step.iteration),
+        LABEL_PHASE: step.phase,
+        LABEL_ATTEMPT: str(attempt),
+        LABEL_ROLE: "step",
+    })
+    annotations = {ANN_RUN_NAME: run_name}
+    if run_meta.get("generation") is not None:
+        annotations[ANN_GENERATION] = str(run_meta["generation"])
+    command = ["selfreward", "worker", step.phase, "--iteration", str(step.iteration)]
+    if step.sharded:
+        command += ["--num-shards", str(step.shards)]
+    env = [
+        {"name": "SELFREWARD_SPEC", "value": spec_json(spec)},
+        {"name": "SELFREWARD_RUN", "value": run_name},
+        {"name": "SELFREWARD_ITERATION", "value": str(step.iteration)},
+        {"name": "SELFREWARD_PHASE", "value": step.phase},
+    ]
+    return _job_shell(run_meta, spec, name, labels, annotations, command, env, step.phase, settings,
+                      completions=step.shards if step.sharded else 1,
+                      backoff_limit=spec.retry.podBackoffLimit)
+
+
+def build_cleanup_job(run_meta: dict, spec: RunSpec, settings: Optional[Settings] = None) -> dict:
+    """The Job that deletes a run's artifacts (spec.storage.deleteOnRunDeletion). It runs
+    with the same secretKeyRefs as the workers: the operator itself never holds storage
+    credentials. It is owned by the run too, so it goes when the run finally does."""
+    settings = settings or Settings()
+    run_name = run_meta["name"]
+    name = cleanup_job_name(run_name)
+    labels = base_labels(run_name)
+    labels.update({LABEL_ROLE: "cleanup", LABEL_PHASE: "cleanup"})
+    annotations = {ANN_RUN_NAME: run_name}
+    env = [{"name": "SELFREWARD_SPEC", "value": spec_json(spec)}, {"name": "SELFREWARD_RUN", "value": run_name}]
+    command = ["selfreward", "cleanup"]
+    job = _job_shell(run_meta, spec, name, labels, annotations, command, env, "pairs", settings,
+                     backoff_limit=max(2, spec.retry.podBackoffLimit))
+    job["spec"].pop("suspend", None)  # never queued behind training work
+    job["metadata"]["labels"].pop(KUEUE_QUEUE_LABEL, None)
+    job["spec"]["ttlSecondsAfterFinished"] = 600
+    return job
+
+
+# --- reading observed Jobs and pods ---------------------------------------------------
+
+def parse_time(value: Any) -> Optional[datetime]:
+    if not value:
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    text = str(value)
+    if text.endswith("Z"):
+        text = text[:-1] + "+00:00"
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+
+
+def format_time(dt: datetime) -> str:
+    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def job_step_of(job: dict) -> Optional[tuple[int, str, int]]:
+    """(iteration, phase, attempt) from a Job's labels, or None for non-step Jobs."""
+    labels = (job.get("metadata") or {}).get("labels") or {}
+    if labels.get(LABEL_ROLE, "step") != "step":
+        return None
+    try:
+        return int(labels[LABEL_ITERATION]), labels[LABEL_PHASE], int(labels.get(LABEL_ATTEMPT, "1"))
+    except (KeyError, ValueError):
+        return None
+
+
+def job_condition(job: dict, ctype: str) -> Optional[dict]:
+    for c in (job.get("status") or {}).get("conditions") or []:
+        if c.get("type") == ctype and c.get("status") == "True":
+            return c
+    return None
+
+
+def job_complete(job: dict) -> bool:
+    return job_condition(job, "Complete") is not None
+
+
+def job_failed(job: dict) -> bool:
+    return job_condition(job, "Failed") is not None
+
+
+def job_finished_at(job: dict) -> Optional[datetime]:
+    st = job.get("status") or {}
+    c = job_condition(job, "Failed") or job_condition(job, "Complete")
+    return parse_time((c or {}).get("lastTransitionTime") or st.get("completionTime"))
+
+
+def job_spec_env(job: dict, name: str = "SELFREWARD_SPEC") -> Optional[str]:
+    try:
+        containers = job["spec"]["template"]["spec"]["containers"]
+    except (KeyError, TypeError):
+        return None
+    for c in containers:
+        for e in c.get("env") or []:
+            if e.get("name") == name and "value" in e:
+                return e["value"]
+    return None
+
+
+def _statuses(pod: dict) -> list[dict]:
+    st = pod.get("status") or {}
+    return list(st.get("initContainerStatuses") or []) + list(st.get("containerStatuses") or [])
+
+
+def _termination_messages(pod: dict) -> list[str]:
+    out = []
+    for cs in _statuses(pod):
+        for key in ("state", "lastState"):
+            term = (cs.get(key) or {}).get("terminated")
+            if term and term.get("message"):
+                out.append(term["message"])
+    return out
+
+
+def _parse_message(msg: str) -> Optional[dict]:
+    """A worker writes its summary (or {"error": ...}) as one JSON line; with
+    FallbackToLogsOnError the message may instead be the log tail: take the last JSON
+    object line if there is one."""
+    for line in reversed(msg.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{") and line.endswith("}"):
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                return obj
+    return None
+
+
+def pod_reports(pods: list[dict]) -> list[dict]:
+    """Every parsed JSON termination message of the pods, in pod-name order."""
+    out = []
+    for pod in sorted(pods, key=lambda p: (p.get("metadata") or {}).get("name", "")):
+        for msg in _termination_messages(pod):
+            obj = _parse_message(msg)
+            if obj is not None:
+                out.append(obj)
+    return out
+
+
+def job_summary(job: dict) -> Optional[dict]:
+    """The phase summary a completed Job's pods reported: the aggregate one (a sharded
+    phase's last shard writes the phase summary, which has no "shard" key), else the
+    shard summaries added up, else None."""
+    reports = [r for r in pod_reports(job.get("pods") or []) if "error" not in r]
+    if not reports:
+        return None
+    whole = [r for r in reports if "shard" not in r]
+    if whole:
+        return whole[-1]
+    from .worker.common import aggregate
+
+    by_shard = {r.get("shard"): r for r in reports}
+    return aggregate(list(by_shard.values()))
+
+
+@dataclass(frozen=True)
+class Failure:
+    reason: str
+    message: str
+
+
+IMAGE_PULL_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull")
+
+
+def pod_problem(pods: list[dict]) -> Optional[tuple[str, str, Optional[datetime]]]:
+    """A pod-level reason a Job cannot make progress: (reason, message, since)."""
+    for pod in pods:
+        st = pod.get("status") or {}
+        for cs in _statuses(pod):
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in IMAGE_PULL_REASONS:
+                msg = waiting.get("message") or f"cannot pull image {cs.get('image', '')}".strip()
+                since = parse_time(st.get("startTime")) or parse_time((pod.get("metadata") or {}).get("creationTimestamp"))
+                return "ImagePullError", f"{waiting['reason']}: {msg}", since
+        for c in st.get("conditions") or []:
+            if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
+                return "Unschedulable", c.get("message") or "no node fits the pod", parse_time(c.get("lastTransitionTime"))
+    return None
+
+
+def job_failure(job: dict) -> Failure:
+    """Why a failed Job failed, most specific first: OOMKilled, ImagePullError,
+    Unschedulable, DeadlineExceeded, the worker's own error line, the Job's reason."""
+    pods = job.get("pods") or []
+    for pod in pods:
+        for cs in _statuses(pod):
+            for key in ("state", "lastState"):
+                term = (cs.get(key) or {}).get("terminated") or {}
+                if term.get("reason") == "OOMKilled":
+                    return Failure("OOMKilled", f"pod {pod.get('metadata', {}).get('name', '?')} ran out of memory "
+                                                f"(exit code {term.get('exitCode', 137)}); raise resources.memory")
+    problem = pod_problem(pods)
+    if problem is not None:
+        return Failure(problem[0], problem[1])
+    cond = job_condition(job, "Failed") or {}
+    if cond.get("reason") == "DeadlineExceeded":
+        return Failure("DeadlineExceeded", cond.get("message") or "the Job ran past activeDeadlineSeconds")
+    errors = [r for r in pod_reports(pods) if "error" in r]
+    if errors:
+        reason = "InvalidSpec" if str(errors[-1]["error"]).startswith("spec") else "WorkerError"
+        return Failure(reason, str(errors[-1]["error"])[:1000])
+    for pod in pods:
+        for cs in _statuses(pod):
+            term = (cs.get("state") or {}).get("terminated") or {}
+            if term.get("exitCode") == EXIT_INVALID_SPEC:
+                return Failure("InvalidSpec", (term.get("message") or "the worker rejected the spec").strip()[-1000:])
+            if term.get("message") and term.get("exitCode"):
+                last = term["message"].strip().splitlines()[-1] if term["message"].strip() else ""
+                if last:
+                    return Failure("WorkerError", last[:1000])
+    if cond.get("reason"):
+        return Failure(cond["reason"], cond.get("message") or "the Job failed")
+    return Failure("JobFailed", "the Job failed")

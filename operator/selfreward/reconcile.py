@@ -1,0 +1,470 @@
+"""The operator's reconcile function: pure, deterministic, no I/O.
+
+``reconcile(run, status, jobs, now, settings)`` looks at a SelfRewardRun (metadata and
+spec), the status it last wrote, and the Jobs it owns (each with a ``pods`` list of
+its observed pods), and returns what to do (:class:`Result`): actions for the adapter
+to send, the new status, and when to look again if nothing else happens.
+
+How progress is kept:
+
+- ``status.completedStep`` marks the last step done. A Job with a ``Complete``
+  condition also proves its step done (Jobs are created in step order), so a lost
+  status recovers from the Jobs and a Job deleted by its TTL is not needed again.
+  When a Job completes, the next step's Job is created in the same pass.
+- Job names are deterministic per (run, step, attempt): a create that answers 409 is
+  an adoption, never a duplicate.
+- The spec an iteration started with is read back from its Jobs' ``SELFREWARD_SPEC``
+  env, so a spec change mid-iteration applies from the next iteration on (``suspend``
+  and ``retry`` apply at once). With no Job of the iteration left, the current spec is
+  used.
+- A failed attempt sets ``status.retryAfter`` (exponential backoff from
+  ``retry.backoffSeconds``); after ``retry.maxRetries`` re-creations the run fails with
+  the most specific reason found on the Job and its pods.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Optional, Union
+
+from . import conditions as cond
+from . import jobs as J
+from . import layout
+from .layout import Step
+from .spec import PHASES, RunSpec, SpecError, parse_spec
+from .status import HISTORY_LIMIT, IterationRecord, RunStatus
+
+FINALIZER = "selfreward.dev/artifacts"
+
+
+# --- actions ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CreateJob:
+    manifest: dict
+
+    @property
+    def name(self) -> str:
+        return self.manifest["metadata"]["name"]
+
+
+@dataclass(frozen=True)
+class DeleteJob:
+    name: str
+
+
+@dataclass(frozen=True)
+class SuspendJob:
+    name: str
+    suspend: bool
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class SetFinalizer:
+    present: bool
+    name: str = FINALIZER
+
+
+Action = Union[CreateJob, DeleteJob, SuspendJob, Event, SetFinalizer]
+
+
+@dataclass
+class Result:
+    actions: list = field(default_factory=list)
+    status: dict = field(default_factory=dict)
+    requeue_after: Optional[float] = None
+
+    def of(self, kind: type) -> list:
+        return [a for a in self.actions if isinstance(a, kind)]
+
+
+# --- step positions -----------------------------------------------------------------
+
+def _pos(iteration: int, phase: str) -> tuple[int, int]:
+    return iteration, PHASES.index(phase)
+
+
+def _pos_of_key(key: Optional[str]) -> tuple[int, int]:
+    if not key:
+        return (-1, -1)
+    try:
+        it, phase = key.split("/", 1)
+        return _pos(int(it[len("iter-"):]), phase)
+    except (ValueError, IndexError):
+        return (-1, -1)
+
+
+def _key(iteration: int, phase: str) -> str:
+    return layout.phase_dir(iteration, phase)
+
+
+# --- summaries into history ---------------------------------------------------------
+
+_FIELDS = {
+    "generate": {"prompts": ("prompts", "numPrompts"), "responses": ("responses", "numResponses")},
+    "judge": {"judged": ("judged", "responsesJudged", "responses"), "parseFailures": ("parseFailures",),
+              "meanScore": ("meanScore",), "scoreStd": ("scoreStd",)},
+    "pairs": {"pairs": ("pairs", "numPairs"), "pairsDropped": ("pairsDropped", "dropped"),
+              "margin": ("margin", "meanMargin")},
+    "train": {"dpoLoss": ("dpoLoss", "loss", "trainLoss"), "rewardAccuracy": ("rewardAccuracy",)},
+}
+
+
+def _num(v: Any) -> Any:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return v
+
+
+def _record(st: RunStatus, spec: RunSpec, step: Step, job: dict, summary: Optional[dict], now: datetime) -> None:
+    recs = {r.iteration: r for r in st.history}
+    rec = recs.get(step.iteration) or IterationRecord(iteration=step.iteration)
+    jst = job.get("status") or {}
+    if rec.startTime is None:
+        rec.startTime = jst.get("startTime") or J.format_time(now)
+    for attr, names in _FIELDS.get(step.phase, {}).items():
+        for n in names:
+            v = _num((summary or {}).get(n))
+            if v is not None:
+                if isinstance(v, float):
+                    v = round(v, 6)
+                setattr(rec, attr, v if attr not in ("prompts", "responses", "judged", "parseFailures",
+                                                      "pairs", "pairsDropped") else int(v))
+                break
+    if step.phase == "pairs" and rec.pairs is not None:
+        st.lastPairs = rec.pairs
+    if step.phase in ("train", "sft"):
+        rec.endTime = jst.get("completionTime") or J.format_time(now)
+        rec.checkpoint = f"{spec.storage.uri.rstrip('/')}/{layout.checkpoint_dir(step.iteration, step.phase)}"
+    recs[step.iteration] = rec
+    st.history = [recs[k] for k in sorted(recs)][-HISTORY_LIMIT:]
+
+
+def _figures(summary: Optional[dict]) -> str:
+    if not summary:
+        return ""
+    keep = [k for k in ("prompts", "responses", "judged", "meanScore", "pairs", "dpoLoss", "durationSeconds")
+            if _num(summary.get(k)) is not None]
+    if not keep:
+        return ""
+    return " (" + ", ".join(f"{k}={round(summary[k], 4)}" for k in keep) + ")"
+
+
+# --- the function -------------------------------------------------------------------
+
+class _Pass:
+    def __init__(self, run: dict, status: Any, now: datetime, settings: J.Settings):
+        self.meta = run.get("metadata") or {}
+        self.name = self.meta.get("name", "")
+        self.gen = self.meta.get("generation")
+        if isinstance(status, RunStatus):
+            self.st = status.model_copy(deep=True)
+        else:
+            self.st = RunStatus.model_validate(status or {})
+        self.old_phase = self.st.phase
+        self.now = now
+        self.settings = settings
+        self.actions: list = []
+        self.requeue: Optional[float] = None
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.actions.append(Event(type_, reason, message))
+
+    def state(self, state: str, reason: str, message: str) -> None:
+        self.st.conditions = cond.apply_state(self.st.conditions, state, reason, message, self.now, self.gen)
+        self.st.message = message
+
+    def requeue_in(self, seconds: float) -> None:
+        seconds = max(0.0, seconds)
+        self.requeue = seconds if self.requeue is None else min(self.requeue, seconds)
+
+    def result(self) -> Result:
+        self.st.observedGeneration = self.gen
+        new = self.st.phase
+        if new != self.old_phase:
+            if new == "Running" and self.old_phase in (None, "Pending"):
+                self.event("Normal", "RunStarted", self.st.message or "run started")
+            elif new == "Running" and self.old_phase == "Suspended":
+                self.event("Normal", "Resumed", self.st.message or "run resumed")
+            elif new == "Suspended":
+                self.event("Normal", "Suspended", self.st.message or "run suspended")
+            elif new == "Succeeded":
+                self.event("Normal", "Succeeded", self.st.message or "run succeeded")
+        return Result(self.actions, self.st.model_dump(mode="json", exclude_none=True), self.requeue)
+
+
+def _owned(job: dict, uid: Optional[str]) -> bool:
+    refs = (job.get("metadata") or {}).get("ownerReferences") or []
+    if not uid or not refs:
+        return True
+    return any(r.get("uid") == uid for r in refs)
+
+
+def _iteration_spec(by_step: dict, iteration: int) -> Optional[RunSpec]:
+    """The spec iteration ``iteration`` started with, from its Jobs' env."""
+    for (it, _phase), attempts in sorted(by_step.items(), key=lambda kv: _pos(*kv[0])):
+        if it != iteration:
+            continue
+        for attempt in sorted(attempts):
+            raw = J.job_spec_env(attempts[attempt])
+            if raw:
+                try:
+                    return parse_spec(json.loads(raw))
+                except (SpecError, ValueError):
+                    continue
+    return None
+
+
+def _next_step(spec: RunSpec, done: tuple[int, int], by_step: dict) -> tuple[Optional[Step], RunSpec]:
+    done_iter = done[0]
+    if done_iter >= 0:
+        it_spec = _iteration_spec(by_step, done_iter) or spec
+        for s in layout.steps(it_spec):
+            if s.iteration == done_iter and _pos(s.iteration, s.phase) > done:
+                return s, it_spec
+    for s in layout.steps(spec):
+        if s.iteration > done_iter:
+            it_spec = _iteration_spec(by_step, s.iteration) or spec
+            for s2 in layout.steps(it_spec):
+                if s2.iteration == s.iteration:
+                    return s2, it_spec
+            return None, spec
+    return None, spec
+
+
+def _progress(spec: RunSpec, done: tuple[int, int]) -> str:
+    it, ph = done
+    finished = it if ph == PHASES.index("train") else max(0, it - 1)
+    return f"{max(0, min(finished, spec.iterations))}/{spec.iterations}"
+
+
+def reconcile(run: dict, status: Any, jobs: list[dict], now: datetime,
+              settings: Optional[J.Settings] = None) -> Result:
+    settings = settings or J.Settings()
+    p = _Pass(run, status, now, settings)
+    st = p.st
+    uid = p.meta.get("uid")
+    jobs = [j for j in jobs if _owned(j, uid)]
+
+    # 1. the spec: what pydantic rejects (and the CRD schema could not) stalls the run
+    try:
+        spec = parse_spec(run.get("spec"))
+    except SpecError as e:
+        if p.meta.get("deletionTimestamp"):
+            if FINALIZER in (p.meta.get("finalizers") or []):
+                p.actions.append(SetFinalizer(False))
+                p.event("Warning", "CleanupSkipped", "the spec is invalid: artifacts were not deleted")
+            return p.result()
+        detail = "; ".join(f"{loc}: {msg}" for loc, msg in e.errors)
+        message = f"invalid spec: {detail}"[:1000]
+        was = cond.get(st.conditions, "Stalled")
+        if not (was and was.status == "True" and was.reason == "InvalidSpec" and was.message == message):
+            p.event("Warning", "InvalidSpec", message)
+        st.phase = "Failed"
+        p.state("failed", "InvalidSpec", message)
+        return p.result()
+
+    # 2. deletion and the artifacts finalizer
+    finalizers = p.meta.get("finalizers") or []
+    if p.meta.get("deletionTimestamp"):
+        return _deletion(p, spec, jobs, finalizers)
+    if spec.storage.deleteOnRunDeletion and FINALIZER not in finalizers:
+        p.actions.append(SetFinalizer(True))
+    elif not spec.storage.deleteOnRunDeletion and FINALIZER in finalizers:
+        p.actions.append(SetFinalizer(False))
+
+    # 3. a failed run stays failed (an invalid spec that was fixed resumes)
+    if st.phase == "Failed":
+        failed = cond.get(st.conditions, "Failed")
+        if not (failed and failed.reason == "InvalidSpec" and failed.observedGeneration != p.gen):
+            return p.result()
+
+    by_step: dict[tuple[int, str], dict[int, dict]] = {}
+    for j in jobs:
+        s = J.job_step_of(j)
+        if s is not None:
+            by_step.setdefault((s[0], s[1]), {})[s[2]] = j
+
+    done = _pos_of_key(st.completedStep)
+    attempts = dict(st.attempts or {})
+    if st.startTime is None:
+        st.startTime = J.format_time(now)
+
+    while True:
+        step, it_spec = _next_step(spec, done, by_step)
+        if step is None:
+            _succeeded(p, spec, done)
+            break
+        key = step.key
+        seen = by_step.get((step.iteration, step.phase), {})
+        attempt = max([attempts.get(key, 0)] + list(seen))
+        job = seen.get(attempt) if attempt else None
+        st.currentIteration, st.currentPhase = step.iteration, step.phase
+        where = f"iteration {step.iteration}/{it_spec.iterations}" if step.iteration else "iteration 0 (SFT)"
+
+        if job is not None and J.job_complete(job):
+            summary = J.job_summary(job)
+            _record(st, it_spec, step, job, summary, now)
+            done = _pos(step.iteration, step.phase)
+            st.completedStep = key
+            st.retryAfter = None
+            st.activeJob = None
+            attempts[key] = attempt
+            p.event("Normal", "StepCompleted", f"{key} completed{_figures(summary)}")
+            continue
+
+        if spec.suspend:
+            if job is not None and not J.job_failed(job):
+                ann = (job.get("metadata") or {}).get("annotations") or {}
+                if ann.get(J.ANN_SUSPENDED) != "true":
+                    p.actions.append(SuspendJob(job["metadata"]["name"], True))
+            st.phase = "Suspended"
+            p.state("suspended", "Suspended", f"suspended before {where}: {step.phase}")
+            break
+        if job is not None and ((job.get("metadata") or {}).get("annotations") or {}).get(J.ANN_SUSPENDED) == "true":
+            p.actions.append(SuspendJob(job["metadata"]["name"], False))
+
+        failure: Optional[J.Failure] = None
+        still_active = False
+        problem_note = ""
+        if job is not None and J.job_failed(job):
+            failure = J.job_failure(job)
+        elif job is not None:
+            problem = J.pod_problem(job.get("pods") or [])
+            if problem is not None:
+                reason, msg, since = problem
+                grace = (settings.image_pull_grace_seconds if reason == "ImagePullError"
+                         else settings.unschedulable_grace_seconds)
+                waited = (now - since).total_seconds() if since else 0.0
+                if waited >= grace:
+                    failure, still_active = J.Failure(reason, msg), True
+                else:
+                    problem_note = f"; {reason}: {msg}"
+                    p.requeue_in(grace - waited)
+
+        if failure is None and job is None and attempt > 0 and st.retryAfter and st.activeJob == J.job_name(p.name, step, attempt):
+            # the failed attempt's Job is gone already (deleted by us after a pod problem)
+            failure = J.Failure("Retrying", st.message or "previous attempt failed")
+
+        if failure is not None:
+            name = J.job_name(p.name, step, attempt)
+            if still_active:
+                p.actions.append(DeleteJob(name))
+            retries_used = attempt - 1
+            if retries_used < spec.retry.maxRetries:
+                retry_at = J.parse_time(st.retryAfter) if st.retryAfter and st.activeJob == name else None
+                if retry_at is None:
+                    base = (J.job_finished_at(job) if job is not None and not still_active else None) or now
+                    retry_at = base + timedelta(seconds=spec.retry.backoffSeconds * (2 ** retries_used))
+                    st.retryAfter = J.format_time(retry_at)
+                    st.activeJob = name
+                    p.event("Warning", "JobFailed",
+                            f"{key} attempt {attempt} failed ({failure.reason}): {failure.message}"[:1000])
+                    st.message = f"{key} attempt {attempt} failed ({failure.reason}): {failure.message}"[:1000]
+                if now >= retry_at:
+                    nxt = attempt + 1
+                    manifest = J.build_job(p.meta, it_spec, step, nxt, settings)
+                    p.actions.append(CreateJob(manifest))
+                    attempts[key] = nxt
+                    st.retryAfter = None
+                    st.activeJob = manifest["metadata"]["name"]
+                    p.event("Warning", "JobRetried", f"{key}: attempt {nxt} of {spec.retry.maxRetries + 1} "
+                                                     f"({manifest['metadata']['name']}) after {failure.reason}")
+                    st.phase = "Running"
+                    p.state("working", "Retrying", f"{where}: {step.phase} attempt {nxt} running")
+                else:
+                    wait = (retry_at - now).total_seconds()
+                    p.requeue_in(wait)
+                    st.phase = "Running"
+                    p.state("working", "BackingOff",
+                            f"{where}: {step.phase} attempt {attempt} failed ({failure.reason}): "
+                            f"{failure.message}; retry at {st.retryAfter}"[:1000])
+            else:
+                st.phase = "Failed"
+                st.activeJob = None
+                st.retryAfter = None
+                st.completionTime = J.format_time(now)
+                message = f"{key} failed after {attempt} attempt(s): {failure.message}"[:1000]
+                p.state("failed", failure.reason, message)
+                p.event("Warning", failure.reason, message)
+            break
+
+        if job is None:
+            n = attempt or 1
+            manifest = J.build_job(p.meta, it_spec, step, n, settings)
+            p.actions.append(CreateJob(manifest))
+            if attempts.get(key, 0) < n:
+                p.event("Normal", "JobCreated", f"{key}: created Job {manifest['metadata']['name']}")
+            attempts[key] = n
+            st.activeJob = manifest["metadata"]["name"]
+            st.phase = "Running"
+            p.state("working", "JobRunning", f"{where}: {step.phase} running (Job {st.activeJob})")
+            break
+
+        # the step's Job is active
+        st.activeJob = job["metadata"]["name"]
+        attempts[key] = attempt
+        queued = bool((job.get("spec") or {}).get("suspend")) and spec.kueue is not None
+        if queued:
+            st.phase = "Pending" if st.phase in (None, "Pending") else "Running"
+            p.state("working", "WaitingForAdmission",
+                    f"{where}: {step.phase} queued in {spec.kueue.queueName} (Job {st.activeJob}){problem_note}")
+        else:
+            st.phase = "Running"
+            p.state("working", "JobRunning", f"{where}: {step.phase} running (Job {st.activeJob}){problem_note}")
+        break
+
+    st.attempts = attempts or None
+    st.progress = _progress(spec, done)
+    return p.result()
+
+
+def _succeeded(p: _Pass, spec: RunSpec, done: tuple[int, int]) -> None:
+    st = p.st
+    st.phase = "Succeeded"
+    st.activeJob = None
+    st.retryAfter = None
+    st.currentPhase = None
+    if st.completionTime is None or p.old_phase != "Succeeded":
+        st.completionTime = J.format_time(p.now)
+    final = None
+    if done[0] >= 1:
+        final = f"{spec.storage.uri.rstrip('/')}/{layout.checkpoint_dir(done[0], 'train')}"
+    st.finalCheckpoint = final
+    p.state("succeeded", "Succeeded",
+            f"{spec.iterations} iteration(s) done" + (f"; final model at {final}" if final else ""))
+
+
+def _deletion(p: _Pass, spec: RunSpec, jobs: list[dict], finalizers: list[str]) -> Result:
+    """The run is being deleted. Its Jobs go with it by ownerReference; with the
+    artifacts finalizer, active step Jobs are stopped first, then a cleanup Job deletes
+    the artifacts (it has the storage credentials, the operator has not), and the
+    finalizer goes when that Job has finished."""
+    if FINALIZER not in finalizers:
+        return p.result()
+    for j in jobs:
+        if J.job_step_of(j) is not None and not (J.job_complete(j) or J.job_failed(j)):
+            if not (j.get("metadata") or {}).get("deletionTimestamp"):
+                p.actions.append(DeleteJob(j["metadata"]["name"]))
+    cleanup = next((j for j in jobs if ((j.get("metadata") or {}).get("labels") or {}).get(J.LABEL_ROLE) == "cleanup"),
+                   None)
+    if cleanup is None:
+        p.actions.append(CreateJob(J.build_cleanup_job(p.meta, spec, p.settings)))
+        p.event("Normal", "CleanupStarted", f"deleting artifacts under {spec.storage.uri}")
+        p.st.message = f"deleting artifacts under {spec.storage.uri}"
+    elif J.job_complete(cleanup):
+        p.actions.append(SetFinalizer(False))
+        p.event("Normal", "CleanupDone", f"deleted artifacts under {spec.storage.uri}")
+    elif J.job_failed(cleanup):
+        f = J.job_failure(cleanup)
+        p.actions.append(SetFinalizer(False))
+        p.event("Warning", "CleanupFailed", f"artifacts under {spec.storage.uri} may remain: {f.reason}: {f.message}"[:1000])
+    return p.result()
