@@ -1,0 +1,171 @@
+"""`selfreward worker train --iteration t`: DPO on the iteration's preference pairs,
+M_t -> M_{t+1}, committed to iter-<t>/train/checkpoint.
+
+Input: iter-<t>/pairs/pairs.jsonl, one {prompt, chosen, rejected, chosenScore,
+rejectedScore} per line. Prompts and responses go to TRL's DPOTrainer in its
+conversational format (a user turn, an assistant turn) when the tokenizer has a chat
+template, so training sees exactly the chat rendering generation used; as plain text
+otherwise.
+
+Reference model (spec.training.reference):
+- current: M_t itself, as in Yuan et al. (TRL loads a frozen copy from M_t's directory;
+  with LoRA the adapter is switched off, which is M_t);
+- base: the fixed base model (or the SFT model M_1 when iteration 0 ran).
+
+Zero pairs is an error that says so; fewer pairs than the batch still trains (the
+batch shrinks to the pairs, see selfreward.training.fit_batch).
+"""
+from __future__ import annotations
+
+import shutil
+
+from .. import layout, models, training
+from ..checkpoint import CheckpointError
+from .common import PhaseContext, PhaseError, log
+
+
+def pairs_path(iteration: int) -> str:
+    return f"{layout.phase_dir(iteration, 'pairs')}/pairs.jsonl"
+
+
+def _no_pairs_error(ctx: PhaseContext, why: str) -> PhaseError:
+    spec, t = ctx.spec, ctx.iteration
+    detail = ""
+    if ctx.store.exists(layout.summary_path(t, "pairs")):
+        try:
+            s = ctx.store.read_json(layout.summary_path(t, "pairs"))
+            figures = {k: v for k, v in s.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if figures:
+                detail = " (pairs summary: " + ", ".join(f"{k}={v}" for k, v in sorted(figures.items())) + ")"
+        except Exception:  # the summary only adds detail to the message
+            pass
+    return PhaseError(
+        f"iteration {t} produced no preference pairs: {why}{detail}. Every prompt's responses scored the same "
+        f"or within pairs.minMargin={spec.pairs.minMargin}; raise generation.responsesPerPrompt or "
+        f"judge.samplesPerResponse, lower pairs.minMargin, or use more prompts."
+    )
+
+
+def load_pairs(ctx: PhaseContext) -> list[dict]:
+    rel = pairs_path(ctx.iteration)
+    if not ctx.store.exists(rel):
+        if ctx.store.exists(layout.summary_path(ctx.iteration, "pairs")):
+            raise _no_pairs_error(ctx, f"{ctx.store.url(rel)} does not exist")
+        raise PhaseError(f"iteration {ctx.iteration}: the pairs phase has not committed ({ctx.store.url(rel)} is missing)")
+    records = ctx.store.read_jsonl(rel)
+    if not records:
+        raise _no_pairs_error(ctx, f"{ctx.store.url(rel)} is empty")
+    return records
+
+
+def run(ctx: PhaseContext) -> dict:
+    import torch
+    from trl import DPOConfig, DPOTrainer
+
+    spec, store, t = ctx.spec, ctx.store, ctx.iteration
+    training.quiet_libraries()
+    tr = spec.training
+    out_rel = layout.checkpoint_dir(t, "train")
+
+    done = training.committed_summary(store, out_rel)
+    if done is not None:
+        log(f"iter-{t}/train: checkpoint {store.url(out_rel)} already committed and verified; not training again")
+        done["resumedFromCheckpoint"] = True
+        return done
+
+    records = load_pairs(ctx)
+    try:
+        policy_path = models.policy_model(spec, store, t)
+        ref_path = models.reference_model(spec, store, t) if tr.reference == "base" else None
+    except CheckpointError as e:
+        raise PhaseError(f"iteration {t}: cannot load the start model: {e}") from None
+
+    tokenizer = training.load_tokenizer(policy_path)
+    conversational = training.chat_format(tokenizer)
+    try:
+        rows = training.preference_rows(records, conversational, store.url(pairs_path(t)))
+    except training.TrainingError as e:
+        raise PhaseError(str(e)) from None
+
+    from datasets import Dataset
+
+    dataset = Dataset.from_list(rows)
+    bs, ga = training.fit_batch(len(rows), tr.batchSize, tr.gradientAccumulation)
+    if (bs, ga) != (tr.batchSize, tr.gradientAccumulation):
+        log(f"iter-{t}/train: {len(rows)} pairs < batch {tr.batchSize}x{tr.gradientAccumulation}; "
+            f"training with batch {bs}x{ga}")
+    bf16 = training.use_bf16(tr.bf16)
+    dtype = training.load_dtype(spec)
+    scratch = training.scratch_dir()
+    config = DPOConfig(
+        **training.common_args(
+            output_dir=scratch, learning_rate=tr.learningRate, epochs=tr.epochs, batch_size=bs, accumulation=ga,
+            max_length=tr.maxLength, max_steps=tr.maxSteps, bf16=bf16,
+            gradient_checkpointing=tr.gradientCheckpointing, seed=tr.seed,
+        ),
+        beta=tr.beta,
+        loss_type=[tr.lossType],
+    )
+
+    torch.manual_seed(tr.seed)
+    policy = training.load_model(policy_path, dtype)
+    save_dtype = training.stored_dtype(policy)
+    ref = training.load_model(ref_path, dtype) if ref_path is not None else None
+    peft_config = training.lora_config(spec) if tr.mode == "lora" else None
+
+    trainer = DPOTrainer(
+        model=policy,
+        ref_model=ref,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[training.progress_callback(ctx.report)],
+    )
+    training.quiet_trainer(trainer)
+    kept = len(trainer.train_dataset)
+    if kept == 0:
+        raise PhaseError(f"iteration {t}: every prompt fills training.maxLength={tr.maxLength} tokens; "
+                         "no pair is left to train on (raise training.maxLength)")
+    if kept < len(rows):
+        log(f"iter-{t}/train: {len(rows) - kept} of {len(rows)} pairs dropped: their prompt alone fills "
+            f"training.maxLength={tr.maxLength} tokens")
+    log(f"iter-{t}/train: DPO on {kept} pairs ({'lora' if peft_config else 'full'}, reference={tr.reference}, "
+        f"bf16={bf16}, device={models.device()})")
+    try:
+        result, seconds = training.timed(trainer.train)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    summary = {
+        "pairs": len(rows),
+        "pairsTrained": kept,
+        "mode": tr.mode,
+        "reference": tr.reference,
+        "lossType": tr.lossType,
+        "beta": tr.beta,
+        "batchSize": bs,
+        "gradientAccumulation": ga,
+        "bf16": bf16,
+        "conversational": conversational,
+    }
+    summary.update(training.train_figures(trainer, result, kept, seconds))
+    summary.update(training.summarize_logs(trainer.state.log_history, training.DPO_METRICS))
+    if "dpoLoss" not in summary and "finalTrainLoss" in summary:
+        summary["dpoLoss"] = summary["finalTrainLoss"]
+
+    metadata = {
+        "iteration": t,
+        "phase": "train",
+        "policy": layout.policy_checkpoint(spec, t) or spec.model.uri,
+        "base": spec.model.uri,
+        "reference": tr.reference,
+        "referenceModel": (layout.reference_checkpoint(spec, t) or spec.model.uri),
+        "mode": tr.mode,
+    }
+    model = trainer.model
+    del trainer, policy, ref
+    summary = training.commit_model(model, tokenizer, store, out_rel, save_dtype, metadata, summary)
+    del model
+    training.free_memory()
+    return summary
