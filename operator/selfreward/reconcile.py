@@ -405,8 +405,13 @@ def reconcile(run: dict, status: Any, jobs: list[dict], now: datetime,
                 p.event("Normal", "JobCreated", f"{key}: created Job {manifest['metadata']['name']}")
             attempts[key] = n
             st.activeJob = manifest["metadata"]["name"]
-            st.phase = "Running"
-            p.state("working", "JobRunning", f"{where}: {step.phase} running (Job {st.activeJob})")
+            if spec.kueue is not None and it_spec.kueue is not None:
+                st.phase = "Pending" if st.completedStep is None else "Running"
+                p.state("working", "WaitingForAdmission",
+                        f"{where}: {step.phase} queued in {it_spec.kueue.queueName} (Job {st.activeJob})")
+            else:
+                st.phase = "Running"
+                p.state("working", "JobRunning", f"{where}: {step.phase} running (Job {st.activeJob})")
             break
 
         # the step's Job is active
@@ -414,7 +419,7 @@ def reconcile(run: dict, status: Any, jobs: list[dict], now: datetime,
         attempts[key] = attempt
         queued = bool((job.get("spec") or {}).get("suspend")) and spec.kueue is not None
         if queued:
-            st.phase = "Pending" if st.phase in (None, "Pending") else "Running"
+            st.phase = "Pending" if st.completedStep is None else "Running"
             p.state("working", "WaitingForAdmission",
                     f"{where}: {step.phase} queued in {spec.kueue.queueName} (Job {st.activeJob}){problem_note}")
         else:

@@ -1,0 +1,200 @@
+"""The Job manifests the operator writes, and what it reads back from Jobs and pods."""
+import json
+import re
+
+from selfreward import jobs as J
+from selfreward.layout import Step
+from selfreward.spec import parse_spec
+
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+META = {"name": "demo", "namespace": "ml", "uid": "uid-1", "generation": 3}
+
+
+def _spec(**over):
+    data = {
+        "model": {"uri": "s3://models/base"},
+        "prompts": {"uri": "s3://data/prompts.jsonl"},
+        "iterations": 2,
+        "storage": {"uri": "s3://runs/demo", "endpoint": "http://s3.local:8333", "region": "eu-1",
+                    "credentialsSecret": "s3-creds"},
+    }
+    data.update(over)
+    return parse_spec(data)
+
+
+def _container(job):
+    return job["spec"]["template"]["spec"]["containers"][0]
+
+
+def _env(job):
+    return {e["name"]: e for e in _container(job)["env"]}
+
+
+def test_names_are_deterministic_dns_labels_and_hash_long_names():
+    s = Step(2, "generate", 4)
+    assert J.job_name("demo", s) == "demo-i2-generate"
+    assert J.job_name("demo", s, 3) == "demo-i2-generate-r3"
+    long = "a" * 200
+    names = {J.job_name(long, Step(100, "instruct"), 100), J.job_name(long + "b", Step(100, "instruct"), 100)}
+    assert len(names) == 2
+    for n in names:
+        assert len(n) <= 63 and DNS_LABEL.match(n), n
+    dotted = J.job_name("my.run", Step(1, "pairs"))
+    assert DNS_LABEL.match(dotted) and dotted != J.job_name("my-run", Step(1, "pairs"))
+    assert J.run_label("my.run") == "my.run"
+    assert len(J.run_label(long)) <= 63 and J.run_label(long) != J.run_label(long + "b")
+
+
+def test_sharded_step_is_an_indexed_job_with_labels_owner_and_command():
+    job = J.build_job(META, _spec(), Step(1, "judge", 3), 1)
+    assert job["apiVersion"] == "batch/v1" and job["kind"] == "Job"
+    md = job["metadata"]
+    assert md["namespace"] == "ml"
+    assert md["labels"][J.LABEL_RUN] == "demo"
+    assert md["labels"][J.LABEL_ITERATION] == "1" and md["labels"][J.LABEL_PHASE] == "judge"
+    assert md["labels"][J.LABEL_ATTEMPT] == "1"
+    assert md["labels"]["app.kubernetes.io/managed-by"] == "selfreward-operator"
+    assert md["labels"]["app.kubernetes.io/instance"] == "demo"
+    assert md["ownerReferences"] == [{"apiVersion": "selfreward.dev/v1alpha1", "kind": "SelfRewardRun", "name": "demo",
+                                      "uid": "uid-1", "controller": True, "blockOwnerDeletion": True}]
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == 3
+    assert _container(job)["command"] == ["selfreward", "worker", "judge", "--iteration", "1", "--num-shards", "3"]
+    pod_labels = spec["template"]["metadata"]["labels"]
+    assert pod_labels[J.LABEL_JOB] == "demo-i1-judge" and pod_labels[J.LABEL_RUN] == "demo"
+    single = J.build_job(META, _spec(), Step(1, "pairs"), 2)
+    assert "completionMode" not in single["spec"] and single["spec"]["completions"] == 1
+    assert single["metadata"]["name"] == "demo-i1-pairs-r2"
+
+
+def test_spec_travels_as_json_and_credentials_only_as_secret_refs():
+    spec = _spec()
+    job = J.build_job(META, spec, Step(1, "generate"), 1)
+    env = _env(job)
+    assert parse_spec(json.loads(env["SELFREWARD_SPEC"]["value"])) == spec
+    assert env["AWS_ENDPOINT_URL_S3"]["value"] == "http://s3.local:8333"
+    assert env["AWS_REGION"]["value"] == "eu-1"
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert "value" not in env[key]
+        assert env[key]["valueFrom"] == {"secretKeyRef": {"name": "s3-creds", "key": key}}
+    assert env["HOME"]["value"] == "/tmp"
+    no_creds = J.build_job(META, _spec(storage={"uri": "file:///data/run"}), Step(1, "generate"), 1)
+    assert not any("AWS" in k for k in _env(no_creds))
+
+
+def test_resources_scheduling_and_security():
+    spec = _spec(
+        image="registry.local/worker:1",
+        imagePullPolicy="IfNotPresent",
+        imagePullSecrets=["regcred"],
+        serviceAccountName="trainer",
+        resources={
+            "default": {"cpu": "2", "memory": "8Gi", "nodeSelector": {"pool": "cpu"},
+                        "env": [{"name": "EXTRA", "value": "1"}, {"name": "SELFREWARD_SPEC", "value": "evil"}]},
+            "train": {"gpus": 2, "gpuResourceName": "amd.com/gpu", "memory": "64Gi", "shmSize": "16Gi",
+                      "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                      "affinity": {"nodeAffinity": {}}, "priorityClassName": "high", "activeDeadlineSeconds": 3600},
+        },
+        retry={"podBackoffLimit": 3},
+        ttlSecondsAfterFinished=600,
+    )
+    job = J.build_job(META, spec, Step(2, "train"), 1)
+    c = _container(job)
+    pod = job["spec"]["template"]["spec"]
+    assert c["image"] == "registry.local/worker:1" and c["imagePullPolicy"] == "IfNotPresent"
+    assert c["resources"]["requests"] == {"cpu": "2", "memory": "64Gi"}
+    assert c["resources"]["limits"] == {"cpu": "2", "memory": "64Gi", "amd.com/gpu": "2"}
+    assert pod["nodeSelector"] == {"pool": "cpu"}
+    assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["affinity"] == {"nodeAffinity": {}} and pod["priorityClassName"] == "high"
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}] and pod["serviceAccountName"] == "trainer"
+    shm = [v for v in pod["volumes"] if v["name"] == "dshm"][0]
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+    env = _env(job)
+    assert env["EXTRA"]["value"] == "1"
+    assert env["SELFREWARD_SPEC"]["value"] != "evil"  # user env cannot override the spec
+    assert pod["restartPolicy"] == "Never"
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1000
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    csc = c["securityContext"]
+    assert csc["allowPrivilegeEscalation"] is False and csc["capabilities"] == {"drop": ["ALL"]}
+    assert csc["seccompProfile"] == {"type": "RuntimeDefault"} and csc["runAsNonRoot"] is True
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    js = job["spec"]
+    assert js["backoffLimit"] == 3 and js["activeDeadlineSeconds"] == 3600 and js["ttlSecondsAfterFinished"] == 600
+    rules = js["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    assert rules[1]["action"] == "FailJob" and rules[1]["onExitCodes"]["values"] == [J.EXIT_INVALID_SPEC]
+    # generate does not inherit train's GPUs
+    gen = J.build_job(META, spec, Step(2, "generate"), 1)
+    assert "amd.com/gpu" not in _container(gen)["resources"]["limits"]
+    assert "dshm" not in [v["name"] for v in gen["spec"]["template"]["spec"]["volumes"]]
+
+
+def test_kueue_jobs_are_created_suspended_with_the_queue_label():
+    job = J.build_job(META, _spec(kueue={"queueName": "team-a"}), Step(1, "generate"), 1)
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"][J.KUEUE_QUEUE_LABEL] == "team-a"
+    plain = J.build_job(META, _spec(), Step(1, "generate"), 1)
+    assert "suspend" not in plain["spec"] and J.KUEUE_QUEUE_LABEL not in plain["metadata"]["labels"]
+
+
+def test_cleanup_job_carries_the_secret_refs_and_the_cleanup_command():
+    job = J.build_cleanup_job(META, _spec(kueue={"queueName": "q"}))
+    assert job["metadata"]["name"] == "demo-cleanup"
+    assert _container(job)["command"] == ["selfreward", "cleanup"]
+    assert _env(job)["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3-creds"
+    assert "suspend" not in job["spec"] and J.KUEUE_QUEUE_LABEL not in job["metadata"]["labels"]
+    assert J.job_step_of(job) is None
+
+
+def _pod(name, terminated=None, waiting=None, conditions=None, last=None):
+    cs = {"name": "worker", "image": "img"}
+    if terminated is not None:
+        cs["state"] = {"terminated": terminated}
+    if waiting is not None:
+        cs["state"] = {"waiting": waiting}
+    if last is not None:
+        cs["lastState"] = {"terminated": last}
+    return {"metadata": {"name": name, "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "status": {"containerStatuses": [cs], "conditions": conditions or [], "startTime": "2026-01-01T00:00:00Z"}}
+
+
+def _failed_job(reason="BackoffLimitExceeded", pods=()):
+    return {"metadata": {"name": "j"}, "status": {"conditions": [{"type": "Failed", "status": "True", "reason": reason,
+                                                               "message": "Job has reached the specified backoff limit"}]},
+            "pods": list(pods)}
+
+
+def test_failure_reasons_most_specific_first():
+    oom = _failed_job(pods=[_pod("p", terminated={"exitCode": 137, "reason": "OOMKilled"})])
+    assert J.job_failure(oom).reason == "OOMKilled"
+    oom_last = _failed_job(pods=[_pod("p", last={"exitCode": 137, "reason": "OOMKilled"}, terminated={"exitCode": 1})])
+    assert J.job_failure(oom_last).reason == "OOMKilled"
+    pull = _failed_job(pods=[_pod("p", waiting={"reason": "ImagePullBackOff", "message": "not found"})])
+    assert J.job_failure(pull).reason == "ImagePullError"
+    sched = _failed_job(pods=[_pod("p", conditions=[{"type": "PodScheduled", "status": "False",
+                                                     "reason": "Unschedulable", "message": "0/3 nodes"}])])
+    assert J.job_failure(sched) == J.Failure("Unschedulable", "0/3 nodes")
+    assert J.job_failure(_failed_job("DeadlineExceeded")).reason == "DeadlineExceeded"
+    msg = json.dumps({"error": "RuntimeError: CUDA error", "phase": "train", "iteration": 1})
+    worker = _failed_job(pods=[_pod("p", terminated={"exitCode": 1, "reason": "Error", "message": msg})])
+    assert J.job_failure(worker) == J.Failure("WorkerError", "RuntimeError: CUDA error")
+    logs = _failed_job(pods=[_pod("p", terminated={"exitCode": 1, "message": "Traceback...\nValueError: boom"})])
+    assert J.job_failure(logs) == J.Failure("WorkerError", "ValueError: boom")
+    spec_err = _failed_job("PodFailurePolicy", pods=[_pod("p", terminated={"exitCode": 2, "message": "spec: invalid"})])
+    assert J.job_failure(spec_err).reason == "InvalidSpec"
+    assert J.job_failure(_failed_job()).reason == "BackoffLimitExceeded"
+
+
+def test_summary_prefers_the_aggregate_then_adds_up_shards():
+    def term(obj):
+        return {"exitCode": 0, "reason": "Completed", "message": json.dumps(obj)}
+    shards = [_pod("a-0", terminated=term({"shard": 0, "numShards": 2, "responses": 4})),
+              _pod("a-1", terminated=term({"shard": 1, "numShards": 2, "responses": 6}))]
+    assert J.job_summary({"pods": shards})["responses"] == 10
+    whole = shards + [_pod("a-2", terminated=term({"responses": 10, "meanScore": 3.5, "numShards": 2}))]
+    assert J.job_summary({"pods": whole})["meanScore"] == 3.5
+    assert J.job_summary({"pods": []}) is None

@@ -1,0 +1,407 @@
+"""The pure reconcile function, driven directly: a run's life from its first Job to
+Succeeded or Failed, with retries, suspension, spec changes and invalid specs."""
+import copy
+import json
+from datetime import datetime, timedelta, timezone
+
+from selfreward import jobs as J
+from selfreward.reconcile import (FINALIZER, CreateJob, DeleteJob, Event, SetFinalizer, SuspendJob, reconcile)
+from selfreward.status import HISTORY_LIMIT, RunStatus
+
+T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+SETTINGS = J.Settings(worker_image="img:1", image_pull_grace_seconds=60, unschedulable_grace_seconds=300)
+
+
+def make_run(name="r", gen=1, **spec_over):
+    spec = {
+        "model": {"uri": "/models/base"},
+        "prompts": {"uri": "/data/prompts.jsonl"},
+        "iterations": 2,
+        "storage": {"uri": "s3://bucket/r"},
+        "retry": {"maxRetries": 2, "backoffSeconds": 10},
+    }
+    spec.update(spec_over)
+    return {"metadata": {"name": name, "namespace": "ns", "uid": "uid-" + name, "generation": gen},
+            "spec": spec}
+
+
+def finish(manifest, summary=None, ok=True, pod_state=None, reason=None, at=T0):
+    """The observed Job after the Job controller and kubelet are done with it."""
+    job = copy.deepcopy(manifest)
+    ts = J.format_time(at)
+    ctype = "Complete" if ok else "Failed"
+    job["status"] = {"startTime": ts, "conditions": [{"type": ctype, "status": "True", "lastTransitionTime": ts,
+                                                       **({"reason": reason} if reason else {})}]}
+    if ok:
+        job["status"]["completionTime"] = ts
+    term = pod_state or {"exitCode": 0 if ok else 1, "reason": "Completed" if ok else "Error",
+                         "message": json.dumps(summary or {})}
+    job["pods"] = [{"metadata": {"name": job["metadata"]["name"] + "-0"},
+                    "status": {"containerStatuses": [{"name": "worker", "state": {"terminated": term}}]}}]
+    return job
+
+
+def running(manifest, pods=None):
+    job = copy.deepcopy(manifest)
+    job["status"] = {"active": 1}
+    job["pods"] = pods or []
+    return job
+
+
+class Sim:
+    """Feeds each Result back as the next call's input, keeping the Jobs it created."""
+
+    def __init__(self, run):
+        self.run = run
+        self.status = {}
+        self.jobs = {}
+        self.now = T0
+        self.events = []
+
+    def step(self, dt=0.0):
+        self.now += timedelta(seconds=dt)
+        res = reconcile(self.run, self.status, list(self.jobs.values()), self.now, SETTINGS)
+        for a in res.actions:
+            if isinstance(a, CreateJob):
+                self.jobs.setdefault(a.name, running(a.manifest))
+            elif isinstance(a, DeleteJob):
+                self.jobs.pop(a.name, None)
+            elif isinstance(a, Event):
+                self.events.append(a)
+        self.status = res.status
+        return res
+
+    def complete(self, name, summary=None):
+        self.jobs[name] = finish(self.jobs[name], summary, at=self.now)
+
+    def fail(self, name, **kw):
+        self.jobs[name] = finish(self.jobs[name], ok=False, at=self.now, **kw)
+
+    def cond(self, ctype):
+        return next(c for c in self.status["conditions"] if c["type"] == ctype)
+
+
+def created(res):
+    return [a.name for a in res.of(CreateJob)]
+
+
+def test_fresh_run_creates_the_first_job_and_reports_working():
+    res = reconcile(make_run(), {}, [], T0, SETTINGS)
+    assert created(res) == ["r-i1-generate"]
+    st = RunStatus.model_validate(res.status)  # fits the status model (and so the CRD)
+    assert st.phase == "Running" and st.activeJob == "r-i1-generate" and st.observedGeneration == 1
+    assert st.currentIteration == 1 and st.currentPhase == "generate" and st.progress == "0/2"
+    conds = {c.type: c for c in st.conditions}
+    assert conds["Reconciling"].status == "True" and conds["Ready"].status == "False"
+    assert conds["Stalled"].status == "False"
+    assert {e.reason for e in res.of(Event)} == {"JobCreated", "RunStarted"}
+    assert res.requeue_after is None
+
+
+def test_sft_and_instruct_steps_come_first():
+    run = make_run(sft={"instructionDataUri": "/d/ift.jsonl"},
+                   prompts={"uri": "/p.jsonl", "selfInstruct": {"count": 4}})
+    sim = Sim(run)
+    assert created(sim.step()) == ["r-i0-sft"]
+    sim.complete("r-i0-sft")
+    assert created(sim.step()) == ["r-i1-instruct"]
+    assert sim.status["history"][0]["checkpoint"] == "s3://bucket/r/iter-0/sft/checkpoint"
+
+
+def test_two_iterations_to_succeeded_next_job_in_the_same_pass():
+    sim = Sim(make_run())
+    sim.step()
+    order = ["generate", "judge", "pairs", "train"]
+    summaries = {"generate": {"prompts": 8, "responses": 32}, "judge": {"judged": 32, "meanScore": 3.25, "scoreStd": 0.5},
+                 "pairs": {"pairs": 6, "pairsDropped": 2, "margin": 1.5}, "train": {"dpoLoss": 0.69, "rewardAccuracy": 0.5}}
+    for t in (1, 2):
+        for i, phase in enumerate(order):
+            name = f"r-i{t}-{phase}"
+            sim.complete(name, summaries[phase])
+            res = sim.step(5)
+            nxt = order[i + 1] if i + 1 < len(order) else ("generate" if t == 1 else None)
+            nt = t if i + 1 < len(order) else t + 1
+            assert created(res) == ([f"r-i{nt}-{nxt}"] if nxt else [])
+            assert any(e.reason == "StepCompleted" and name.split("-")[-1] in e.message for e in res.of(Event))
+    st = sim.status
+    assert st["phase"] == "Succeeded" and st["progress"] == "2/2"
+    assert st["finalCheckpoint"] == "s3://bucket/r/iter-2/train/checkpoint"
+    assert sim.cond("Ready")["status"] == "True" and sim.cond("Reconciling")["status"] == "False"
+    assert sim.cond("Succeeded")["status"] == "True"
+    h = st["history"]
+    assert [r["iteration"] for r in h] == [1, 2]
+    assert h[0]["responses"] == 32 and h[0]["meanScore"] == 3.25 and h[0]["pairs"] == 6 and h[0]["dpoLoss"] == 0.69
+    assert h[0]["checkpoint"] == "s3://bucket/r/iter-1/train/checkpoint" and st["lastPairs"] == 6
+    assert "Succeeded" in [e.reason for e in sim.events]
+    # a succeeded run stays put
+    again = sim.step(100)
+    assert again.actions == [] and again.status["phase"] == "Succeeded"
+
+
+def test_catch_up_after_downtime_records_every_completed_step():
+    sim = Sim(make_run())
+    sim.step()
+    # the operator was down: several steps finished, the Jobs show it
+    run, meta = sim.run, sim.run["metadata"]
+    from selfreward.layout import Step
+    from selfreward.spec import parse_spec
+    spec = parse_spec(run["spec"])
+    for phase in ("judge", "pairs"):
+        m = J.build_job(meta, spec, Step(1, phase), 1)
+        sim.jobs[m["metadata"]["name"]] = m
+    for name in ("r-i1-generate", "r-i1-judge", "r-i1-pairs"):
+        sim.complete(name, {"pairs": 3} if "pairs" in name else {})
+    res = sim.step()
+    assert created(res) == ["r-i1-train"]
+    assert sim.status["completedStep"] == "iter-1/pairs" and sim.status["lastPairs"] == 3
+
+
+def test_lost_status_recovers_from_the_jobs_without_duplicates():
+    sim = Sim(make_run())
+    sim.step()
+    sim.complete("r-i1-generate")
+    sim.step()
+    res = reconcile(sim.run, {}, list(sim.jobs.values()), sim.now, SETTINGS)
+    assert created(res) == [] and res.status["activeJob"] == "r-i1-judge"
+
+
+def test_recreate_of_a_missing_job_uses_the_same_name():
+    sim = Sim(make_run())
+    sim.step()
+    sim.jobs.clear()  # not in the cache yet, or deleted by hand
+    res = sim.step()
+    assert created(res) == ["r-i1-generate"]
+    assert not [e for e in res.of(Event) if e.reason == "JobCreated"]  # not a new attempt
+
+
+def test_failure_backs_off_exponentially_then_fails_with_the_reason():
+    sim = Sim(make_run())
+    sim.step()
+    sim.fail("r-i1-generate", pod_state={"exitCode": 137, "reason": "OOMKilled"})
+    res = sim.step()
+    assert created(res) == [] and res.requeue_after == 10
+    assert sim.status["retryAfter"] and sim.cond("Reconciling")["reason"] == "BackingOff"
+    assert "OOMKilled" in sim.status["message"]
+    assert any(e.type == "Warning" and e.reason == "JobFailed" for e in res.of(Event))
+    assert created(sim.step(4)) == [] and sim.step(0).requeue_after == 6
+    res = sim.step(6)
+    assert created(res) == ["r-i1-generate-r2"] and sim.status["attempts"]["iter-1/generate"] == 2
+    assert any(e.reason == "JobRetried" for e in res.of(Event))
+    sim.fail("r-i1-generate-r2", pod_state={"exitCode": 137, "reason": "OOMKilled"})
+    assert sim.step().requeue_after == 20  # doubled
+    assert created(sim.step(20)) == ["r-i1-generate-r3"]
+    sim.fail("r-i1-generate-r3", pod_state={"exitCode": 137, "reason": "OOMKilled"})
+    res = sim.step()
+    st = sim.status
+    assert st["phase"] == "Failed" and created(res) == []
+    failed, stalled, ready = sim.cond("Failed"), sim.cond("Stalled"), sim.cond("Ready")
+    assert failed["status"] == "True" and failed["reason"] == "OOMKilled"
+    assert stalled["status"] == "True" and stalled["reason"] == "OOMKilled" and ready["status"] == "False"
+    assert "3 attempt" in failed["message"] and "memory" in failed["message"]
+    assert any(e.type == "Warning" and e.reason == "OOMKilled" for e in res.of(Event))
+    # terminal: nothing more happens
+    assert sim.step(1000).actions == []
+
+
+def test_a_retry_that_succeeds_moves_on():
+    sim = Sim(make_run(retry={"maxRetries": 1, "backoffSeconds": 0}))
+    sim.step()
+    msg = json.dumps({"error": "RuntimeError: disk full", "phase": "generate", "iteration": 1})
+    sim.fail("r-i1-generate", pod_state={"exitCode": 1, "reason": "Error", "message": msg})
+    res = sim.step()
+    assert created(res) == ["r-i1-generate-r2"]  # zero backoff retries in the same pass
+    sim.complete("r-i1-generate-r2")
+    assert created(sim.step()) == ["r-i1-judge"]
+
+
+def test_worker_error_line_and_deadline_reasons():
+    sim = Sim(make_run(retry={"maxRetries": 0}))
+    sim.step()
+    msg = json.dumps({"error": "PhaseError: no prompts left after filtering"})
+    sim.fail("r-i1-generate", pod_state={"exitCode": 1, "message": msg})
+    sim.step()
+    assert sim.cond("Failed")["reason"] == "WorkerError"
+    assert "no prompts left" in sim.status["message"]
+    sim2 = Sim(make_run(retry={"maxRetries": 0}))
+    sim2.step()
+    sim2.fail("r-i1-generate", reason="DeadlineExceeded", pod_state={"exitCode": 143, "reason": "Error"})
+    sim2.step()
+    assert sim2.cond("Failed")["reason"] == "DeadlineExceeded"
+
+
+def test_image_pull_errors_fail_the_attempt_after_a_grace_and_delete_the_job():
+    sim = Sim(make_run(retry={"maxRetries": 1, "backoffSeconds": 30}))
+    sim.step()
+    pod = {"metadata": {"name": "p", "creationTimestamp": J.format_time(T0)},
+           "status": {"startTime": J.format_time(T0),
+                      "containerStatuses": [{"name": "worker", "state": {"waiting": {"reason": "ImagePullBackOff",
+                                                                                    "message": "manifest unknown"}}}]}}
+    sim.jobs["r-i1-generate"]["pods"] = [pod]
+    res = sim.step(10)
+    assert res.of(DeleteJob) == [] and 49 <= res.requeue_after <= 50
+    assert "ImagePullError" in sim.status["message"]
+    res = sim.step(50)
+    assert [a.name for a in res.of(DeleteJob)] == ["r-i1-generate"]
+    assert res.requeue_after == 30 and created(res) == []
+    assert created(sim.step(30)) == ["r-i1-generate-r2"]  # the deleted Job is not re-created
+    sim.jobs["r-i1-generate-r2"]["pods"] = [dict(pod, status=dict(pod["status"], startTime=J.format_time(sim.now)))]
+    res = sim.step(61)
+    assert sim.status["phase"] == "Failed" and sim.cond("Failed")["reason"] == "ImagePullError"
+    assert [a.name for a in res.of(DeleteJob)] == ["r-i1-generate-r2"]
+
+
+def test_unschedulable_pods_show_in_the_message_then_fail():
+    sim = Sim(make_run(retry={"maxRetries": 0}))
+    sim.step()
+    sim.jobs["r-i1-generate"]["pods"] = [{"metadata": {"name": "p"}, "status": {"conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+         "message": "0/4 nodes: insufficient nvidia.com/gpu", "lastTransitionTime": J.format_time(T0)}]}}]
+    sim.step(100)
+    assert "insufficient nvidia.com/gpu" in sim.status["message"] and sim.status["phase"] == "Running"
+    sim.step(200)
+    assert sim.status["phase"] == "Failed" and sim.cond("Stalled")["reason"] == "Unschedulable"
+
+
+def test_suspend_suspends_the_active_job_and_resume_unsuspends_it():
+    sim = Sim(make_run())
+    sim.step()
+    sim.run = make_run(gen=2, suspend=True)
+    res = sim.step()
+    assert res.of(SuspendJob) == [SuspendJob("r-i1-generate", True)]
+    assert sim.status["phase"] == "Suspended" and sim.cond("Suspended")["status"] == "True"
+    assert sim.cond("Reconciling")["status"] == "False" and sim.status["observedGeneration"] == 2
+    assert "Suspended" in [e.reason for e in res.of(Event)]
+    job = sim.jobs["r-i1-generate"]
+    job["spec"]["suspend"] = True
+    job["metadata"]["annotations"][J.ANN_SUSPENDED] = "true"
+    assert sim.step().of(SuspendJob) == []  # already suspended: no repeat
+    # a Job completing while suspended is recorded, but nothing new starts
+    sim.run = make_run(gen=3, suspend=False)
+    res = sim.step()
+    assert res.of(SuspendJob) == [SuspendJob("r-i1-generate", False)]
+    assert sim.status["phase"] == "Running" and "Resumed" in [e.reason for e in res.of(Event)]
+
+
+def test_suspended_before_a_step_creates_nothing():
+    sim = Sim(make_run(suspend=True))
+    res = sim.step()
+    assert created(res) == [] and sim.status["phase"] == "Suspended"
+    sim.run = make_run(gen=2)
+    assert created(sim.step()) == ["r-i1-generate"]
+
+
+def test_kueue_admission_is_not_taken_for_the_operators_suspension():
+    sim = Sim(make_run(kueue={"queueName": "q"}))
+    res = sim.step()
+    job = sim.jobs["r-i1-generate"]
+    assert job["spec"]["suspend"] is True
+    res = sim.step()
+    assert res.of(SuspendJob) == [] and sim.status["phase"] == "Pending"
+    assert sim.cond("Reconciling")["reason"] == "WaitingForAdmission"
+    job["spec"]["suspend"] = False  # Kueue admitted it
+    res = sim.step()
+    assert res.of(SuspendJob) == [] and sim.status["phase"] == "Running"
+
+
+def test_spec_change_mid_iteration_applies_from_the_next_iteration():
+    sim = Sim(make_run())
+    sim.step()
+    sim.run = make_run(gen=2, generation={"shards": 3}, iterations=3)
+    sim.complete("r-i1-generate")
+    res = sim.step()
+    assert sim.status["observedGeneration"] == 2
+    judge = sim.jobs["r-i1-judge"]
+    env = {e["name"]: e.get("value") for e in judge["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert json.loads(env["SELFREWARD_SPEC"])["generation"]["shards"] == 1  # iteration 1 keeps its spec
+    assert json.loads(env["SELFREWARD_SPEC"])["iterations"] == 2
+    for phase in ("judge", "pairs", "train"):
+        sim.complete(f"r-i1-{phase}")
+        res = sim.step()
+    gen2 = sim.jobs["r-i2-generate"]
+    assert gen2["spec"]["completions"] == 3 and gen2["spec"]["completionMode"] == "Indexed"
+    assert sim.status["progress"] == "1/3"
+
+
+def test_fewer_iterations_mid_run_finishes_after_the_current_one():
+    sim = Sim(make_run(iterations=3))
+    sim.step()
+    sim.run = make_run(gen=2, iterations=1)
+    for phase in ("generate", "judge", "pairs", "train"):
+        sim.complete(f"r-i1-{phase}")
+        sim.step()
+    assert sim.status["phase"] == "Succeeded" and "r-i2-generate" not in sim.jobs
+
+
+def test_invalid_spec_stalls_with_an_event_and_recovers_when_fixed():
+    bad = make_run()
+    bad["spec"]["judge"] = {"minScore": 5, "maxScore": 1}
+    bad["spec"]["iterations"] = 0
+    res = reconcile(bad, {}, [], T0, SETTINGS)
+    st = res.status
+    assert st["phase"] == "Failed" and res.of(CreateJob) == []
+    stalled = next(c for c in st["conditions"] if c["type"] == "Stalled")
+    assert stalled["status"] == "True" and stalled["reason"] == "InvalidSpec"
+    assert "iterations" in stalled["message"] and "minScore" in stalled["message"]
+    assert [e.reason for e in res.of(Event)] == ["InvalidSpec"]
+    again = reconcile(bad, st, [], T0 + timedelta(seconds=5), SETTINGS)
+    assert again.of(Event) == []  # no event spam for the same problem
+    stalled2 = next(c for c in again.status["conditions"] if c["type"] == "Stalled")
+    assert stalled2["lastTransitionTime"] == stalled["lastTransitionTime"]
+    fixed = make_run(gen=2)
+    res = reconcile(fixed, again.status, [], T0 + timedelta(seconds=10), SETTINGS)
+    assert created(res) == ["r-i1-generate"] and res.status["phase"] == "Running"
+    assert not reconcile({"metadata": {"name": "x"}, "spec": None}, {}, [], T0).of(CreateJob)
+
+
+def test_jobs_of_another_owner_are_ignored():
+    sim = Sim(make_run())
+    sim.step()
+    stranger = finish(sim.jobs["r-i1-generate"])
+    stranger["metadata"]["ownerReferences"][0]["uid"] = "someone-else"
+    res = reconcile(sim.run, {}, [stranger], T0, SETTINGS)
+    assert created(res) == ["r-i1-generate"]
+
+
+def test_conditions_transition_time_moves_only_on_flips():
+    sim = Sim(make_run())
+    sim.step()
+    t_ready = sim.cond("Ready")["lastTransitionTime"]
+    sim.complete("r-i1-generate")
+    sim.step(30)
+    assert sim.cond("Ready")["lastTransitionTime"] == t_ready
+    assert sim.cond("Reconciling")["message"].startswith("iteration 1/2: judge")
+
+
+def test_history_is_bounded():
+    sim = Sim(make_run(iterations=HISTORY_LIMIT + 3))
+    sim.step()
+    for t in range(1, HISTORY_LIMIT + 4):
+        for phase in ("generate", "judge", "pairs", "train"):
+            sim.complete(f"r-i{t}-{phase}")
+            sim.step()
+    h = sim.status["history"]
+    assert len(h) == HISTORY_LIMIT and h[-1]["iteration"] == HISTORY_LIMIT + 3
+    assert sim.status["phase"] == "Succeeded"
+
+
+def test_finalizer_and_cleanup_job_on_deletion():
+    run = make_run(storage={"uri": "s3://bucket/r", "deleteOnRunDeletion": True, "credentialsSecret": "creds"})
+    res = reconcile(run, {}, [], T0, SETTINGS)
+    assert SetFinalizer(True) in res.actions
+    run["metadata"]["finalizers"] = [FINALIZER]
+    res = reconcile(run, {}, [], T0, SETTINGS)
+    active = running(res.of(CreateJob)[0].manifest)
+    run["metadata"]["deletionTimestamp"] = J.format_time(T0)
+    res = reconcile(run, res.status, [active], T0, SETTINGS)
+    assert [a.name for a in res.of(DeleteJob)] == ["r-i1-generate"]
+    assert created(res) == ["r-cleanup"] and not res.of(SetFinalizer)
+    cleanup = finish(res.of(CreateJob)[0].manifest)
+    res = reconcile(run, res.status, [cleanup], T0, SETTINGS)
+    assert res.of(SetFinalizer) == [SetFinalizer(False)]
+    # without the setting there is no finalizer and deletion needs nothing
+    plain = make_run()
+    plain["metadata"]["finalizers"] = [FINALIZER]
+    assert SetFinalizer(False) in reconcile(plain, {}, [], T0, SETTINGS).actions
+    plain["metadata"]["deletionTimestamp"] = J.format_time(T0)
+    plain["metadata"]["finalizers"] = []
+    assert reconcile(plain, {}, [], T0, SETTINGS).actions == []
