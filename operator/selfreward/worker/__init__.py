@@ -108,6 +108,9 @@ def run_phase(
 def main_phase(spec: RunSpec, phase: str, iteration: int, shard: Optional[int], num_shards: Optional[int],
                termination_log: str = "", progress=None) -> int:
     """CLI body: run, write the termination message, map failures to exit codes."""
+    if progress is None:  # live progress for a PodMonitor when $SELFREWARD_PROGRESS_PORT is set (not 0)
+        from .progress import progress_from_env
+        progress = progress_from_env()
     try:
         summary = run_phase(spec, phase, iteration, shard, num_shards, progress=progress)
     except Exception as e:  # every failure leaves a readable line for the operator
