@@ -143,6 +143,12 @@ def common_args(
     seed: int,
 ) -> dict:
     """TrainingArguments shared by the SFT and DPO configs."""
+    from transformers import TrainingArguments
+
+    # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing (the
+    # old name stays as a deprecated alias that TRL still reads).
+    fields = getattr(TrainingArguments, "__dataclass_fields__", {})
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     return dict(
         output_dir=output_dir,
         learning_rate=learning_rate,
@@ -154,7 +160,6 @@ def common_args(
         bf16=bf16,
         fp16=False,
         use_cpu=models.device() == "cpu",
-        gradient_checkpointing=gradient_checkpointing,
         seed=seed,
         data_seed=seed,
         report_to="none",
@@ -166,6 +171,7 @@ def common_args(
         disable_tqdm=True,
         dataloader_num_workers=0,
         dataloader_drop_last=False,
+        **{checkpointing: gradient_checkpointing},
     )
 
 
