@@ -1,0 +1,78 @@
+"""The one interface every generation backend implements.
+
+A backend turns user prompts (plain strings) into sampled completions. It formats each
+prompt with the tokenizer's chat template (plain text when the tokenizer has none),
+samples ``n`` completions per prompt, and counts the tokens it generated so phases can
+report tokens per second.
+"""
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled completion."""
+
+    text: str
+    tokens: int  # generated tokens, the end-of-sequence token included when there was one
+    finished: bool = True  # False when the completion was cut at max_new_tokens
+
+
+class BackendError(RuntimeError):
+    """A backend that cannot be built or used (missing package, unknown name, ...)."""
+
+
+class GenerationBackend(ABC):
+    """Samples completions. Use as a context manager, or call close() when done."""
+
+    name: str = "base"
+
+    def __init__(self) -> None:
+        self.generated_tokens = 0  # running total over every generate() call
+        self.truncated_prompts = 0  # prompts cut to fit the model's context
+
+    @abstractmethod
+    def generate(
+        self,
+        prompts: list[str],
+        n: int = 1,
+        temperature: float = 0.7,
+        top_p: float = 1.0,
+        max_new_tokens: int = 256,
+        seed: int = 0,
+    ) -> list[list[Completion]]:
+        """For each prompt, ``n`` completions, in the order of ``prompts``."""
+
+    def close(self) -> None:
+        """Free the model (and accelerator memory)."""
+
+    def __enter__(self) -> "GenerationBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def chat_format(tokenizer, prompt: str) -> tuple[str, bool]:
+    """The prompt as the model expects it: one user turn through the chat template with
+    the assistant's turn opened, or the plain text when the tokenizer has no template.
+
+    Returns (text, templated): a templated text already carries the model's own special
+    tokens, so it must be tokenized without adding them again.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return text, True
+    return prompt, False
+
+
+def derive_seed(*parts: object) -> int:
+    """A 31-bit seed from any parts (run seed, iteration, phase, shard, batch): stable
+    across processes and Python versions, unlike hash()."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF

@@ -1,0 +1,147 @@
+"""LLM-as-a-judge: the judge prompt, the strict score parser, and aggregation.
+
+The parser is strict on purpose. A verdict whose score cannot be read (no match, not a
+number, NaN or infinite, outside minScore..maxScore) is a *parse failure*: it yields no
+score and a reason, never a stand-in value such as 0 or -1 that would quietly rank a
+response. A response whose verdicts all fail has no score and is left out of the pairs.
+"""
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterable, Optional
+
+from .spec import JudgeSpec
+
+# Why a verdict gave no score (counted in the judge summary).
+NO_MATCH = "noMatch"
+NOT_A_NUMBER = "notANumber"
+NOT_FINITE = "notFinite"
+OUT_OF_RANGE = "outOfRange"
+REASONS = (NO_MATCH, NOT_A_NUMBER, NOT_FINITE, OUT_OF_RANGE)
+
+# Markdown emphasis a judge may wrap around the score line: "**Score:** 4", "`Score: 4`".
+_MARKDOWN = re.compile(r"\*\*|__|`|(?<!\w)\*(?!\s)|(?<!\s)\*(?!\w)")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One parsed judge output: score is None exactly when reason is set."""
+
+    score: Optional[float]
+    reason: Optional[str] = None
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.score is not None
+
+
+def render_judge_prompt(judge: JudgeSpec, prompt: str, response: str) -> str:
+    """The judge's input for one (prompt, response). Only the template's own braces are
+    placeholders; braces inside the prompt or response are copied as they are."""
+    return judge.prompt_template.format(prompt=prompt, response=response)
+
+
+@lru_cache(maxsize=64)
+def _compile(pattern: str) -> re.Pattern:
+    return re.compile(pattern)
+
+
+def _last_match(regex: re.Pattern, text: str) -> Optional[re.Match]:
+    last = None
+    for m in regex.finditer(text):
+        last = m
+    return last
+
+
+def parse_score(text: str, pattern: str, min_score: float, max_score: float) -> Verdict:
+    """Read the score of one verdict: the first group of the *last* match of pattern.
+
+    Markdown emphasis (``**``, ``__``, backticks, single ``*``) is removed before
+    matching; the raw text is tried only when that finds nothing, so a pattern written
+    with the markup in it still works.
+    """
+    if not isinstance(text, str):
+        return Verdict(None, NO_MATCH, f"verdict is {type(text).__name__}, not text")
+    regex = _compile(pattern)
+    m = _last_match(regex, _MARKDOWN.sub("", text)) or _last_match(regex, text)
+    if m is None:
+        return Verdict(None, NO_MATCH, "the score pattern does not match")
+    raw = m.group(1)
+    if raw is None or not raw.strip():
+        return Verdict(None, NOT_A_NUMBER, "the score group captured nothing")
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        return Verdict(None, NOT_A_NUMBER, f"{raw.strip()[:40]!r} is not a number")
+    if not math.isfinite(value):
+        return Verdict(None, NOT_FINITE, f"{raw.strip()[:40]!r} is not finite")
+    if not (min_score <= value <= max_score):
+        return Verdict(None, OUT_OF_RANGE, f"{value:g} is outside {min_score:g}..{max_score:g}")
+    return Verdict(value)
+
+
+def parse_verdict(text: str, judge: JudgeSpec) -> Verdict:
+    return parse_score(text, judge.scorePattern, judge.minScore, judge.maxScore)
+
+
+def aggregate(scores: Iterable[float], how: str = "mean") -> Optional[float]:
+    """The response's score from its valid verdict scores; None when there are none."""
+    values = [float(s) for s in scores]
+    if not values:
+        return None
+    if how == "mean":
+        return sum(values) / len(values)
+    if how == "median":
+        return float(statistics.median(values))
+    raise ValueError(f"unknown aggregation {how!r}; expected mean or median")
+
+
+def judge_response(text: str, verdicts: list[str], judge: JudgeSpec) -> dict:
+    """The judged-response record: the raw verdicts (the audit trail), the valid scores,
+    the aggregated score (None if no verdict parsed) and the failures with reasons."""
+    parsed = [parse_verdict(v, judge) for v in verdicts]
+    scores = [p.score for p in parsed if p.ok]
+    return {
+        "text": text,
+        "verdicts": list(verdicts),
+        "scores": scores,
+        "score": aggregate(scores, judge.aggregation),
+        "parseFailures": sum(not p.ok for p in parsed),
+        "failureReasons": [p.reason for p in parsed if not p.ok],
+    }
+
+
+def score_stats(records: Iterable[dict]) -> dict:
+    """Statistics over judged-prompt records ({responses: [judged response...]})."""
+    verdicts = failures = judged = 0
+    reasons = {r: 0 for r in REASONS}
+    scores: list[float] = []
+    for rec in records:
+        for resp in rec.get("responses", []):
+            judged += 1
+            verdicts += len(resp.get("verdicts", []))
+            failures += int(resp.get("parseFailures", 0))
+            for r in resp.get("failureReasons", []):
+                reasons[r] = reasons.get(r, 0) + 1
+            if resp.get("score") is not None:
+                scores.append(float(resp["score"]))
+    out = {
+        "judgedResponses": judged,
+        "verdicts": verdicts,
+        "parseFailures": failures,
+        "parseFailureRate": round(failures / verdicts, 6) if verdicts else 0.0,
+        "scoredResponses": len(scores),
+        "unscoredResponses": judged - len(scores),
+        "scoreMean": statistics.fmean(scores) if scores else None,
+        "scoreStd": statistics.pstdev(scores) if scores else None,
+        "scoreMin": min(scores) if scores else None,
+        "scoreMax": max(scores) if scores else None,
+    }
+    for r, k in reasons.items():
+        out["parseFailures" + r[0].upper() + r[1:]] = k
+    return out

@@ -1,0 +1,66 @@
+"""The generate phase: N candidate responses per prompt with M_t.
+
+Shard i of n takes the iteration's prompts i::n and writes one JSONL record per prompt:
+``{promptId, prompt, responses: [text...], tokens: [generated tokens...]}``.
+"""
+from __future__ import annotations
+
+import time
+
+from .. import models
+from ..backends import derive_seed, make_backend
+from ..prompts import iteration_prompts
+from .common import PhaseContext, log
+
+
+def run(ctx: PhaseContext) -> dict:
+    spec, gen = ctx.spec, ctx.spec.generation
+    prompts = iteration_prompts(spec, ctx.store, ctx.iteration)[ctx.shard::ctx.num_shards]
+    records: list[dict] = []
+    t0 = time.perf_counter()
+    truncated_responses = 0
+    backend_name = gen.backend
+    if prompts:
+        model_dir = models.policy_model(spec, ctx.store, ctx.iteration)
+        log(f"iter-{ctx.iteration}/generate shard {ctx.shard}/{ctx.num_shards}: {len(prompts)} prompts x "
+            f"{gen.responsesPerPrompt} responses with {model_dir} ({gen.backend})")
+        with make_backend(gen.backend, model_dir, spec.model.dtype, gen.batchSize) as backend:
+            backend_name = backend.name
+            t0 = time.perf_counter()
+            for b, start in enumerate(range(0, len(prompts), gen.batchSize)):
+                batch = prompts[start:start + gen.batchSize]
+                groups = backend.generate(
+                    [p["prompt"] for p in batch],
+                    n=gen.responsesPerPrompt,
+                    temperature=gen.temperature,
+                    top_p=gen.topP,
+                    max_new_tokens=gen.maxNewTokens,
+                    seed=derive_seed(spec.seed, ctx.iteration, "generate", ctx.shard, ctx.num_shards, b),
+                )
+                for p, group in zip(batch, groups):
+                    records.append({
+                        "promptId": p["promptId"],
+                        "prompt": p["prompt"],
+                        "responses": [c.text for c in group],
+                        "tokens": [c.tokens for c in group],
+                    })
+                    truncated_responses += sum(not c.finished for c in group)
+                elapsed = max(time.perf_counter() - t0, 1e-9)
+                ctx.report(done=len(records), total=len(prompts),
+                           tokensPerSecond=round(backend.generated_tokens / elapsed, 2))
+            generated_tokens = backend.generated_tokens
+            truncated_prompts = backend.truncated_prompts
+    else:
+        generated_tokens = truncated_prompts = 0
+    seconds = max(time.perf_counter() - t0, 1e-9)
+    ctx.store.write_jsonl(ctx.shard_data, records)
+    return {
+        "prompts": len(records),
+        "responses": sum(len(r["responses"]) for r in records),
+        "generatedTokens": generated_tokens,
+        "tokensPerSecond": round(generated_tokens / seconds, 2) if records else 0.0,
+        "durationSeconds": round(seconds, 3),
+        "truncatedResponses": truncated_responses,
+        "truncatedPrompts": truncated_prompts,
+        "backend": backend_name,
+    }

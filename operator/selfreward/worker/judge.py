@@ -1,0 +1,119 @@
+"""The judge phase: M_t grades every generated response with the LLM-as-a-judge prompt.
+
+Shard i of n takes the prompts with index i::n across all of the generate phase's shard
+files and samples ``samplesPerResponse`` verdicts per response. Each record keeps the
+raw verdicts (the audit trail) next to the scores read from them::
+
+    {promptId, prompt, responses: [{text, verdicts: [raw...], scores: [valid...],
+                                    score: mean|median|null, parseFailures: k,
+                                    failureReasons: [...]}]}
+"""
+from __future__ import annotations
+
+import re
+import time
+
+from .. import layout, models
+from ..backends import derive_seed, make_backend
+from ..judging import judge_response, render_judge_prompt, score_stats
+from ..storage import Store
+from .common import PhaseContext, PhaseError, aggregate, log
+
+_SHARD_FILE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.jsonl$")
+
+
+def phase_num_shards(store: Store, iteration: int, phase: str) -> int:
+    """How many shards a committed sharded phase had: from its summary.json, or, while
+    that is missing, from its shard files (every one of which must have committed)."""
+    rel = layout.summary_path(iteration, phase)
+    if store.exists(rel):
+        n = store.read_json(rel).get("numShards")
+        if isinstance(n, int) and n >= 1:
+            return n
+    totals = {int(m.group(2)) for name in store.list(layout.phase_dir(iteration, phase))
+              if (m := _SHARD_FILE.match(name))}
+    if len(totals) != 1:
+        found = "no shard files" if not totals else f"shard files of {sorted(totals)} shards"
+        raise PhaseError(f"iter-{iteration}/{phase} is not complete ({found}): run it before the phase that reads it")
+    n = totals.pop()
+    missing = [i for i in range(n) if not store.exists(layout.shard_summary_path(iteration, phase, i, n))]
+    if missing:
+        raise PhaseError(f"iter-{iteration}/{phase} is not complete: shards {missing} of {n} have not committed")
+    return n
+
+
+def read_phase_records(store: Store, iteration: int, phase: str, num_shards: int | None = None) -> list[dict]:
+    """Every record of a sharded phase, shard 0 first."""
+    n = num_shards or phase_num_shards(store, iteration, phase)
+    out: list[dict] = []
+    for i in range(n):
+        rel = layout.shard_data_path(iteration, phase, i, n)
+        if not store.exists(rel):
+            raise PhaseError(f"{store.url(rel)} is missing")
+        out.extend(store.read_jsonl(rel))
+    return out
+
+
+def run(ctx: PhaseContext) -> dict:
+    spec, judge = ctx.spec, ctx.spec.judge
+    records = read_phase_records(ctx.store, ctx.iteration, "generate")[ctx.shard::ctx.num_shards]
+    # one judge request per (record, response)
+    items = [(r, j) for r, rec in enumerate(records) for j in range(len(rec["responses"]))]
+    verdicts: dict[tuple[int, int], list[str]] = {}
+    t0 = time.perf_counter()
+    generated_tokens = 0
+    backend_name = judge.backend
+    if items:
+        model_dir = models.policy_model(spec, ctx.store, ctx.iteration)
+        log(f"iter-{ctx.iteration}/judge shard {ctx.shard}/{ctx.num_shards}: {len(items)} responses x "
+            f"{judge.samplesPerResponse} verdicts with {model_dir} ({judge.backend})")
+        with make_backend(judge.backend, model_dir, spec.model.dtype, judge.batchSize) as backend:
+            backend_name = backend.name
+            t0 = time.perf_counter()
+            for b, start in enumerate(range(0, len(items), judge.batchSize)):
+                batch = items[start:start + judge.batchSize]
+                asks = [render_judge_prompt(judge, records[r]["prompt"], records[r]["responses"][j]) for r, j in batch]
+                groups = backend.generate(
+                    asks, n=judge.samplesPerResponse, temperature=judge.temperature, top_p=judge.topP,
+                    max_new_tokens=judge.maxNewTokens,
+                    seed=derive_seed(spec.seed, ctx.iteration, "judge", ctx.shard, ctx.num_shards, b),
+                )
+                for key, group in zip(batch, groups):
+                    verdicts[key] = [c.text for c in group]
+                elapsed = max(time.perf_counter() - t0, 1e-9)
+                ctx.report(done=len(verdicts), total=len(items),
+                           tokensPerSecond=round(backend.generated_tokens / elapsed, 2),
+                           verdictsPerSecond=round(len(verdicts) * judge.samplesPerResponse / elapsed, 2))
+            generated_tokens = backend.generated_tokens
+    seconds = max(time.perf_counter() - t0, 1e-9)
+    out = []
+    for r, rec in enumerate(records):
+        out.append({
+            "promptId": rec["promptId"],
+            "prompt": rec["prompt"],
+            "responses": [judge_response(text, verdicts[(r, j)], judge) for j, text in enumerate(rec["responses"])],
+        })
+    ctx.store.write_jsonl(ctx.shard_data, out)
+    stats = score_stats(out)
+    if stats["verdicts"] and stats["parseFailures"] == stats["verdicts"]:
+        log(f"iter-{ctx.iteration}/judge shard {ctx.shard}: no verdict matched the score pattern "
+            f"{judge.scorePattern!r}; every response is unscored")
+    return {
+        "prompts": len(out),
+        **stats,
+        "generatedTokens": generated_tokens,
+        "tokensPerSecond": round(generated_tokens / seconds, 2) if items else 0.0,
+        "verdictsPerSecond": round(stats["verdicts"] / seconds, 2) if items else 0.0,
+        "durationSeconds": round(seconds, 3),
+        "backend": backend_name,
+    }
+
+
+def finalize(store: Store, spec, iteration: int, shard_summaries: list[dict]) -> dict:
+    """The phase summary: counts and rates added over shards, score statistics
+    recomputed over every judged record (a mean of shard means would be wrong)."""
+    summary = aggregate(shard_summaries)
+    records = read_phase_records(store, iteration, "judge", len(shard_summaries))
+    summary.update(score_stats(records))
+    summary["prompts"] = len(records)
+    return summary

@@ -1,0 +1,86 @@
+"""The pairs phase: preference pairs from the judged responses.
+
+Per prompt, among the responses that have a score, chosen = the highest and rejected =
+the lowest. A prompt gives no pair when fewer than two responses are scored, when the
+highest and lowest scores are equal (a tie), or when minMargin > 0 and the margin is not
+above it. ``build_pairs`` is pure, so it is tested without any storage.
+"""
+from __future__ import annotations
+
+import statistics
+from typing import Optional
+
+from .. import layout
+from .common import PhaseContext, log
+
+PAIRS_FILE = "pairs.jsonl"
+
+TOO_FEW = "tooFewScored"
+TIE = "tie"
+MARGIN = "margin"
+
+
+def pairs_path(iteration: int) -> str:
+    return f"{layout.phase_dir(iteration, 'pairs')}/{PAIRS_FILE}"
+
+
+def build_pair(record: dict, min_margin: float = 0.0) -> tuple[Optional[dict], Optional[str]]:
+    """(pair, None) or (None, the reason the prompt gives no pair)."""
+    scored = [r for r in record.get("responses", []) if r.get("score") is not None]
+    if len(scored) < 2:
+        return None, TOO_FEW
+    # first of equals wins, so the result does not depend on sort stability
+    chosen = max(scored, key=lambda r: r["score"])
+    rejected = min(scored, key=lambda r: r["score"])
+    hi, lo = float(chosen["score"]), float(rejected["score"])
+    if hi == lo:
+        return None, TIE
+    if min_margin > 0 and hi - lo <= min_margin:
+        return None, MARGIN
+    return {
+        "promptId": record["promptId"],
+        "prompt": record["prompt"],
+        "chosen": chosen["text"],
+        "rejected": rejected["text"],
+        "chosenScore": hi,
+        "rejectedScore": lo,
+    }, None
+
+
+def build_pairs(records: list[dict], min_margin: float = 0.0) -> tuple[list[dict], dict]:
+    """All pairs of the judged records, and the summary figures."""
+    pairs: list[dict] = []
+    dropped = {TOO_FEW: 0, TIE: 0, MARGIN: 0}
+    for rec in records:
+        pair, reason = build_pair(rec, min_margin)
+        if pair is None:
+            dropped[reason] += 1
+        else:
+            pairs.append(pair)
+    margins = [p["chosenScore"] - p["rejectedScore"] for p in pairs]
+    summary = {
+        "prompts": len(records),
+        "pairs": len(pairs),
+        "pairsDropped": sum(dropped.values()),
+        "droppedTies": dropped[TIE],
+        "droppedTooFewScored": dropped[TOO_FEW],
+        "droppedMargin": dropped[MARGIN],
+        "meanMargin": statistics.fmean(margins) if margins else None,
+        "chosenMeanScore": statistics.fmean(p["chosenScore"] for p in pairs) if pairs else None,
+        "rejectedMeanScore": statistics.fmean(p["rejectedScore"] for p in pairs) if pairs else None,
+    }
+    return pairs, summary
+
+
+def run(ctx: PhaseContext) -> dict:
+    from .judge import read_phase_records
+
+    records = read_phase_records(ctx.store, ctx.iteration, "judge")
+    pairs, summary = build_pairs(records, ctx.spec.pairs.minMargin)
+    ctx.store.write_jsonl(pairs_path(ctx.iteration), pairs)
+    if not pairs:
+        log(f"iter-{ctx.iteration}/pairs: no preference pair from {len(records)} prompts "
+            f"({summary['droppedTooFewScored']} with fewer than 2 scored responses, {summary['droppedTies']} ties, "
+            f"{summary['droppedMargin']} under the margin)")
+    ctx.report(done=len(records), total=len(records))
+    return summary
