@@ -411,3 +411,43 @@ def test_progress_from_env():
         assert value(fams, "selfreward_worker_progress_ratio", phase="pairs", iteration="1", shard="0") == 1
     finally:
         e.stop()
+
+
+def test_worker_phase_exports_its_progress(tiny_model, tmp_path, monkeypatch):
+    """`selfreward worker generate` with SELFREWARD_PROGRESS_PORT set: the real phase on
+    the tiny model feeds the exporter main_phase starts, and its last report is served."""
+    import json
+
+    from selfreward.spec import parse_spec
+    from selfreward.worker import main_phase
+    from selfreward.worker import progress as progress_mod
+
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in
+                             ("Name a colour.", "Count to three.", "Say hello.", "What is two plus two?",
+                              "Write a short greeting.")))
+    spec = parse_spec({
+        "model": {"uri": tiny_model, "dtype": "float32"},
+        "prompts": {"uri": str(seeds)},
+        "storage": {"uri": f"file://{tmp_path / 'store'}"},
+        "sft": {"enabled": False, "instructionDataUri": str(seeds)},
+        "iterations": 1,
+        "generation": {"responsesPerPrompt": 2, "maxNewTokens": 8, "batchSize": 2},
+    })
+    port = _free_port()
+    monkeypatch.setenv("SELFREWARD_PROGRESS_PORT", str(port))
+    monkeypatch.setenv("SELFREWARD_PROGRESS_ADDR", "127.0.0.1")
+    progress_mod.last_started = None
+    rc = main_phase(spec, "generate", 1, None, None, termination_log=str(tmp_path / "termination"))
+    exporter = progress_mod.last_started
+    assert exporter is not None and exporter.port == port
+    try:
+        assert rc == 0
+        fams = scrape(f"http://127.0.0.1:{port}/metrics")
+        lv = {"phase": "generate", "iteration": "1", "shard": "0"}
+        assert value(fams, "selfreward_worker_items_total", **lv) == 5
+        assert value(fams, "selfreward_worker_items_done", **lv) == 5
+        assert value(fams, "selfreward_worker_progress_ratio", **lv) == 1
+        assert value(fams, "selfreward_worker_tokens_per_second", **lv) > 0
+    finally:
+        exporter.stop()

@@ -161,9 +161,15 @@ def start_progress_exporter(port: int, addr: str = "0.0.0.0") -> ProgressExporte
     return ProgressExporter(port, addr)
 
 
+# The exporter progress_from_env started last (a worker process runs one), so that its
+# owner can stop it; its server thread is a daemon and ends with the process anyway.
+last_started: Optional[ProgressExporter] = None
+
+
 def progress_from_env(environ: Optional[dict] = None) -> Optional[ProgressExporter]:
     """The exporter ``SELFREWARD_PROGRESS_PORT`` asks for, or None when it is unset or 0
     (or the port cannot be bound: the phase runs on without live metrics)."""
+    global last_started
     env = os.environ if environ is None else environ
     raw = (env.get("SELFREWARD_PROGRESS_PORT") or "").strip()
     if raw in ("", "0"):
@@ -177,4 +183,5 @@ def progress_from_env(environ: Optional[dict] = None) -> Optional[ProgressExport
         log(f"live progress disabled: SELFREWARD_PROGRESS_PORT={raw!r}: {e}")
         return None
     log(f"live progress on :{exporter.port}/metrics")
+    last_started = exporter
     return exporter
