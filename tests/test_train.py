@@ -272,3 +272,34 @@ def test_batch_fitting_and_precision_choice():
 
     assert training.use_bf16(None) == (torch.cuda.is_available() and torch.cuda.is_bf16_supported()
                                        and models.device() == "cuda")
+
+
+def test_every_spec_loss_type_trains(tmp_path, tiny_model):
+    """Each lossType the spec accepts is one TRL's DPOTrainer runs."""
+    from selfreward.spec import TrainingSpec
+
+    loss_types = TrainingSpec.model_fields["lossType"].annotation.__args__
+    for loss_type in loss_types:
+        if loss_type == "sigmoid":
+            continue  # the default, trained by every other test here
+        spec = _spec(tmp_path / loss_type, tiny_model, {"lossType": loss_type, "maxSteps": 1, "batchSize": 2})
+        store = Store.for_spec(spec)
+        store.write_jsonl(pairs_path(1), _pairs(2))
+        summary = run_phase(spec, "train", 1, store=store)
+        assert summary["lossType"] == loss_type and summary["steps"] == 1
+        assert math.isfinite(summary["dpoLoss"]), loss_type
+        assert checkpoint.is_committed(store, layout.checkpoint_dir(1, "train"))
+
+
+def test_tokenizer_without_chat_template_trains_on_plain_text(tmp_path, tiny_model):
+    import shutil
+
+    plain = tmp_path / "plain-model"
+    shutil.copytree(tiny_model, plain)
+    (plain / "chat_template.jinja").unlink()
+    spec = _spec(tmp_path, str(plain), {"maxSteps": 2})
+    store = Store.for_spec(spec)
+    store.write_jsonl(pairs_path(1), _pairs(4))
+    summary = run_phase(spec, "train", 1, store=store)
+    assert summary["conversational"] is False and summary["steps"] == 2
+    checkpoint.verify(store, layout.checkpoint_dir(1, "train"))
