@@ -1,0 +1,532 @@
+"""The kopf adapter around :func:`selfreward.reconcile.reconcile`.
+
+Design, and why:
+
+- **Only ``on.event`` handlers.** kopf's change-detection handlers (on.create/update/
+  resume) keep the whole last-handled spec in an annotation and add a finalizer to
+  every run; reconcile needs neither: it is level-based and idempotent, reading the
+  spec, the status it wrote and the Jobs it owns. So kopf here is the watch layer
+  (runs, Jobs, pods), peering, the liveness probe and the API credentials; no
+  kopf annotation is ever written and ``status.kopf`` stays empty. Our own finalizer
+  exists only when ``spec.storage.deleteOnRunDeletion`` asks for it.
+- **A work queue, keyed by run.** Every watch event of a run, of a Job with the
+  ``selfreward.dev/run`` label, or of such a Job's pod updates an in-memory index and
+  enqueues the owning run. A run is never reconciled twice at once; events that arrive
+  while it is being reconciled coalesce into one more pass. So a Job's completion
+  creates the next Job right away, without a poll interval. ``requeue_after`` from
+  reconcile (retry backoff, grace periods) becomes a timer; a slow resync of all runs
+  is a safety net only.
+- **Actions through the real ``kubernetes`` client** (its configuration and auth,
+  kubeconfig or in-cluster), called with plain JSON bodies in a thread so the event
+  loop never blocks. A create answered 409 is an adoption. Status goes through the
+  ``/status`` subresource as a merge patch of what changed.
+- **Deletion.** Jobs carry an ownerReference to their run (controller, blockOwner-
+  Deletion), so the garbage collector removes them with the run (background
+  propagation). With ``deleteOnRunDeletion`` the operator adds the finalizer
+  ``selfreward.dev/artifacts``; on deletion it stops active step Jobs, runs a cleanup
+  Job (``selfreward cleanup`` with the run's secretKeyRefs; the operator never holds
+  storage credentials) and removes the finalizer when that Job has finished.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import logging
+import os
+import random
+import socket
+import time
+from datetime import datetime, timezone
+from typing import Any, Optional
+from urllib.parse import quote
+
+from . import jobs as J
+from .reconcile import CreateJob, DeleteJob, Event, Result, SetFinalizer, SuspendJob, reconcile
+
+try:  # Prometheus metrics (selfreward.metrics); optional so the operator runs without it
+    from . import metrics as _metrics
+except ImportError:  # pragma: no cover
+    _metrics = None
+
+log = logging.getLogger("selfreward.operator")
+
+RUNS_PATH = f"/apis/{J.GROUP}/{J.VERSION}"
+RESYNC_SECONDS = 300.0
+RECONCILE_WORKERS = 4
+ERROR_BACKOFF = (1, 2, 5, 10, 30, 60)
+
+
+class KubeError(RuntimeError):
+    def __init__(self, status: int, body: Any, what: str = ""):
+        self.status = status
+        self.body = body
+        reason = body.get("message") if isinstance(body, dict) else str(body)[:300]
+        super().__init__(f"{what}: HTTP {status}: {reason}")
+
+
+class Kube:
+    """A thin JSON client over the ``kubernetes`` package's ApiClient (its kubeconfig or
+    in-cluster configuration, auth and connection pool). Synchronous: call it in a
+    thread. Counts its requests."""
+
+    def __init__(self, api_client=None):
+        if api_client is None:
+            from kubernetes import client, config
+
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config()
+            api_client = client.ApiClient()
+        self.api = api_client
+        self.requests = 0
+
+    def request(self, method: str, path: str, body: Any = None, query: Optional[dict] = None,
+                content_type: str = "application/json", ok404: bool = False) -> Any:
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        q = [(k, v) for k, v in (query or {}).items() if v is not None]
+        method_, url, hdrs, body_, _ = self.api.param_serialize(
+            method=method, resource_path=path, query_params=q, header_params=headers, body=body,
+            auth_settings=["BearerToken"])
+        self.requests += 1
+        resp = self.api.call_api(method_, url, header_params=hdrs, body=body_, _request_timeout=30)
+        data = resp.read()
+        try:
+            obj = json.loads(data) if data else None
+        except ValueError:
+            obj = data.decode(errors="replace") if isinstance(data, bytes) else data
+        if resp.status == 404 and ok404:
+            return None
+        if resp.status >= 400:
+            raise KubeError(resp.status, obj, f"{method} {path}")
+        return obj
+
+    # --- the calls the operator makes ---
+    def create_job(self, ns: str, manifest: dict) -> tuple[dict, bool]:
+        """Create a Job; on 409 return the existing one. (object, created?)"""
+        path = f"/apis/batch/v1/namespaces/{ns}/jobs"
+        try:
+            return self.request("POST", path, manifest), True
+        except KubeError as e:
+            if e.status != 409:
+                raise
+        name = manifest["metadata"]["name"]
+        existing = self.request("GET", f"{path}/{quote(name)}", ok404=True)
+        if existing is None:  # deleted in between: try once more
+            return self.request("POST", path, manifest), True
+        return existing, False
+
+    def delete_job(self, ns: str, name: str) -> None:
+        self.request("DELETE", f"/apis/batch/v1/namespaces/{ns}/jobs/{quote(name)}",
+                     body={"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"},
+                     ok404=True)
+
+    def patch_job(self, ns: str, name: str, patch: dict) -> Optional[dict]:
+        return self.request("PATCH", f"/apis/batch/v1/namespaces/{ns}/jobs/{quote(name)}", patch,
+                            content_type="application/merge-patch+json", ok404=True)
+
+    def patch_run(self, ns: str, name: str, patch: dict, status: bool = False) -> Optional[dict]:
+        path = f"{RUNS_PATH}/namespaces/{ns}/{J.PLURAL}/{quote(name)}" + ("/status" if status else "")
+        return self.request("PATCH", path, patch, content_type="application/merge-patch+json", ok404=True)
+
+    def list(self, path: str, selector: Optional[str] = None) -> list[dict]:
+        obj = self.request("GET", path, query={"labelSelector": selector}) or {}
+        return list(obj.get("items") or [])
+
+    def post_event(self, ns: str, run: dict, ev: Event, now: datetime) -> None:
+        meta = run.get("metadata") or {}
+        stamp = J.format_time(now)
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{meta.get('name', 'run')}.{time.time_ns():x}", "namespace": ns},
+            "involvedObject": {"apiVersion": J.API_VERSION, "kind": J.KIND, "name": meta.get("name"),
+                               "namespace": ns, "uid": meta.get("uid")},
+            "reason": ev.reason,
+            "message": ev.message[:1024],
+            "type": ev.type,
+            "source": {"component": "selfreward-operator"},
+            "reportingComponent": "selfreward.dev/operator",
+            "reportingInstance": socket.gethostname()[:128],
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }
+        self.request("POST", f"/api/v1/namespaces/{ns}/events", body)
+
+
+def _rv(obj: dict) -> Optional[int]:
+    try:
+        return int((obj.get("metadata") or {}).get("resourceVersion"))
+    except (TypeError, ValueError):
+        return None
+
+
+def _newer(new: dict, old: Optional[dict]) -> bool:
+    if old is None:
+        return True
+    a, b = _rv(new), _rv(old)
+    return a is None or b is None or a >= b
+
+
+def status_patch(old: dict, new: dict) -> dict:
+    """A merge patch turning ``old`` status into ``new`` (kopf's own key is left alone)."""
+    patch = {k: v for k, v in new.items() if old.get(k) != v}
+    for k in old:
+        if k not in new and k != "kopf":
+            patch[k] = None
+    return patch
+
+
+def _run_of(obj: dict) -> Optional[str]:
+    meta = obj.get("metadata") or {}
+    name = (meta.get("annotations") or {}).get(J.ANN_RUN_NAME)
+    if name:
+        return name
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("kind") == J.KIND:
+            return ref.get("name")
+    return (meta.get("labels") or {}).get(J.LABEL_RUN)
+
+
+class Controller:
+    """The operator's state: indexes fed by watch events, the work queue, the actions."""
+
+    def __init__(self, kube: Kube, settings: Optional[J.Settings] = None, workers: int = RECONCILE_WORKERS,
+                 resync_seconds: float = RESYNC_SECONDS):
+        self.kube = kube
+        self.settings = settings or J.Settings()
+        self.workers = workers
+        self.resync_seconds = resync_seconds
+        self.runs: dict[tuple[str, str], dict] = {}
+        self.jobs: dict[tuple[str, str], dict[str, dict]] = {}  # (ns, run) -> job name -> Job
+        self.pods: dict[tuple[str, str], dict[str, dict]] = {}  # (ns, job) -> pod name -> Pod
+        self.queue: Optional[asyncio.Queue] = None
+        self.queued: set = set()
+        self.processing: set = set()
+        self.dirty: set = set()
+        self.timers: dict[tuple[str, str], tuple[float, asyncio.TimerHandle]] = {}
+        self.errors: dict[tuple[str, str], int] = {}
+        self.tasks: list[asyncio.Task] = []
+        self.reconciles = 0
+
+    # --- lifecycle ---
+    async def start(self, namespaces: list[str]) -> None:
+        self.queue = asyncio.Queue()
+        await self.warm(namespaces)
+        for _ in range(self.workers):
+            self.tasks.append(asyncio.create_task(self._worker()))
+        self.tasks.append(asyncio.create_task(self._resync()))
+
+    async def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for _, handle in self.timers.values():
+            handle.cancel()
+
+    async def warm(self, namespaces: list[str]) -> None:
+        """List the Jobs and pods of runs before the first reconcile, so that a restarted
+        operator sees what exists (deterministic names make a miss harmless anyway)."""
+        scopes = [f"/namespaces/{ns}" for ns in namespaces] if namespaces else [""]
+        sel = f"{J.LABEL_RUN}"
+        for scope in scopes:
+            for job in await asyncio.to_thread(self.kube.list, f"/apis/batch/v1{scope}/jobs", sel):
+                self.job_event("ADDED", job)
+            for pod in await asyncio.to_thread(self.kube.list, f"/api/v1{scope}/pods", sel):
+                self.pod_event("ADDED", pod)
+
+    # --- index updates from watch events ---
+    def run_event(self, etype: Optional[str], obj: dict) -> None:
+        meta = obj.get("metadata") or {}
+        key = (meta.get("namespace"), meta.get("name"))
+        if etype == "DELETED":
+            self.runs.pop(key, None)
+            if _metrics is not None:
+                _metrics.forget_run(*key)
+            return
+        if _newer(obj, self.runs.get(key)):
+            self.runs[key] = obj
+        self.enqueue(key)
+
+    def job_event(self, etype: Optional[str], obj: dict) -> None:
+        meta = obj.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        if J.LABEL_RUN not in labels:
+            return
+        run = _run_of(obj)
+        if not run:
+            return
+        key = (meta.get("namespace"), run)
+        bucket = self.jobs.setdefault(key, {})
+        name = meta.get("name")
+        if etype == "DELETED":
+            bucket.pop(name, None)
+            self.pods.pop((key[0], name), None)
+        else:
+            old = bucket.get(name)
+            if _newer(obj, old):
+                if _metrics is not None and J.job_complete(obj) and not (old and J.job_complete(old)):
+                    self._phase_finished(obj)
+                bucket[name] = obj
+        self.enqueue(key)
+
+    def pod_event(self, etype: Optional[str], obj: dict) -> None:
+        meta = obj.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        job = labels.get(J.LABEL_JOB)
+        if not job or J.LABEL_RUN not in labels:
+            return
+        ns = meta.get("namespace")
+        bucket = self.pods.setdefault((ns, job), {})
+        if etype == "DELETED":
+            bucket.pop(meta.get("name"), None)
+        elif _newer(obj, bucket.get(meta.get("name"))):
+            bucket[meta.get("name")] = obj
+        run = _run_of(obj)
+        if run:
+            self.enqueue((ns, run))
+
+    def _phase_finished(self, job: dict) -> None:
+        st = job.get("status") or {}
+        start, end = J.parse_time(st.get("startTime")), J.parse_time(st.get("completionTime"))
+        phase = ((job.get("metadata") or {}).get("labels") or {}).get(J.LABEL_PHASE)
+        if start and end and phase:
+            _metrics.phase_finished(phase, max(0.0, (end - start).total_seconds()))
+
+    # --- the queue ---
+    def enqueue(self, key: tuple[str, str]) -> None:
+        if self.queue is None:
+            return
+        if key in self.processing:
+            self.dirty.add(key)
+            return
+        if key in self.queued:
+            return
+        self.queued.add(key)
+        self.queue.put_nowait(key)
+
+    def enqueue_after(self, key: tuple[str, str], delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time() + delay
+        old = self.timers.get(key)
+        if old is not None and old[0] <= due and not old[1].cancelled():
+            return
+        if old is not None:
+            old[1].cancel()
+        handle = loop.call_later(delay, self._fire, key)
+        self.timers[key] = (due, handle)
+
+    def _fire(self, key) -> None:
+        self.timers.pop(key, None)
+        self.enqueue(key)
+
+    async def _worker(self) -> None:
+        while True:
+            key = await self.queue.get()
+            self.queued.discard(key)
+            self.processing.add(key)
+            t0 = time.perf_counter()
+            error = False
+            try:
+                await self.reconcile_one(key)
+                self.errors.pop(key, None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # keep serving other runs; retry this one with backoff
+                error = True
+                n = self.errors.get(key, 0)
+                self.errors[key] = n + 1
+                delay = ERROR_BACKOFF[min(n, len(ERROR_BACKOFF) - 1)]
+                log.warning("reconcile of %s/%s failed (%s); again in %ss", key[0], key[1], e, delay)
+                self.enqueue_after(key, delay)
+            finally:
+                self.processing.discard(key)
+                if _metrics is not None:
+                    _metrics.reconcile_observed(time.perf_counter() - t0, error=error)
+                if key in self.dirty:
+                    self.dirty.discard(key)
+                    self.enqueue(key)
+
+    async def _resync(self) -> None:
+        while True:
+            await asyncio.sleep(self.resync_seconds)
+            for key in list(self.runs):
+                self.enqueue(key)
+
+    # --- one pass ---
+    async def observed_jobs(self, key: tuple[str, str], status: dict) -> list[dict]:
+        ns = key[0]
+        out = []
+        for name, job in sorted((self.jobs.get(key) or {}).items()):
+            pods = list((self.pods.get((ns, name)) or {}).values())
+            if J.job_complete(job) and not J.pod_reports(pods) and self._unrecorded(job, status):
+                # the Job's completion can overtake its pods' last watch event: fetch them
+                fetched = await asyncio.to_thread(self.kube.list, f"/api/v1/namespaces/{ns}/pods",
+                                                  f"{J.LABEL_JOB}={name}")
+                for pod in fetched:
+                    if ((pod.get("metadata") or {}).get("labels") or {}).get(J.LABEL_JOB) == name:
+                        self.pod_event("MODIFIED", pod)
+                pods = list((self.pods.get((ns, name)) or {}).values())
+            out.append(dict(job, pods=pods))
+        return out
+
+    @staticmethod
+    def _unrecorded(job: dict, status: dict) -> bool:
+        from .reconcile import _pos, _pos_of_key
+
+        s = J.job_step_of(job)
+        return s is not None and _pos(s[0], s[1]) > _pos_of_key(status.get("completedStep"))
+
+    async def reconcile_one(self, key: tuple[str, str]) -> Optional[Result]:
+        run = self.runs.get(key)
+        if run is None:
+            return None
+        ns, name = key
+        self.reconciles += 1
+        old_status = dict(run.get("status") or {})
+        jobs = await self.observed_jobs(key, old_status)
+        now = datetime.now(timezone.utc)
+        inner = {k: v for k, v in old_status.items() if k != "kopf"}
+        result = reconcile(run, inner, jobs, now, self.settings)
+        for action in result.actions:
+            await self.apply(key, run, action, now)
+        patch = status_patch(old_status, result.status)
+        if patch:
+            updated = await asyncio.to_thread(self.kube.patch_run, ns, name, {"status": patch}, True)
+            if updated is not None:
+                cached = self.runs.get(key)
+                if cached is not None and _newer(updated, cached):
+                    self.runs[key] = updated
+        if _metrics is not None:
+            _metrics.observe_status(ns, name, result.status)
+        if result.requeue_after is not None:
+            self.enqueue_after(key, result.requeue_after + 0.05)
+        return result
+
+    async def apply(self, key: tuple[str, str], run: dict, action: Any, now: datetime) -> None:
+        ns, name = key
+        if isinstance(action, CreateJob):
+            obj, created = await asyncio.to_thread(self.kube.create_job, ns, action.manifest)
+            if not created:
+                owners = [r.get("uid") for r in (obj.get("metadata") or {}).get("ownerReferences") or []]
+                uid = (run.get("metadata") or {}).get("uid")
+                if uid and owners and uid not in owners:
+                    raise RuntimeError(f"Job {action.name} exists and belongs to another object; "
+                                       "waiting for it to be garbage-collected")
+                log.info("adopted existing Job %s/%s", ns, action.name)
+            elif _metrics is not None:
+                _metrics.job_created(ns, name, action.manifest["metadata"]["labels"].get(J.LABEL_PHASE))
+            self.job_event("ADDED", obj)
+        elif isinstance(action, DeleteJob):
+            await asyncio.to_thread(self.kube.delete_job, ns, action.name)
+        elif isinstance(action, SuspendJob):
+            patch = {"metadata": {"annotations": {J.ANN_SUSPENDED: "true" if action.suspend else None}},
+                     "spec": {"suspend": action.suspend}}
+            obj = await asyncio.to_thread(self.kube.patch_job, ns, action.name, patch)
+            if obj:
+                self.job_event("MODIFIED", obj)
+        elif isinstance(action, SetFinalizer):
+            current = list((run.get("metadata") or {}).get("finalizers") or [])
+            want = ([f for f in current if f != action.name] + [action.name]) if action.present \
+                else [f for f in current if f != action.name]
+            patch = {"metadata": {"finalizers": want or None,
+                                  "resourceVersion": (run.get("metadata") or {}).get("resourceVersion")}}
+            obj = await asyncio.to_thread(self.kube.patch_run, ns, name, patch)
+            if obj is not None and _newer(obj, self.runs.get(key)):
+                self.runs[key] = obj
+        elif isinstance(action, Event):
+            if _metrics is not None:
+                if action.reason == "JobFailed" or (action.type == "Warning" and action.reason not in
+                                                    ("JobRetried", "InvalidSpec", "JobFailed")):
+                    _metrics.job_failed(ns, name)
+                elif action.reason == "JobRetried":
+                    _metrics.job_retried(ns, name)
+            try:
+                await asyncio.to_thread(self.kube.post_event, ns, run, action, now)
+            except Exception as e:  # an Event is informative: never fail a pass for it
+                log.warning("could not post event %s for %s/%s: %s", action.reason, ns, name, e)
+
+
+# --- kopf wiring ------------------------------------------------------------------------
+
+def build_registry(ctl: Controller, namespaces: list[str]):
+    import kopf
+
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.login(registry=registry)
+    def _login(**kwargs):
+        # the same credentials as our Kube client: kubeconfig or in-cluster
+        return kopf.login_via_client(**kwargs)
+
+    @kopf.on.startup(registry=registry)
+    async def _startup(**_):
+        await ctl.start(namespaces)
+
+    @kopf.on.cleanup(registry=registry)
+    async def _cleanup(**_):
+        await ctl.stop()
+
+    @kopf.on.event(J.GROUP, J.VERSION, J.PLURAL, registry=registry)
+    async def _run(event, **_):
+        ctl.run_event(event.get("type"), copy.deepcopy(event["object"]))
+
+    @kopf.on.event("batch", "v1", "jobs", labels={J.LABEL_RUN: kopf.PRESENT}, registry=registry)
+    async def _job(event, **_):
+        ctl.job_event(event.get("type"), copy.deepcopy(event["object"]))
+
+    @kopf.on.event("", "v1", "pods", labels={J.LABEL_RUN: kopf.PRESENT}, registry=registry)
+    async def _pod(event, **_):
+        ctl.pod_event(event.get("type"), copy.deepcopy(event["object"]))
+
+    return registry
+
+
+def peering_priority(explicit: Optional[int]) -> int:
+    """kopf peers of equal priority both pause; give each replica its own: the explicit
+    value, else one drawn from the pod name (plus randomness, so two replicas never tie)."""
+    if explicit is not None:
+        return explicit
+    seed = os.environ.get("POD_NAME") or socket.gethostname()
+    return (abs(hash(seed)) % 1000) * 1000 + random.randint(0, 999)
+
+
+def run_operator(args) -> int:
+    import kopf
+
+    kopf.configure(verbose=bool(getattr(args, "verbose", False)))
+    namespaces: list[str] = [] if args.all_namespaces else list(args.namespace or [])
+    if not args.all_namespaces and not namespaces:
+        namespaces = [os.environ.get("POD_NAMESPACE") or "default"]
+
+    settings = kopf.OperatorSettings()
+    settings.posting.enabled = False  # we post our own Events about runs
+    settings.scanning.disabled = not args.all_namespaces and not any(c in "".join(namespaces) for c in "*?!,")
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.peering.name = args.peering or "default"
+    settings.peering.priority = peering_priority(args.priority)
+
+    ctl = Controller(Kube(), J.Settings(worker_image=args.worker_image))
+    registry = build_registry(ctl, namespaces)
+
+    if _metrics is not None and args.metrics_port:
+        _metrics.serve(args.metrics_port)
+        log.info("metrics on :%s/metrics", args.metrics_port)
+    liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None
+
+    kopf.run(
+        registry=registry,
+        settings=settings,
+        standalone=not args.peering,
+        peering_name=args.peering or None,
+        priority=settings.peering.priority,
+        clusterwide=bool(args.all_namespaces),
+        namespaces=namespaces,
+        liveness_endpoint=liveness,
+    )
+    return 0
