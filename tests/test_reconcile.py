@@ -112,8 +112,8 @@ def test_two_iterations_to_succeeded_next_job_in_the_same_pass():
     sim = Sim(make_run())
     sim.step()
     order = ["generate", "judge", "pairs", "train"]
-    summaries = {"generate": {"prompts": 8, "responses": 32}, "judge": {"judged": 32, "meanScore": 3.25, "scoreStd": 0.5},
-                 "pairs": {"pairs": 6, "pairsDropped": 2, "margin": 1.5}, "train": {"dpoLoss": 0.69, "rewardAccuracy": 0.5}}
+    summaries = {"generate": {"prompts": 8, "responses": 32}, "judge": {"judgedResponses": 32, "scoreMean": 3.25, "scoreStd": 0.5},
+                 "pairs": {"pairs": 6, "pairsDropped": 2, "meanMargin": 1.5}, "train": {"dpoLoss": 0.69, "rewardAccuracy": 0.5}}
     for t in (1, 2):
         for i, phase in enumerate(order):
             name = f"r-i{t}-{phase}"
@@ -130,6 +130,7 @@ def test_two_iterations_to_succeeded_next_job_in_the_same_pass():
     assert sim.cond("Succeeded")["status"] == "True"
     h = st["history"]
     assert [r["iteration"] for r in h] == [1, 2]
+    assert h[0]["margin"] == 1.5 and h[0]["judged"] == 32
     assert h[0]["responses"] == 32 and h[0]["meanScore"] == 3.25 and h[0]["pairs"] == 6 and h[0]["dpoLoss"] == 0.69
     assert h[0]["checkpoint"] == "s3://bucket/r/iter-1/train/checkpoint" and st["lastPairs"] == 6
     assert "Succeeded" in [e.reason for e in sim.events]

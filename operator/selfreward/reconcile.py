@@ -110,10 +110,10 @@ def _key(iteration: int, phase: str) -> str:
 
 _FIELDS = {
     "generate": {"prompts": ("prompts", "numPrompts"), "responses": ("responses", "numResponses")},
-    "judge": {"judged": ("judged", "responsesJudged", "responses"), "parseFailures": ("parseFailures",),
-              "meanScore": ("meanScore",), "scoreStd": ("scoreStd",)},
+    "judge": {"judged": ("judgedResponses", "judged", "responses"), "parseFailures": ("parseFailures",),
+              "meanScore": ("scoreMean", "meanScore"), "scoreStd": ("scoreStd",)},
     "pairs": {"pairs": ("pairs", "numPairs"), "pairsDropped": ("pairsDropped", "dropped"),
-              "margin": ("margin", "meanMargin")},
+              "margin": ("meanMargin", "margin")},
     "train": {"dpoLoss": ("dpoLoss", "loss", "trainLoss"), "rewardAccuracy": ("rewardAccuracy",)},
 }
 
@@ -151,7 +151,7 @@ def _record(st: RunStatus, spec: RunSpec, step: Step, job: dict, summary: Option
 def _figures(summary: Optional[dict]) -> str:
     if not summary:
         return ""
-    keep = [k for k in ("prompts", "responses", "judged", "meanScore", "pairs", "dpoLoss", "durationSeconds")
+    keep = [k for k in ("prompts", "responses", "judgedResponses", "scoreMean", "pairs", "dpoLoss", "durationSeconds")
             if _num(summary.get(k)) is not None]
     if not keep:
         return ""
