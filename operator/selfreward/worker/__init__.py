@@ -9,6 +9,7 @@ phase idempotent in the same way: committed output is skipped, missing shards ar
 from __future__ import annotations
 
 import importlib
+import os
 import time
 import traceback
 from typing import Any, Callable, Optional
@@ -16,7 +17,8 @@ from typing import Any, Callable, Optional
 from .. import layout
 from ..spec import PHASES, RunSpec
 from ..storage import Store
-from .common import PhaseContext, PhaseError, aggregate, log, resolve_shard, shard_summaries, write_termination_log
+from .common import (PhaseContext, PhaseError, aggregate, log, progress_file, resolve_shard, shard_summaries,
+                     write_termination_log)
 
 SHARDED = ("generate", "judge")
 
@@ -111,6 +113,7 @@ def main_phase(spec: RunSpec, phase: str, iteration: int, shard: Optional[int], 
     if progress is None:  # live progress for a PodMonitor when $SELFREWARD_PROGRESS_PORT is set (not 0)
         from .progress import progress_from_env
         progress = progress_from_env()
+    progress = progress_file(os.environ.get("SELFREWARD_PROGRESS_FILE", ""), progress)  # for `selfreward run`
     try:
         summary = run_phase(spec, phase, iteration, shard, num_shards, progress=progress)
     except Exception as e:  # every failure leaves a readable line for the operator

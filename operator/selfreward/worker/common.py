@@ -126,5 +126,26 @@ def write_termination_log(summary: dict, path: str = "") -> bool:
         return False
 
 
+def progress_file(path: str, inner: Any = None) -> Any:
+    """A progress callback that also keeps the latest report as JSON in ``path`` (atomic
+    replace), the channel `selfreward run` reads live progress from; ``inner`` (another
+    callback, or None) still gets every report. An empty path returns ``inner``."""
+    if not path:
+        return inner
+
+    def report(figures: dict) -> None:
+        if inner is not None:
+            inner(figures)
+        try:
+            tmp = f"{path}.tmp"
+            with open(tmp, "w") as f:
+                json.dump({**figures, "time": time.time()}, f)
+            os.replace(tmp, path)
+        except (OSError, TypeError, ValueError):
+            pass  # progress must never fail the phase
+
+    return report
+
+
 def log(msg: str) -> None:
     print(f"[selfreward] {msg}", file=sys.stderr, flush=True)
