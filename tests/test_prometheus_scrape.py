@@ -100,7 +100,11 @@ def prometheus(endpoints, tmp_path):
     config.write_text(json.dumps({  # JSON is YAML
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
         "scrape_configs": [
-            {"job_name": SCRAPE_JOB, "static_configs": [{"targets": [f"127.0.0.1:{server.port}"]}]},
+            # as the chart's ServiceMonitor: the target's own namespace label (the
+            # operator's) must not overwrite the runs' namespace label (honorLabels)
+            {"job_name": SCRAPE_JOB, "honor_labels": True,
+             "static_configs": [{"targets": [f"127.0.0.1:{server.port}"],
+                                 "labels": {"namespace": "selfreward-system"}}]},
             {"job_name": WORKER_JOB, "static_configs": [{"targets": [f"127.0.0.1:{worker.port}"]}]},
         ],
     }))
@@ -158,6 +162,8 @@ def test_prometheus_scrapes_and_answers_promql(endpoints, prometheus):
 
     prometheus.wait_for(f'up{{job="{SCRAPE_JOB}"}} == 1')
     assert prometheus.wait_for('selfreward_run_iteration{run="x"} == 2')[0]["metric"]["namespace"] == "research"
+    # series without a namespace of their own take the target's
+    assert {r["metric"]["namespace"] for r in prometheus.query("selfreward_runs")} == {"selfreward-system"}
 
     by_phase = _by(prometheus.query("sum by (phase) (selfreward_runs)"), "phase")
     assert by_phase == {"Pending": 0, "Running": 1, "Suspended": 0, "Succeeded": 1, "Failed": 1}
