@@ -134,7 +134,9 @@ class Store:
 
     def read_jsonl(self, rel: str) -> list[dict]:
         out = []
-        for n, line in enumerate(self.read_text(rel).splitlines(), 1):
+        # split on "\n" only: str.splitlines() also breaks at U+2028, U+0085 and the like,
+        # which json.dumps(ensure_ascii=False) leaves unescaped inside strings
+        for n, line in enumerate(self.read_text(rel).split("\n"), 1):
             if line.strip():
                 try:
                     out.append(json.loads(line))
