@@ -479,7 +479,7 @@ def test_our_examples_exist():
     assert {"minimal.yaml", "s3-gpu-kueue.yaml", "sft-self-instruct.yaml"} <= names
 
 
-@pytest.mark.parametrize("where, doc", _documents(), ids=lambda x: x if isinstance(x, str) else "")
+@pytest.mark.parametrize("where, doc", [pytest.param(w, d, id=w) for w, d in _documents()])
 def test_example_manifest_is_admitted_and_loads(schema, where, doc):
     assert doc["apiVersion"] == "selfreward.dev/v1alpha1", where
     stored, errors, cel_errors = admit(schema, doc)
