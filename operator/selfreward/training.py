@@ -34,6 +34,7 @@ from typing import Any, Callable, Optional
 from . import checkpoint, models
 from .spec import RunSpec
 from .storage import Store
+from .worker.common import PhaseError
 
 # Figures TRL logs per step that the summaries report, by their camelCase names.
 DPO_METRICS = {
@@ -47,7 +48,7 @@ SFT_METRICS = {"loss": "trainLoss", "mean_token_accuracy": "meanTokenAccuracy"}
 LAST_LOGS = 10  # the summary's loss/reward figures average this many last logged steps
 
 
-class TrainingError(RuntimeError):
+class TrainingError(PhaseError):
     """Bad training data or settings, with a message meant for the run's status."""
 
 
@@ -60,6 +61,22 @@ def use_bf16(setting: Optional[bool]) -> bool:
     if setting is not None:
         return bool(setting)
     return models.device() == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def check_devices() -> None:
+    """One training process drives one GPU. Several visible GPUs without a distributed
+    launcher would make transformers wrap the model in DataParallel, which TRL refuses;
+    say what to change instead of failing deep inside the trainer."""
+    import torch
+
+    if models.device() != "cuda" or os.environ.get("WORLD_SIZE") or os.environ.get("LOCAL_RANK"):
+        return
+    n = torch.cuda.device_count()
+    if n > 1:
+        raise TrainingError(
+            f"{n} GPUs are visible to one training process; the sft/train phases use one GPU per pod. "
+            "Set resources.sft.gpus / resources.train.gpus to 1 (or CUDA_VISIBLE_DEVICES to one device)."
+        )
 
 
 def load_dtype(spec: RunSpec):

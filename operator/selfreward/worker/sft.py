@@ -53,6 +53,7 @@ def run(ctx: PhaseContext) -> dict:
         raise PhaseError(f"sft: the instruction data {sft.instructionDataUri} holds no examples")
 
     base_path = models.base_model(spec)
+    training.check_devices()
     tokenizer = training.load_tokenizer(base_path)
     conversational = training.chat_format(tokenizer)
     try:

@@ -17,6 +17,7 @@ batch shrinks to the pairs, see selfreward.training.fit_batch).
 """
 from __future__ import annotations
 
+import os
 import shutil
 
 from .. import layout, models, training
@@ -79,6 +80,10 @@ def run(ctx: PhaseContext) -> dict:
         ref_path = models.reference_model(spec, store, t) if tr.reference == "base" else None
     except CheckpointError as e:
         raise PhaseError(f"iteration {t}: cannot load the start model: {e}") from None
+
+    if ref_path is not None and os.path.realpath(ref_path) == os.path.realpath(policy_path):
+        ref_path = None  # the fixed reference is M_t itself this iteration (t=1): one copy less in memory
+    training.check_devices()
 
     tokenizer = training.load_tokenizer(policy_path)
     conversational = training.chat_format(tokenizer)
