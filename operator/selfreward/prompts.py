@@ -46,7 +46,7 @@ def parse_prompt_lines(text: str, where: str) -> list[str]:
     """Prompt texts from JSONL text: one object with a non-empty string "prompt" per line
     (blank lines are skipped). A bad line is an error naming it."""
     out = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a string
         if not line.strip():
             continue
         try:

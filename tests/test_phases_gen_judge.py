@@ -1,0 +1,243 @@
+"""The generation backend and the instruct / generate / judge / pairs phases, run
+through the worker dispatcher on a file:// store with the tiny random model."""
+import json
+import os
+import statistics
+
+import pytest
+
+from selfreward import layout
+from selfreward.backends import BackendError, Completion, chat_format, make_backend
+from selfreward.backends.hf import TransformersBackend
+from selfreward.judging import parse_score
+from selfreward.prompts import instruct_prompts_path, prompt_id
+from selfreward.spec import parse_spec
+from selfreward.worker import run_phase
+from selfreward.worker.common import PhaseError
+from selfreward.worker.judge import read_phase_records
+from selfreward.worker.pairs import build_pairs, pairs_path
+
+SEEDS = [
+    "Explain why the sky looks blue during the day.",
+    "Write a short poem about autumn leaves.",
+    "How do I reverse a list in Python?",
+    "Give three tips for a good night's sleep.",
+    "What is the difference between weather and climate?",
+    "Summarise the plot of a fairy tale in two sentences.",
+    "Name a prime number larger than ten.",
+]
+
+
+def make_spec(tmp_path, model, **over):
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in SEEDS))
+    data = {
+        "model": {"uri": model},
+        "prompts": {"uri": str(seeds)},
+        "iterations": 1,
+        "storage": {"uri": f"file://{tmp_path}/artifacts"},
+        "generation": {"responsesPerPrompt": 3, "maxNewTokens": 12, "batchSize": 4, "shards": 2},
+        # the tiny model writes random tokens, digits among them: a one-digit pattern
+        # lets some verdicts score and others fail, so both paths run
+        "judge": {"samplesPerResponse": 2, "maxNewTokens": 16, "batchSize": 8, "shards": 2,
+                  "scorePattern": r"([0-9])", "minScore": 0, "maxScore": 9},
+        "seed": 3,
+    }
+    for k, v in over.items():
+        data[k] = {**data.get(k, {}), **v} if isinstance(v, dict) else v
+    return parse_spec(data)
+
+
+# --- the backend ---
+
+def test_backend_samples_n_per_prompt_and_counts_tokens(tiny_model):
+    with TransformersBackend(tiny_model, batch_size=2) as b:
+        prompts = ["Say something.", "A longer prompt with many more words in it than the first.", "Hi"]
+        out = b.generate(prompts, n=3, temperature=0.9, top_p=0.95, max_new_tokens=10, seed=5)
+        assert len(out) == 3 and all(len(g) == 3 for g in out)
+        assert all(isinstance(c, Completion) and 1 <= c.tokens <= 10 for g in out for c in g)
+        assert b.generated_tokens == sum(c.tokens for g in out for c in g)
+        again = b.generate(prompts, n=3, temperature=0.9, top_p=0.95, max_new_tokens=10, seed=5)
+        assert again == out  # seeded
+        # batching does not change the result count or order of groups
+        single = b.generate(prompts[:1], n=3, temperature=0.9, top_p=0.95, max_new_tokens=10, seed=5)
+        assert len(single) == 1 and len(single[0]) == 3
+        greedy = b.generate(["Hi"], n=2, temperature=0.0, max_new_tokens=6, seed=0)
+        assert greedy[0][0] == greedy[0][1]
+        assert b.generate([], n=2) == []
+
+
+def test_completion_stops_at_eos(tiny_model):
+    b = TransformersBackend(tiny_model, batch_size=1)
+    try:
+        eos = b.eos_ids[0]
+        word = b.tokenizer("hello world", add_special_tokens=False)["input_ids"]
+        c = b._completion(word + [eos] + word)
+        assert c.finished and c.tokens == len(word) + 1 and c.text == "hello world"
+        open_ended = b._completion(word)
+        assert not open_ended.finished and open_ended.tokens == len(word)
+    finally:
+        b.close()
+
+
+def test_chat_template_and_plain_fallback(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    text, templated = chat_format(tok, "What is 2+2?")
+    assert templated and text == "<|user|>\nWhat is 2+2?\n<|assistant|>\n"
+    tok.chat_template = None
+    assert chat_format(tok, "What is 2+2?") == ("What is 2+2?", False)
+
+
+def test_backend_names():
+    with pytest.raises(BackendError, match="unknown generation backend"):
+        make_backend("nope", "/nowhere")
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        with pytest.raises(BackendError, match="needs the vllm package"):
+            make_backend("vllm", "/nowhere")
+
+
+# --- the phases ---
+
+def test_generate_judge_pairs_end_to_end(tmp_path, tiny_model):
+    spec = make_spec(tmp_path, tiny_model)
+    from selfreward.storage import Store
+
+    store = Store.for_spec(spec)
+    reports = []
+
+    # generate: two shards, the second call finalizes the phase
+    s0 = run_phase(spec, "generate", 1, shard=0, progress=reports.append)
+    assert s0["shard"] == 0 and s0["prompts"] == 4 and s0["responses"] == 12  # prompts 0,2,4,6
+    assert not store.exists(layout.summary_path(1, "generate"))
+    gen = run_phase(spec, "generate", 1, shard=1, progress=reports.append)
+    assert gen["numShards"] == 2 and gen["prompts"] == 7 and gen["responses"] == 21
+    assert gen["generatedTokens"] > 0 and gen["tokensPerSecond"] > 0 and gen["backend"] == "transformers"
+    assert reports and reports[-1]["done"] == reports[-1]["total"] == 3 and reports[-1]["phase"] == "generate"
+    shard0 = store.read_jsonl(layout.shard_data_path(1, "generate", 0, 2))
+    assert [r["prompt"] for r in shard0] == SEEDS[0::2]
+    for r in shard0:
+        assert r["promptId"] == prompt_id(r["prompt"])
+        assert len(r["responses"]) == len(r["tokens"]) == 3
+        assert all(isinstance(t, str) for t in r["responses"]) and all(1 <= n <= 12 for n in r["tokens"])
+    assert gen["generatedTokens"] == sum(sum(r["tokens"]) for r in read_phase_records(store, 1, "generate"))
+
+    # judge: two shards over all generate records
+    run_phase(spec, "judge", 1, shard=0)
+    judge = run_phase(spec, "judge", 1, shard=1)
+    records = read_phase_records(store, 1, "judge")
+    assert sorted(r["promptId"] for r in records) == sorted(prompt_id(p) for p in SEEDS)
+    scores = []
+    for rec in records:
+        assert len(rec["responses"]) == 3
+        for resp in rec["responses"]:
+            assert len(resp["verdicts"]) == 2  # raw verdicts kept
+            # the stored scores are exactly what the parser reads from the raw verdicts
+            parsed = [parse_score(v, r"([0-9])", 0, 9).score for v in resp["verdicts"]]
+            assert resp["scores"] == [s for s in parsed if s is not None]
+            assert resp["parseFailures"] == parsed.count(None)
+            if resp["scores"]:
+                assert resp["score"] == pytest.approx(statistics.fmean(resp["scores"]))
+                scores.append(resp["score"])
+            else:
+                assert resp["score"] is None
+    assert judge["numShards"] == 2 and judge["judgedResponses"] == 21 and judge["verdicts"] == 42
+    assert judge["scoredResponses"] == len(scores) > 0
+    assert judge["unscoredResponses"] == 21 - len(scores)
+    # finalize recomputed the statistics over every record, not from shard figures
+    assert judge["scoreMean"] == pytest.approx(statistics.fmean(scores))
+    assert judge["scoreStd"] == pytest.approx(statistics.pstdev(scores))
+    assert judge["scoreMin"] == min(scores) and judge["scoreMax"] == max(scores)
+    assert judge["parseFailures"] == sum(r["parseFailures"] for rec in records for r in rec["responses"])
+
+    pairs = run_phase(spec, "pairs", 1)
+    written = store.read_jsonl(pairs_path(1))
+    expected, figures = build_pairs(records, spec.pairs.minMargin)
+    assert written == expected
+    assert pairs["pairs"] == len(written) and pairs["prompts"] == 7
+    assert pairs["pairs"] + pairs["pairsDropped"] == 7
+    assert pairs["pairs"] == figures["pairs"] and pairs["droppedTies"] == figures["droppedTies"]
+    by_id = {r["promptId"]: r for r in records}
+    for p in written:
+        assert p["chosenScore"] > p["rejectedScore"]
+        texts = {r["text"]: r["score"] for r in by_id[p["promptId"]]["responses"]}
+        assert texts[p["chosen"]] == p["chosenScore"] and texts[p["rejected"]] == p["rejectedScore"]
+
+
+def test_unparseable_verdicts_are_counted_and_the_run_goes_on(tmp_path, tiny_model):
+    # the default "Score: <n>" pattern: the random model almost never writes it
+    spec = make_spec(tmp_path, tiny_model, generation={"shards": 1, "responsesPerPrompt": 2},
+                     judge={"shards": 1, "scorePattern": r"Score:\s*([0-9]+(?:\.[0-9]+)?)", "maxScore": 5})
+    run_phase(spec, "generate", 1)
+    judge = run_phase(spec, "judge", 1)
+    assert judge["verdicts"] == 7 * 2 * 2
+    assert judge["parseFailures"] > 0
+    assert judge["parseFailures"] == judge["parseFailuresNoMatch"] + judge["parseFailuresOutOfRange"] + \
+        judge["parseFailuresNotANumber"] + judge["parseFailuresNotFinite"]
+    assert judge["scoredResponses"] + judge["unscoredResponses"] == 14
+    pairs = run_phase(spec, "pairs", 1)
+    assert pairs["pairs"] + pairs["pairsDropped"] == 7  # completes, whatever scored
+
+
+def test_shards_are_idempotent_and_redo_only_what_is_missing(tmp_path, tiny_model):
+    spec = make_spec(tmp_path, tiny_model)
+    from selfreward.storage import Store
+
+    store = Store.for_spec(spec)
+    run_phase(spec, "generate", 1, shard=0)
+    run_phase(spec, "generate", 1, shard=1)
+    d0 = store.path(layout.shard_data_path(1, "generate", 0, 2))
+    d1 = layout.shard_data_path(1, "generate", 1, 2)
+    before0, before1 = os.stat(d0).st_mtime_ns, store.read_bytes(d1)
+
+    again = run_phase(spec, "generate", 1, shard=0)  # the phase is committed: skipped
+    assert again["skipped"] is True
+
+    # lose shard 1 and the phase summary: shard 0 is skipped, shard 1 is redone
+    store.delete(d1)
+    store.delete(layout.shard_summary_path(1, "generate", 1, 2))
+    store.delete(layout.summary_path(1, "generate"))
+    assert run_phase(spec, "generate", 1, shard=0)["skipped"] is True
+    assert not store.exists(layout.summary_path(1, "generate"))
+    redone = run_phase(spec, "generate", 1, shard=1)
+    assert "skipped" not in redone and redone["numShards"] == 2 and redone["prompts"] == 7
+    assert os.stat(d0).st_mtime_ns == before0
+    assert store.read_bytes(d1) == before1  # seeded: the same records again
+
+
+def test_judge_refuses_an_incomplete_generate_phase(tmp_path, tiny_model):
+    spec = make_spec(tmp_path, tiny_model)
+    with pytest.raises(PhaseError, match="generate is not complete"):
+        run_phase(spec, "judge", 1, shard=0)
+    run_phase(spec, "generate", 1, shard=0)
+    with pytest.raises(PhaseError, match=r"shards \[1\] of 2 have not committed"):
+        run_phase(spec, "judge", 1, shard=0)
+
+
+def test_instruct_then_generate_uses_the_new_prompts(tmp_path, tiny_model):
+    spec = make_spec(
+        tmp_path, tiny_model,
+        prompts={"selfInstruct": {"count": 3, "fewShot": 3, "maxNewTokens": 16, "minChars": 2,
+                                  "maxAttempts": 3, "maxSimilarity": 0.9}},
+        generation={"shards": 1, "responsesPerPrompt": 2},
+    )
+    from selfreward.storage import Store
+
+    store = Store.for_spec(spec)
+    summary = run_phase(spec, "instruct", 1)
+    kept = store.read_jsonl(instruct_prompts_path(1))
+    assert summary["kept"] == len(kept) <= 3
+    assert summary["generated"] == summary["kept"] + summary["dropped"]
+    assert summary["dropped"] == sum(summary[k] for k in ("droppedEmpty", "droppedTooShort", "droppedTooLong",
+                                                          "droppedDuplicate", "droppedSimilar"))
+    assert 1 <= summary["rounds"] <= 3
+    assert summary["kept"] == 3 or summary["rounds"] == 3  # stops when enough are kept or rounds run out
+    for k in kept:
+        assert k["promptId"] == prompt_id(k["prompt"]) and k["prompt"].strip() == k["prompt"]
+        assert k["prompt"] not in SEEDS and len(k["prompt"]) >= 2
+    gen = run_phase(spec, "generate", 1)
+    assert gen["prompts"] == len(SEEDS) + len({k["prompt"] for k in kept})
+    assert run_phase(spec, "instruct", 1)["skipped"] is True
