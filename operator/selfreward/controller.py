@@ -210,6 +210,7 @@ class Controller:
         self.dirty: set = set()
         self.timers: dict[tuple[str, str], tuple[float, asyncio.TimerHandle]] = {}
         self.errors: dict[tuple[str, str], int] = {}
+        self.fetched: set = set()
         self.tasks: list[asyncio.Task] = []
         self.reconciles = 0
 
@@ -363,16 +364,40 @@ class Controller:
         out = []
         for name, job in sorted((self.jobs.get(key) or {}).items()):
             pods = list((self.pods.get((ns, name)) or {}).values())
-            if J.job_complete(job) and not J.pod_reports(pods) and self._unrecorded(job, status):
-                # the Job's completion can overtake its pods' last watch event: fetch them
+            finished = J.job_complete(job) or J.job_failed(job)
+            stamp = (ns, name, (job.get("metadata") or {}).get("resourceVersion"))
+            if (finished and stamp not in self.fetched and self._missing_pods(job, pods)
+                    and self._unrecorded(job, status)):
+                # a Job's final condition can overtake its pods' last watch events: fetch
+                # them, once per Job version
                 fetched = await asyncio.to_thread(self.kube.list, f"/api/v1/namespaces/{ns}/pods",
                                                   f"{J.LABEL_JOB}={name}")
                 for pod in fetched:
                     if ((pod.get("metadata") or {}).get("labels") or {}).get(J.LABEL_JOB) == name:
                         self.pod_event("MODIFIED", pod)
                 pods = list((self.pods.get((ns, name)) or {}).values())
+                self.fetched.add(stamp)
+                if len(self.fetched) > 10000:
+                    self.fetched.clear()
             out.append(dict(job, pods=pods))
         return out
+
+    @staticmethod
+    def _missing_pods(job: dict, pods: list[dict]) -> bool:
+        """A complete Job: fewer succeeded pods with a termination message than its
+        completions. A failed Job: no pod that says why."""
+        if J.job_failed(job):
+            return not any(((cs.get("state") or {}).get("terminated") or (cs.get("state") or {}).get("waiting"))
+                           for p in pods for cs in (p.get("status") or {}).get("containerStatuses") or [])
+        want = int((job.get("spec") or {}).get("completions") or 1)
+        have = 0
+        for pod in pods:
+            for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+                term = (cs.get("state") or {}).get("terminated") or {}
+                if term.get("exitCode") == 0 and term.get("message"):
+                    have += 1
+                    break
+        return have < want
 
     @staticmethod
     def _unrecorded(job: dict, status: dict) -> bool:
