@@ -303,3 +303,80 @@ def test_flux_source_and_kustomizations():
 def test_gitops_readme_explains_server_side_apply():
     text = (GITOPS / "README.md").read_text()
     assert "ServerSideApply=true" in text and "last-applied-configuration" in text
+
+
+# ---------------------------------------------------------------- Flux health: kstatus and healthCheckExprs
+
+
+def kstatus_generic(obj: dict) -> str:
+    """kstatus' rules for a custom resource without type-specific rules (cli-utils
+    checkGenericProperties, then Compute's fallback)."""
+    if obj["metadata"].get("deletionTimestamp"):
+        return "Terminating"
+    status = obj.get("status") or {}
+    gen = obj["metadata"].get("generation")
+    if gen is not None and "observedGeneration" in status and status["observedGeneration"] != gen:
+        return "InProgress"
+    for c in status.get("conditions", []):
+        if c["type"] == "Reconciling" and c["status"] == "True":
+            return "InProgress"
+        if c["type"] == "Stalled" and c["status"] == "True":
+            return "Failed"
+    return "Current"
+
+
+def flux_cel_status(exprs: dict, obj: dict) -> str:
+    """Flux's StatusEvaluator (RFC 0009): the generation check, then inProgress, failed,
+    current in that order, else InProgress. The object's top-level fields are the CEL
+    variables; an expression that cannot be evaluated leaves the status Unknown."""
+    status = obj.get("status") or {}
+    gen = obj["metadata"].get("generation")
+    if "observedGeneration" in status and gen is not None and status["observedGeneration"] != gen:
+        return "InProgress"
+    activation = {k: v for k, v in obj.items()}
+    for key, verdict in (("inProgress", "InProgress"), ("failed", "Failed"), ("current", "Current")):
+        if key not in exprs:
+            continue
+        try:
+            result = cel_eval(exprs[key], activation)
+        except Exception:  # noqa: BLE001 - an undefined variable (no status yet)
+            return "Unknown"
+        if result:
+            return verdict
+    return "InProgress"
+
+
+def cel_eval(expr: str, activation: dict) -> bool:
+    import cel  # common-expression-language: bindings to a native CEL implementation
+
+    return cel.evaluate(expr, activation)
+
+
+def test_flux_health_expressions_for_runs():
+    pytest.importorskip("cel")
+    objs = {(d["kind"], d["metadata"]["name"]): d for d in _docs(GITOPS / "flux" / "kustomization.yaml")}
+    (exprs,) = objs[("Kustomization", "selfreward-runs")]["spec"]["healthCheckExprs"]
+    assert exprs["apiVersion"] == "selfreward.dev/v1alpha1" and exprs["kind"] == "SelfRewardRun"
+    assert "current" in exprs  # required by the Flux API
+    cases = {
+        "fresh": (run_obj(), "Unknown", "Current"),
+        "working": (run_obj("working"), "InProgress", "InProgress"),
+        "suspended": (run_obj("suspended", suspend=True), "InProgress", "Current"),
+        "failed": (run_obj("failed", reason="JobFailed"), "Failed", "Failed"),
+        "succeeded": (run_obj("succeeded"), "Current", "Current"),
+        "new generation": (run_obj("succeeded", generation=3, observed=2), "InProgress", "InProgress"),
+    }
+    for name, (obj, with_exprs, plain) in cases.items():
+        assert flux_cel_status(exprs, obj) == with_exprs, name
+        assert kstatus_generic(obj) == plain, name
+    # Where a status exists, the expressions read it alike in cel-python.
+    import celpy
+
+    env = celpy.Environment()
+    for name, (obj, _, _) in cases.items():
+        if "status" not in obj:
+            continue
+        for key in ("failed", "current"):
+            want = cel_eval(exprs[key], obj)
+            got = env.program(env.compile(exprs[key])).evaluate({k: celpy.json_to_cel(v) for k, v in obj.items()})
+            assert bool(got) == want, (name, key)
