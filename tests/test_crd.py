@@ -25,7 +25,10 @@ from selfreward.status import HISTORY_LIMIT, Condition, IterationRecord, RunStat
 ROOT = Path(__file__).resolve().parent.parent
 CRD_FILE = ROOT / "crds" / "selfreward.dev_selfrewardruns.yaml"
 
-cel_native = pytest.importorskip("cel", reason="common-expression-language (second CEL implementation)")
+try:  # common-expression-language: bindings to a native CEL, the second implementation
+    import cel as cel_native
+except ImportError:  # pragma: no cover - in the test extra; cel-python alone still checks the rules
+    cel_native = None
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +83,7 @@ def test_names_version_and_columns(manifest, schema):
 
 
 def test_crd_validates_as_apiextensions_v1_object(manifest):
-    for version in ("1.30.0", "1.37.0"):
+    for version in ("1.29.0", "1.30.0", "1.37.0"):  # the chart says kubeVersion >= 1.29
         kubernetes_validate.validate(copy.deepcopy(manifest), version, strict=True)
     # The validator does look inside the schema: a draft-2020 numeric exclusiveMinimum,
     # which the generator turns into OpenAPI's boolean form, is refused.
@@ -329,10 +332,11 @@ def _eval_both(rule: str, node: dict, value: Any, old: Any) -> bool:
         activation["oldSelf"] = _typed(node, old)
     program = _celpy_env.program(_celpy_env.compile(rule))
     a = program.evaluate({k: celpy.json_to_cel(v) for k, v in activation.items()})
-    b = cel_native.evaluate(rule, activation)
-    assert bool(a) == bool(b), f"CEL implementations disagree on {rule!r}: {a!r} vs {b!r}"
-    assert isinstance(b, bool), f"{rule!r} evaluated to {b!r}, not a bool"
-    return b
+    assert isinstance(a, celpy.celtypes.BoolType), f"{rule!r} evaluated to {a!r}, not a bool"
+    if cel_native is not None:
+        b = cel_native.evaluate(rule, activation)
+        assert isinstance(b, bool) and b == bool(a), f"CEL implementations disagree on {rule!r}: {a!r} vs {b!r}"
+    return bool(a)
 
 
 def cel_violations(node: dict, value: Any, old: Any = None, where: str = "") -> list[tuple[str, str]]:
@@ -426,7 +430,8 @@ def test_cel_rules_compile_in_both_implementations(schema):
     assert len(rules) >= 8
     for rule in rules:
         _celpy_env.compile(rule)
-        cel_native.compile(rule)
+        if cel_native is not None:
+            cel_native.compile(rule)
 
 
 # ---------------------------------------------------------------- manifests
