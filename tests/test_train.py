@@ -176,7 +176,8 @@ def test_zero_pairs_is_a_clear_error(tmp_path, tiny_model):
     with pytest.raises(PhaseError, match="the pairs phase has not committed"):
         run_phase(spec, "train", 1, store=store)
     store.write_text(pairs_path(1), "")
-    store.write_json(layout.summary_path(1, "pairs"), {"pairs": 0, "prompts": 5, "ties": 5})
+    store.write_json(layout.summary_path(1, "pairs"), {"pairs": 0, "prompts": 5, "ties": 5, "iteration": 1,
+                                                       "durationSeconds": 0.1, "phase": "pairs"})
     with pytest.raises(PhaseError, match=r"iteration 1 produced no preference pairs: .*pairs\.jsonl is empty "
                                          r"\(pairs summary: pairs=0, prompts=5, ties=5\)"):
         run_phase(spec, "train", 1, store=store)

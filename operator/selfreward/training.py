@@ -22,6 +22,7 @@ optimizer step per epoch on all of its data. The effective values are in the sum
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import os
@@ -29,7 +30,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from . import checkpoint, models
 from .spec import RunSpec
@@ -386,9 +387,15 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def scratch_dir() -> str:
-    """The trainer's output_dir: never used for checkpoints (save_strategy=no)."""
-    return tempfile.mkdtemp(prefix="selfreward-trainer-", dir=os.environ.get("SELFREWARD_SCRATCH"))
+@contextlib.contextmanager
+def scratch_dir() -> Iterator[str]:
+    """The trainer's output_dir, removed afterwards: never used for checkpoints
+    (save_strategy=no); $SELFREWARD_SCRATCH chooses where it lives."""
+    path = tempfile.mkdtemp(prefix="selfreward-trainer-", dir=os.environ.get("SELFREWARD_SCRATCH"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:

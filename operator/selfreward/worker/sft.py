@@ -13,7 +13,6 @@ seed) come from ``spec.training``.
 """
 from __future__ import annotations
 
-import shutil
 
 from .. import layout, models, training
 from ..storage import StorageError, read_uri_jsonl
@@ -66,42 +65,39 @@ def run(ctx: PhaseContext) -> dict:
     bs, ga = training.fit_batch(len(rows), sft.batchSize, sft.gradientAccumulation)
     bf16 = training.use_bf16(tr.bf16)
     dtype = training.load_dtype(spec)
-    scratch = training.scratch_dir()
-    config = SFTConfig(
-        **training.common_args(
-            output_dir=scratch, learning_rate=sft.learningRate, epochs=sft.epochs, batch_size=bs, accumulation=ga,
-            max_length=sft.maxLength, max_steps=sft.maxSteps, bf16=bf16,
-            gradient_checkpointing=tr.gradientCheckpointing, seed=tr.seed,
-        ),
-        completion_only_loss=True,
-        shuffle_dataset=True,
-    )
+    with training.scratch_dir() as scratch:
+        config = SFTConfig(
+            **training.common_args(
+                output_dir=scratch, learning_rate=sft.learningRate, epochs=sft.epochs, batch_size=bs, accumulation=ga,
+                max_length=sft.maxLength, max_steps=sft.maxSteps, bf16=bf16,
+                gradient_checkpointing=tr.gradientCheckpointing, seed=tr.seed,
+            ),
+            completion_only_loss=True,
+            shuffle_dataset=True,
+        )
 
-    torch.manual_seed(tr.seed)
-    model = training.load_model(base_path, dtype)
-    save_dtype = training.stored_dtype(model)
-    trainer = SFTTrainer(
-        model=model,
-        args=config,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
-        peft_config=training.lora_config(spec) if tr.mode == "lora" else None,
-        callbacks=[training.progress_callback(ctx.report)],
-    )
-    training.quiet_trainer(trainer)
-    kept = len(trainer.train_dataset)
-    if kept == 0:
-        raise PhaseError(f"sft: every example's prompt fills sft.maxLength={sft.maxLength} tokens; nothing is left "
-                         "to train on (raise sft.maxLength)")
-    if kept < len(rows):
-        log(f"iter-0/sft: {len(rows) - kept} of {len(rows)} examples dropped: their prompt alone fills "
-            f"sft.maxLength={sft.maxLength} tokens")
-    log(f"iter-0/sft: {len(ift)} instruction + {len(eft)} judge examples ({tr.mode}, bf16={bf16}, "
-        f"device={models.device()})")
-    try:
+        torch.manual_seed(tr.seed)
+        model = training.load_model(base_path, dtype)
+        save_dtype = training.stored_dtype(model)
+        trainer = SFTTrainer(
+            model=model,
+            args=config,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            peft_config=training.lora_config(spec) if tr.mode == "lora" else None,
+            callbacks=[training.progress_callback(ctx.report)],
+        )
+        training.quiet_trainer(trainer)
+        kept = len(trainer.train_dataset)
+        if kept == 0:
+            raise PhaseError(f"sft: every example's prompt fills sft.maxLength={sft.maxLength} tokens; nothing is left "
+                             "to train on (raise sft.maxLength)")
+        if kept < len(rows):
+            log(f"iter-0/sft: {len(rows) - kept} of {len(rows)} examples dropped: their prompt alone fills "
+                f"sft.maxLength={sft.maxLength} tokens")
+        log(f"iter-0/sft: {len(ift)} instruction + {len(eft)} judge examples ({tr.mode}, bf16={bf16}, "
+            f"device={models.device()})")
         result, seconds = training.timed(trainer.train)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
     summary = {
         "examples": len(ift),

@@ -18,7 +18,6 @@ batch shrinks to the pairs, see selfreward.training.fit_batch).
 from __future__ import annotations
 
 import os
-import shutil
 
 from .. import layout, models, training
 from ..checkpoint import CheckpointError
@@ -35,15 +34,17 @@ def _no_pairs_error(ctx: PhaseContext, why: str) -> PhaseError:
     if ctx.store.exists(layout.summary_path(t, "pairs")):
         try:
             s = ctx.store.read_json(layout.summary_path(t, "pairs"))
-            figures = {k: v for k, v in s.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            figures = {k: v for k, v in s.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                       and k not in ("iteration", "numShards") and not k.endswith("Seconds")}
             if figures:
                 detail = " (pairs summary: " + ", ".join(f"{k}={v}" for k, v in sorted(figures.items())) + ")"
         except Exception:  # the summary only adds detail to the message
             pass
     return PhaseError(
-        f"iteration {t} produced no preference pairs: {why}{detail}. Every prompt's responses scored the same "
-        f"or within pairs.minMargin={spec.pairs.minMargin}; raise generation.responsesPerPrompt or "
-        f"judge.samplesPerResponse, lower pairs.minMargin, or use more prompts."
+        f"iteration {t} produced no preference pairs: {why}{detail}. A pair needs two responses to one prompt "
+        f"whose judge scores differ by more than pairs.minMargin={spec.pairs.minMargin}: check that the judge's "
+        f"verdicts match judge.scorePattern, raise generation.responsesPerPrompt or judge.samplesPerResponse, "
+        f"lower pairs.minMargin, or use more prompts."
     )
 
 
@@ -101,46 +102,43 @@ def run(ctx: PhaseContext) -> dict:
             f"training with batch {bs}x{ga}")
     bf16 = training.use_bf16(tr.bf16)
     dtype = training.load_dtype(spec)
-    scratch = training.scratch_dir()
-    config = DPOConfig(
-        **training.common_args(
-            output_dir=scratch, learning_rate=tr.learningRate, epochs=tr.epochs, batch_size=bs, accumulation=ga,
-            max_length=tr.maxLength, max_steps=tr.maxSteps, bf16=bf16,
-            gradient_checkpointing=tr.gradientCheckpointing, seed=tr.seed,
-        ),
-        beta=tr.beta,
-        loss_type=[tr.lossType],
-    )
+    with training.scratch_dir() as scratch:
+        config = DPOConfig(
+            **training.common_args(
+                output_dir=scratch, learning_rate=tr.learningRate, epochs=tr.epochs, batch_size=bs, accumulation=ga,
+                max_length=tr.maxLength, max_steps=tr.maxSteps, bf16=bf16,
+                gradient_checkpointing=tr.gradientCheckpointing, seed=tr.seed,
+            ),
+            beta=tr.beta,
+            loss_type=[tr.lossType],
+        )
 
-    torch.manual_seed(tr.seed)
-    policy = training.load_model(policy_path, dtype)
-    save_dtype = training.stored_dtype(policy)
-    ref = training.load_model(ref_path, dtype) if ref_path is not None else None
-    peft_config = training.lora_config(spec) if tr.mode == "lora" else None
+        torch.manual_seed(tr.seed)
+        policy = training.load_model(policy_path, dtype)
+        save_dtype = training.stored_dtype(policy)
+        ref = training.load_model(ref_path, dtype) if ref_path is not None else None
+        peft_config = training.lora_config(spec) if tr.mode == "lora" else None
 
-    trainer = DPOTrainer(
-        model=policy,
-        ref_model=ref,
-        args=config,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[training.progress_callback(ctx.report)],
-    )
-    training.quiet_trainer(trainer)
-    kept = len(trainer.train_dataset)
-    if kept == 0:
-        raise PhaseError(f"iteration {t}: every prompt fills training.maxLength={tr.maxLength} tokens; "
-                         "no pair is left to train on (raise training.maxLength)")
-    if kept < len(rows):
-        log(f"iter-{t}/train: {len(rows) - kept} of {len(rows)} pairs dropped: their prompt alone fills "
-            f"training.maxLength={tr.maxLength} tokens")
-    log(f"iter-{t}/train: DPO on {kept} pairs ({'lora' if peft_config else 'full'}, reference={tr.reference}, "
-        f"bf16={bf16}, device={models.device()})")
-    try:
+        trainer = DPOTrainer(
+            model=policy,
+            ref_model=ref,
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[training.progress_callback(ctx.report)],
+        )
+        training.quiet_trainer(trainer)
+        kept = len(trainer.train_dataset)
+        if kept == 0:
+            raise PhaseError(f"iteration {t}: every prompt fills training.maxLength={tr.maxLength} tokens; "
+                             "no pair is left to train on (raise training.maxLength)")
+        if kept < len(rows):
+            log(f"iter-{t}/train: {len(rows) - kept} of {len(rows)} pairs dropped: their prompt alone fills "
+                f"training.maxLength={tr.maxLength} tokens")
+        log(f"iter-{t}/train: DPO on {kept} pairs ({'lora' if peft_config else 'full'}, reference={tr.reference}, "
+            f"bf16={bf16}, device={models.device()})")
         result, seconds = training.timed(trainer.train)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
     summary = {
         "pairs": len(rows),
