@@ -380,3 +380,56 @@ def test_flux_health_expressions_for_runs():
             want = cel_eval(exprs[key], obj)
             got = env.program(env.compile(exprs[key])).evaluate({k: celpy.json_to_cel(v) for k, v in obj.items()})
             assert bool(got) == want, (name, key)
+
+
+# ---------------------------------------------------------------- Argo CD-style test data
+
+
+def _argo_cases(name: str) -> tuple[Path, dict]:
+    path = ARGO / name
+    return path.parent, yaml.safe_load(path.read_text())
+
+
+_HEALTH_DIR, _HEALTH_CASES = _argo_cases("health_test.yaml")
+_ACTION_DIR, _ACTION_CASES = _argo_cases("actions/action_test.yaml")
+
+
+@pytest.mark.parametrize("case", _HEALTH_CASES["tests"], ids=lambda c: Path(c["inputPath"]).stem)
+def test_argocd_health_test_cases(case):
+    obj = yaml.safe_load((_HEALTH_DIR / case["inputPath"]).read_text())
+    assert health(obj) == case["healthStatus"]
+
+
+@pytest.mark.parametrize("case", _ACTION_CASES["discoveryTests"], ids=lambda c: Path(c["inputPath"]).stem)
+def test_argocd_discovery_test_cases(case):
+    obj = yaml.safe_load((_ACTION_DIR / case["inputPath"]).read_text())
+    acts = run_lua(DISCOVERY, obj)
+    got = sorted(({"name": n, "disabled": a["disabled"]} for n, a in acts.items()), key=lambda a: a["name"])
+    assert got == case["result"]
+
+
+@pytest.mark.parametrize("case", _ACTION_CASES["actionTests"], ids=lambda c: c["action"])
+def test_argocd_action_test_cases(case):
+    script = {"suspend": SUSPEND, "resume": RESUME}[case["action"]]
+    obj = yaml.safe_load((_ACTION_DIR / case["inputPath"]).read_text())
+    want = yaml.safe_load((_ACTION_DIR / case["expectedOutputPath"]).read_text())
+    assert _no_empty(run_lua(script, obj)) == _no_empty(want)
+
+
+def test_argocd_testdata_are_valid_runs():
+    """The test objects are ones the API server would store: the CRD schema (status
+    included, unknown fields refused) and the spec model both accept them."""
+    from selfreward.spec import spec_from_document
+    from test_crd import admit  # the API server's steps, played in test_crd.py
+
+    from selfreward.crd import openapi_schema
+
+    schema = openapi_schema()
+    files = sorted((ARGO / "testdata").glob("*.yaml"))
+    assert len(files) >= 7
+    for path in files:
+        obj = yaml.safe_load(path.read_text())
+        _, errors, cel_errors = admit(schema, obj)
+        assert errors == [] and cel_errors == [], path.name
+        spec_from_document(obj, path.name)
+        RunStatus.model_validate(obj.get("status") or {})
