@@ -26,7 +26,8 @@ A pytest fixture is one line: ``yield from cluster_fixture()`` (see :func:`clust
     ``.create_namespace(name)``, ``.objects(gv, plural, namespace=None, label_selector=None)``,
     ``.get(gv, plural, name, namespace=None)``, ``.create(obj)``, ``.patch(gv, plural, name, patch,
     namespace=None, subresource=None)``, ``.delete(gv, plural, name, namespace=None)``,
-    ``.wait_for(predicate, timeout=10)``, ``.activated()`` (context manager that points
+    ``.wait_for(predicate, timeout=10)``, ``.kopf_login()`` (a kopf ``ConnectionInfo`` for a
+    ``@kopf.on.login`` handler of a custom registry), ``.activated()`` (context manager that points
     ``$KUBECONFIG`` and the kubernetes client's default location at this cluster),
     ``.emulator`` (the ``Emulator``), ``.stop()``.
 
@@ -80,6 +81,7 @@ Thread-safety: the state lives behind one ``threading.RLock``; the ``Cluster`` h
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import copy
 import datetime
@@ -96,6 +98,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -554,7 +557,9 @@ class Emulator(kmock.KubernetesEmulator):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self.log: list[tuple[str, str, str]] = []  # (method, path, query) of every API request
-        self.resources.load_bundled()
+        with warnings.catch_warnings():  # kmock 0.8 reads its bundle with a deprecated importlib call
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.resources.load_bundled()
         self.resources["v1/namespaces"].subresources.add("status")
         for crd in KOPF_PEERING_CRDS:
             self.declare_crd(crd)
@@ -1016,6 +1021,17 @@ class Emulator(kmock.KubernetesEmulator):
             causes.append(("metadata.name", f'Invalid value: "{meta["name"]}": a lowercase RFC 1123 subdomain '
                            "must consist of lower case alphanumeric characters, '-' or '.'"))
         causes += _label_causes(meta.get("labels"), "metadata.labels")
+        if res == ResKey("", "v1", "secrets"):
+            string_data = obj.pop("stringData", None) or {}
+            data = obj.setdefault("data", {}) if (string_data or "data" in obj) else {}
+            for k, v in string_data.items():
+                data[k] = base64.b64encode(str(v).encode()).decode()
+            obj.setdefault("type", "Opaque")
+            for k, v in list(data.items()):
+                try:
+                    base64.b64decode(v, validate=True)
+                except (ValueError, TypeError):
+                    causes.append((f"data[{k}]", "Invalid value: <secret contents redacted>: illegal base64 data"))
         if res == ResKey("", "v1", "pods"):
             causes += _pod_spec_causes(obj.get("spec"), "spec")
             if create:
@@ -1453,6 +1469,11 @@ class Cluster:
                 os.environ.pop("KUBECONFIG", None)
             else:
                 os.environ["KUBECONFIG"] = old_env
+
+    def kopf_login(self, **_: Any) -> Any:
+        """A kopf login handler's result for this cluster: ``@kopf.on.login(registry=r)`` returning it."""
+        import kopf
+        return kopf.ConnectionInfo(server=self.url, default_namespace="default")
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = False,
                 timeout: float = 60) -> subprocess.CompletedProcess[str]:

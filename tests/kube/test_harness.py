@@ -1,0 +1,445 @@
+"""The emulated Kubernetes API and the emulated kubelet, driven by the real clients:
+the kubernetes Python client, kubectl 1.37 and a kopf operator."""
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+
+import kubernetes
+import pytest
+import yaml
+
+from kube.emulator import cluster, parse_label_selector, match_labels
+from kube.kubelet import (DeadlineExceeded, Fail, ImagePullBackOff, JobRunner, Kubelet, OOMKilled,
+                          Succeed, Unschedulable, compress_indexes, job_condition)
+
+GROUP, VERSION, PLURAL = "example.dev", "v1", "things"
+JSON_PATCH = "application/json-patch+json"
+CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+    "metadata": {"name": f"{PLURAL}.{GROUP}"},
+    "spec": {
+        "group": GROUP, "scope": "Namespaced",
+        "names": {"kind": "Thing", "plural": PLURAL, "singular": "thing", "shortNames": ["th"]},
+        "versions": [{
+            "name": VERSION, "served": True, "storage": True,
+            "subresources": {"status": {}},
+            "schema": {"openAPIV3Schema": {
+                "type": "object",
+                "properties": {
+                    "spec": {"type": "object", "required": ["size"], "properties": {
+                        "size": {"type": "integer", "minimum": 1},
+                        "mode": {"type": "string", "enum": ["fast", "slow"], "default": "fast"},
+                        "extra": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+                    }},
+                    "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+                },
+            }},
+        }],
+    },
+}
+
+
+def thing(name, size=1, **meta):
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Thing",
+            "metadata": {"name": name, **meta}, "spec": {"size": size}}
+
+
+@pytest.fixture
+def kube():
+    with cluster(namespaces=["ns1"], crds=[CRD], validate=True) as c:
+        yield c
+
+
+def _reason(exc: kubernetes.client.ApiException) -> str:
+    return json.loads(exc.body)["reason"]
+
+
+# ------------------------------------------------------------------------- kubernetes client
+
+def test_client_crud_generation_and_status_isolation(kube):
+    api = kubernetes.client.CustomObjectsApi(kube.api_client())
+    created = api.create_namespaced_custom_object(GROUP, VERSION, "ns1", PLURAL,
+                                                  {**thing("a"), "status": {"phase": "ignored"}})
+    meta = created["metadata"]
+    assert meta["uid"] and meta["creationTimestamp"].endswith("Z") and meta["generation"] == 1
+    assert "status" not in created                      # create drops status (status subresource)
+    assert created["spec"]["mode"] == "fast"            # schema default applied
+    rv1 = int(meta["resourceVersion"])
+
+    # A metadata-only change keeps the generation; a spec change bumps it; rv always grows.
+    labelled = api.patch_namespaced_custom_object(GROUP, VERSION, "ns1", PLURAL, "a",
+                                                  {"metadata": {"labels": {"team": "x"}}})
+    assert labelled["metadata"]["generation"] == 1 and int(labelled["metadata"]["resourceVersion"]) > rv1
+    resized = api.patch_namespaced_custom_object(GROUP, VERSION, "ns1", PLURAL, "a",
+                                                 {"spec": {"size": 3}, "status": {"phase": "sneaky"}})
+    assert resized["metadata"]["generation"] == 2 and "status" not in resized
+
+    # The status endpoint changes status only.
+    st = api.patch_namespaced_custom_object_status(GROUP, VERSION, "ns1", PLURAL, "a", {
+        "spec": {"size": 99}, "metadata": {"labels": {"team": "y"}}, "status": {"phase": "Ready"}})
+    assert st["status"] == {"phase": "Ready"} and st["spec"]["size"] == 3
+    assert st["metadata"]["labels"] == {"team": "x"} and st["metadata"]["generation"] == 2
+
+    # A no-op patch changes nothing, not even the resourceVersion.
+    same = api.patch_namespaced_custom_object(GROUP, VERSION, "ns1", PLURAL, "a", {"spec": {"size": 3}})
+    assert same["metadata"]["resourceVersion"] == st["metadata"]["resourceVersion"]
+
+    # PUT with the current resourceVersion works, with a stale one is a 409 Conflict.
+    current = api.get_namespaced_custom_object(GROUP, VERSION, "ns1", PLURAL, "a")
+    current["spec"]["size"] = 4
+    replaced = api.replace_namespaced_custom_object(GROUP, VERSION, "ns1", PLURAL, "a", current)
+    assert replaced["spec"]["size"] == 4 and replaced["status"] == {"phase": "Ready"}
+    with pytest.raises(kubernetes.client.ApiException) as e:
+        api.replace_namespaced_custom_object(GROUP, VERSION, "ns1", PLURAL, "a", current)
+    assert e.value.status == 409 and _reason(e.value) == "Conflict"
+
+    with pytest.raises(kubernetes.client.ApiException) as e:
+        api.create_namespaced_custom_object(GROUP, VERSION, "ns1", PLURAL, thing("a"))
+    assert e.value.status == 409 and _reason(e.value) == "AlreadyExists"
+    with pytest.raises(kubernetes.client.ApiException) as e:
+        api.get_namespaced_custom_object(GROUP, VERSION, "ns1", PLURAL, "missing")
+    assert e.value.status == 404 and _reason(e.value) == "NotFound"
+    with pytest.raises(kubernetes.client.ApiException) as e:
+        api.create_namespaced_custom_object(GROUP, VERSION, "nowhere", PLURAL, thing("b"))
+    assert e.value.status == 404 and "namespaces" in json.loads(e.value.body)["message"]
+
+    listing = api.list_namespaced_custom_object(GROUP, VERSION, "ns1", PLURAL)
+    assert listing["kind"] == "ThingList" and listing["apiVersion"] == f"{GROUP}/{VERSION}"
+    assert [i["metadata"]["name"] for i in listing["items"]] == ["a"]
+    assert int(listing["metadata"]["resourceVersion"]) >= int(replaced["metadata"]["resourceVersion"])
+
+
+def test_schema_validation_pruning_and_json_patch_test(kube):
+    api = kubernetes.client.CustomObjectsApi(kube.api_client())
+    for bad in ({"size": 0}, {"size": "big"}, {"mode": "fast"}, {"size": 1, "mode": "warp"}):
+        with pytest.raises(kubernetes.client.ApiException) as e:
+            api.create_namespaced_custom_object(GROUP, VERSION, "ns1", PLURAL, {**thing("bad"), "spec": bad})
+        assert e.value.status == 422 and _reason(e.value) == "Invalid"
+    made = api.create_namespaced_custom_object(GROUP, VERSION, "ns1", PLURAL, {
+        **thing("ok"), "spec": {"size": 2, "unknown": 1, "extra": {"kept": True}}})
+    assert made["spec"] == {"size": 2, "mode": "fast", "extra": {"kept": True}}   # pruned, defaulted
+
+    # A JSON patch whose `test` fails answers 422 (kopf reads it as a conflict); a passing one applies.
+    rv = made["metadata"]["resourceVersion"]
+    ops = lambda value: [{"op": "test", "path": "/metadata/resourceVersion", "value": value},  # noqa: E731
+                         {"op": "add", "path": "/metadata/finalizers", "value": ["example.dev/guard"]}]
+    with pytest.raises(kubernetes.client.ApiException) as e:
+        api.patch_namespaced_custom_object(GROUP, VERSION, "ns1", PLURAL, "ok", ops("1"), _content_type=JSON_PATCH)
+    assert e.value.status == 422 and _reason(e.value) == "Invalid"
+    patched = api.patch_namespaced_custom_object(GROUP, VERSION, "ns1", PLURAL, "ok", ops(rv),
+                                                 _content_type=JSON_PATCH)
+    assert int(patched["metadata"]["resourceVersion"]) > int(rv)
+    assert kube.get(f"{GROUP}/{VERSION}", PLURAL, "ok", "ns1")["metadata"]["finalizers"] == ["example.dev/guard"]
+
+
+def test_watch_honours_resource_version_selectors_and_timeout(kube):
+    api = kubernetes.client.CustomObjectsApi(kube.api_client())
+    api.create_namespaced_custom_object(GROUP, VERSION, "ns1", PLURAL, thing("old", labels={"app": "x"}))
+    since = api.list_namespaced_custom_object(GROUP, VERSION, "ns1", PLURAL)["metadata"]["resourceVersion"]
+    api.create_namespaced_custom_object(GROUP, VERSION, "ns1", PLURAL, thing("new1", labels={"app": "x"}))
+    api.create_namespaced_custom_object(GROUP, VERSION, "ns1", PLURAL, thing("new2", labels={"app": "y"}))
+    api.patch_namespaced_custom_object(GROUP, VERSION, "ns1", PLURAL, "old", {"metadata": {"labels": {"app": "y"}}})
+
+    def collect(**kwargs):
+        w = kubernetes.watch.Watch()
+        out = [(ev["type"], ev["object"]["metadata"]["name"]) for ev in w.stream(
+            api.list_namespaced_custom_object, GROUP, VERSION, "ns1", PLURAL, timeout_seconds=1, **kwargs)]
+        return out
+
+    t0 = time.monotonic()
+    assert collect(resource_version=since) == [("ADDED", "new1"), ("ADDED", "new2"), ("MODIFIED", "old")]
+    assert time.monotonic() - t0 < 30   # timeoutSeconds ended the stream
+    # With a selector, an object leaving it arrives as DELETED.
+    assert collect(resource_version=since, label_selector="app=x") == [("ADDED", "new1"), ("DELETED", "old")]
+    # Without a resourceVersion: what exists now, as ADDED.
+    assert sorted(collect(label_selector="app in (y)")) == [("ADDED", "new2"), ("ADDED", "old")]
+    assert collect(field_selector="metadata.name=new1") == [("ADDED", "new1")]
+
+    # Selectors on lists, set-based and existence included.
+    names = lambda **kw: [i["metadata"]["name"] for i in api.list_namespaced_custom_object(  # noqa: E731
+        GROUP, VERSION, "ns1", PLURAL, **kw)["items"]]
+    assert names(label_selector="app!=y") == ["new1"]
+    assert names(label_selector="app notin (x),app") == ["new2", "old"]
+    assert names(label_selector="!app") == []
+    assert names(field_selector="metadata.name!=old,metadata.namespace=ns1") == ["new1", "new2"]
+
+
+def test_label_selector_parsing():
+    terms = parse_label_selector("a=1,b!=2,c in (x, y),d notin (z),e,!f")
+    assert terms == [("a", "=", ("1",)), ("b", "!=", ("2",)), ("c", "in", ("x", "y")),
+                     ("d", "notin", ("z",)), ("e", "exists", ()), ("f", "!exists", ())]
+    assert match_labels(terms, {"a": "1", "c": "y", "e": ""})
+    assert not match_labels(terms, {"a": "1", "c": "y", "e": "", "f": "1"})
+    assert not match_labels(terms, {"a": "1", "c": "q", "e": ""})
+
+
+def test_finalizers_owner_gc_and_namespace_deletion(kube):
+    api = kubernetes.client.CustomObjectsApi(kube.api_client())
+    core = kubernetes.client.CoreV1Api(kube.api_client())
+    owner = api.create_namespaced_custom_object(GROUP, VERSION, "ns1", PLURAL,
+                                                thing("owner", finalizers=["example.dev/hold"]))
+    ref = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Thing", "name": "owner",
+           "uid": owner["metadata"]["uid"], "controller": True}
+    core.create_namespaced_config_map("ns1", {"metadata": {"name": "dep", "ownerReferences": [ref]}})
+    core.create_namespaced_config_map("ns1", {"metadata": {"name": "free"}})
+
+    deleting = api.delete_namespaced_custom_object(GROUP, VERSION, "ns1", PLURAL, "owner")
+    assert deleting["metadata"]["deletionTimestamp"]
+    held = kube.get(f"{GROUP}/{VERSION}", PLURAL, "owner", "ns1")
+    assert held["metadata"]["deletionTimestamp"] and held["metadata"]["generation"] == 2
+    assert kube.get("v1", "configmaps", "dep", "ns1") is not None     # owner still exists
+    with pytest.raises(kubernetes.client.ApiException) as e:   # no new finalizers while deleting
+        api.patch_namespaced_custom_object(GROUP, VERSION, "ns1", PLURAL, "owner",
+                                           {"metadata": {"finalizers": ["example.dev/hold", "more"]}})
+    assert e.value.status == 422
+    api.patch_namespaced_custom_object(GROUP, VERSION, "ns1", PLURAL, "owner", {"metadata": {"finalizers": None}})
+    assert kube.get(f"{GROUP}/{VERSION}", PLURAL, "owner", "ns1") is None
+    kube.wait_for(lambda: kube.get("v1", "configmaps", "dep", "ns1") is None)
+    assert kube.get("v1", "configmaps", "free", "ns1") is not None
+
+    # Deleting the namespace deletes its content; creating in a terminating one is forbidden.
+    api.create_namespaced_custom_object(GROUP, VERSION, "ns1", PLURAL, thing("stuck", finalizers=["x/y"]))
+    core.delete_namespace("ns1")
+    kube.wait_for(lambda: kube.get("v1", "configmaps", "free", "ns1") is None)
+    assert kube.get("v1", "namespaces", "ns1")["status"]["phase"] == "Terminating"
+    with pytest.raises(kubernetes.client.ApiException) as e:
+        core.create_namespaced_config_map("ns1", {"metadata": {"name": "late"}})
+    assert e.value.status == 403 and _reason(e.value) == "Forbidden"
+    kube.patch(f"{GROUP}/{VERSION}", PLURAL, "stuck", {"metadata": {"finalizers": None}}, "ns1")
+    kube.wait_for(lambda: kube.get("v1", "namespaces", "ns1") is None)
+
+
+def test_secrets_string_data_and_job_defaults(kube):
+    core = kubernetes.client.CoreV1Api(kube.api_client())
+    batch = kubernetes.client.BatchV1Api(kube.api_client())
+    secret = core.create_namespaced_secret("ns1", {"metadata": {"name": "s"}, "stringData": {"k": "v"}})
+    assert secret.data == {"k": "dg=="} and secret.type == "Opaque"
+    job = batch.create_namespaced_job("ns1", {"metadata": {"name": "j"}, "spec": {"template": {"spec": {
+        "restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]}}}})
+    assert job.spec.completions == 1 and job.spec.backoff_limit == 6 and job.spec.completion_mode == "NonIndexed"
+    assert job.spec.template.metadata.labels["batch.kubernetes.io/job-name"] == "j"
+    with pytest.raises(kubernetes.client.ApiException) as e:
+        batch.create_namespaced_job("ns1", {"metadata": {"name": "k"}, "spec": {"template": {"spec": {
+            "containers": [{"name": "c", "image": "busybox"}]}}}})   # restartPolicy Always
+    assert e.value.status == 422 and "restartPolicy" in json.loads(e.value.body)["message"]
+    with pytest.raises(kubernetes.client.ApiException) as e:
+        core.create_namespaced_config_map("ns1", {"metadata": {"name": "Bad_Name"}})
+    assert e.value.status == 422
+
+
+# ------------------------------------------------------------------------- kubectl
+
+def test_kubectl_apply_get_patch_wait_delete(kube, tmp_path):
+    manifest = tmp_path / "thing.yaml"
+    manifest.write_text(yaml.safe_dump({**thing("k1", size=2), "metadata": {"name": "k1", "namespace": "ns1"}}))
+    r = kube.kubectl("apply", "-f", str(manifest))
+    assert r.returncode == 0, r.stderr
+    r = kube.kubectl("get", "things", "-n", "ns1", "k1", "-o", "json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["spec"] == {"size": 2, "mode": "fast"}
+    assert "kubectl.kubernetes.io/last-applied-configuration" in got["metadata"]["annotations"]
+
+    # A second client-side apply changes the spec (a merge patch on a custom resource).
+    manifest.write_text(yaml.safe_dump({**thing("k1", size=5), "metadata": {"name": "k1", "namespace": "ns1"}}))
+    r = kube.kubectl("apply", "-f", str(manifest))
+    assert r.returncode == 0, r.stderr
+    assert kube.get(f"{GROUP}/{VERSION}", PLURAL, "k1", "ns1")["spec"]["size"] == 5
+
+    # Server-side apply creates and updates.
+    ssa = tmp_path / "ssa.yaml"
+    ssa.write_text(yaml.safe_dump({**thing("k2", size=3), "metadata": {"name": "k2", "namespace": "ns1"}}))
+    r = kube.kubectl("apply", "--server-side", "-f", str(ssa))
+    assert r.returncode == 0, r.stderr
+    assert kube.get(f"{GROUP}/{VERSION}", PLURAL, "k2", "ns1")["spec"]["size"] == 3
+
+    # Status through the subresource, then kubectl wait sees it.
+    def set_status_later():
+        time.sleep(0.5)
+        r2 = kube.kubectl("patch", "things", "k1", "-n", "ns1", "--subresource=status", "--type=merge",
+                          "-p", json.dumps({"status": {"phase": "Done"}}))
+        assert r2.returncode == 0, r2.stderr
+    t = threading.Thread(target=set_status_later)
+    t.start()
+    r = kube.kubectl("wait", "things/k1", "-n", "ns1", "--for=jsonpath={.status.phase}=Done", "--timeout=30s")
+    t.join()
+    assert r.returncode == 0, r.stderr
+    assert kube.get(f"{GROUP}/{VERSION}", PLURAL, "k1", "ns1")["status"] == {"phase": "Done"}
+
+    # A CRD applied through kubectl declares its resource.
+    crd2 = json.loads(json.dumps(CRD))
+    crd2["metadata"]["name"] = f"widgets.{GROUP}"
+    crd2["spec"]["names"] = {"kind": "Widget", "plural": "widgets", "singular": "widget"}
+    crd_path = tmp_path / "crd.yaml"
+    crd_path.write_text(yaml.safe_dump(crd2))
+    r = kube.kubectl("apply", "-f", str(crd_path))
+    assert r.returncode == 0, r.stderr
+    r = kube.kubectl("apply", "-f", "-", input=yaml.safe_dump({
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "Widget", "metadata": {"name": "w", "namespace": "ns1"},
+        "spec": {"size": 0}}))
+    assert r.returncode != 0 and "Invalid" in r.stderr + r.stdout or "invalid" in r.stderr
+
+    r = kube.kubectl("delete", "things", "k1", "-n", "ns1")
+    assert r.returncode == 0, r.stderr
+    assert kube.get(f"{GROUP}/{VERSION}", PLURAL, "k1", "ns1") is None
+    r = kube.kubectl("get", "things", "-n", "ns1", "-o", "name")
+    assert r.stdout.split() == ["thing.example.dev/k2"]
+
+
+# ------------------------------------------------------------------------- kopf
+
+def test_kopf_operator_handles_create_status_and_finalizer(kube):
+    import kopf
+    from kopf.testing import KopfRunner
+
+    registry = kopf.OperatorRegistry()
+    seen: list[str] = []
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs):
+        return kube.kopf_login(**kwargs)
+
+    @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
+    def on_create(spec, name, patch, **_):
+        seen.append(f"create:{name}")
+        patch.status["phase"] = f"Sized{spec['size']}"
+
+    @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry)
+    def on_delete(name, **_):
+        seen.append(f"delete:{name}")
+
+    settings = kopf.OperatorSettings()
+    settings.scanning.disabled = True
+    settings.watching.server_timeout = 10
+    settings.posting.enabled = False
+    api = kubernetes.client.CustomObjectsApi(kube.api_client())
+    with KopfRunner(["run", "--standalone", "--namespace=ns1"], registry=registry,
+                    settings=settings, timeout=30) as runner:
+        api.create_namespaced_custom_object(GROUP, VERSION, "ns1", PLURAL, thing("op", size=7))
+        obj = kube.wait_for(lambda: (o := kube.get(f"{GROUP}/{VERSION}", PLURAL, "op", "ns1"))
+                            and (o.get("status") or {}).get("phase") == "Sized7" and o, timeout=30)
+        assert obj["metadata"]["finalizers"] == ["kopf.zalando.org/KopfFinalizerMarker"]
+        assert obj["spec"] == {"size": 7, "mode": "fast"}
+        api.delete_namespaced_custom_object(GROUP, VERSION, "ns1", PLURAL, "op")
+        kube.wait_for(lambda: kube.get(f"{GROUP}/{VERSION}", PLURAL, "op", "ns1") is None, timeout=30)
+    assert runner.exit_code == 0, runner.output
+    assert seen == ["create:op", "delete:op"]
+
+
+# ------------------------------------------------------------------------- kubelet
+
+def _job(name, *, command, completions=1, indexed=True, **spec):
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "namespace": "ns1"},
+            "spec": {"completions": completions, "parallelism": completions,
+                     **({"completionMode": "Indexed"} if indexed else {}), **spec,
+                     "template": {"spec": {"restartPolicy": "Never", "containers": [{
+                         "name": "main", "image": "selfreward:test", "command": command,
+                         "env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}},
+                                 {"name": "GREETING", "value": "hi-$(TOKEN)"}]}]}}}}
+
+
+def test_kubelet_runs_an_indexed_job_locally(kube):
+    kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds", "namespace": "ns1"},
+                 "stringData": {"token": "s3cr3t"}})
+    script = ("import os,json; open(os.environ['SELFREWARD_TERMINATION_LOG'],'w').write(json.dumps("
+              "{'index': os.environ['JOB_COMPLETION_INDEX'], 'greeting': os.environ['GREETING']}))")
+    kube.create(_job("gen", command=["python", "-c", script], completions=3))
+    kubelet = Kubelet(kube, programs={"python": [sys.executable]})
+    try:
+        job = kubelet.run_job("gen", "ns1")
+    finally:
+        kubelet.close()
+    assert job_condition(job, "Complete")["reason"] == "CompletionsReached"
+    assert job_condition(job, "SuccessCriteriaMet")
+    assert job["status"]["succeeded"] == 3 and job["status"]["completedIndexes"] == "0-2"
+    assert job["status"]["active"] == 0 and job["status"]["startTime"] and job["status"]["completionTime"]
+    pods = kube.objects("v1", "pods", "ns1", label_selector="batch.kubernetes.io/job-name=gen")
+    assert len(pods) == 3
+    by_index = {}
+    for pod in pods:
+        index = pod["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]
+        term = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+        assert pod["status"]["phase"] == "Succeeded" and term["reason"] == "Completed" and term["exitCode"] == 0
+        assert pod["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
+        by_index[index] = json.loads(term["message"])
+    assert by_index == {str(i): {"index": str(i), "greeting": "hi-s3cr3t"} for i in range(3)}
+
+
+def test_kubelet_failures_and_retries(kube):
+    kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds", "namespace": "ns1"},
+                 "data": {"token": "eA=="}})
+    kubelet = Kubelet(kube, programs={"python": [sys.executable]})
+    try:
+        # A real process failing: retried up to backoffLimit, then BackoffLimitExceeded; message kept.
+        kube.create(_job("bad", command=["python", "-c",
+                                         "import os,sys; open(os.environ['SELFREWARD_TERMINATION_LOG'],'w')"
+                                         ".write('boom'); sys.exit(3)"], backoffLimit=1))
+        job = kubelet.run_job("bad", "ns1")
+        assert job_condition(job, "Failed")["reason"] == "BackoffLimitExceeded"
+        assert job_condition(job, "FailureTarget") and job["status"]["failed"] == 2
+        term = kube.objects("v1", "pods", "ns1", label_selector="job-name=bad")[0]["status"][
+            "containerStatuses"][0]["state"]["terminated"]
+        assert (term["exitCode"], term["reason"], term["message"]) == (3, "Error", "boom")
+
+        # Scripted outcomes: fail once then succeed; OOMKilled with a FailJob pod failure policy.
+        kube.create(_job("flaky", command=["true"], completions=2, backoffLimit=3))
+        job = kubelet.run_job("flaky", "ns1", outcome=lambda i, attempt: Fail(1, "x") if attempt == 0 else Succeed("ok"))
+        assert job_condition(job, "Complete") and job["status"]["failed"] == 2 and job["status"]["succeeded"] == 2
+        kube.create(_job("oom", command=["true"], podFailurePolicy={"rules": [
+            {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [137]}}]}))
+        job = kubelet.run_job("oom", "ns1", outcome=OOMKilled("out of memory"))
+        assert job_condition(job, "Failed")["reason"] == "PodFailurePolicy"
+        term = kube.objects("v1", "pods", "ns1", label_selector="job-name=oom")[0]["status"][
+            "containerStatuses"][0]["state"]["terminated"]
+        assert (term["exitCode"], term["reason"]) == (137, "OOMKilled")
+
+        # Stuck pods keep the Job active.
+        kube.create(_job("pull", command=["true"]))
+        job = kubelet.run_job("pull", "ns1", outcome=ImagePullBackOff())
+        assert not job_condition(job, "Complete") and not job_condition(job, "Failed")
+        pod = kube.objects("v1", "pods", "ns1", label_selector="job-name=pull")[0]
+        assert pod["status"]["containerStatuses"][0]["state"]["waiting"]["reason"] == "ImagePullBackOff"
+        kube.create(_job("nogpu", command=["true"]))
+        kubelet.run_job("nogpu", "ns1", outcome=Unschedulable())
+        pod = kube.objects("v1", "pods", "ns1", label_selector="job-name=nogpu")[0]
+        assert pod["status"]["conditions"][0]["reason"] == "Unschedulable"
+
+        kube.create(_job("late", command=["true"], activeDeadlineSeconds=60))
+        job = kubelet.run_job("late", "ns1", outcome=DeadlineExceeded())
+        assert job_condition(job, "Failed")["reason"] == "DeadlineExceeded"
+        assert kube.objects("v1", "pods", "ns1", label_selector="job-name=late") == []
+
+        # A missing secret leaves the pod waiting in CreateContainerConfigError.
+        k = _job("nosecret", command=["true"])
+        k["spec"]["template"]["spec"]["containers"][0]["env"][0]["valueFrom"]["secretKeyRef"]["name"] = "nope"
+        kube.create(k)
+        kubelet.run_job("nosecret", "ns1")
+        pod = kube.objects("v1", "pods", "ns1", label_selector="job-name=nosecret")[0]
+        assert pod["status"]["containerStatuses"][0]["state"]["waiting"]["reason"] == "CreateContainerConfigError"
+    finally:
+        kubelet.close()
+
+
+def test_job_runner_plays_new_jobs_and_waits_for_unsuspend(kube):
+    batch = kubernetes.client.BatchV1Api(kube.api_client())
+    kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds", "namespace": "ns1"},
+                 "data": {"token": "eA=="}})
+    with JobRunner(kube, lambda job: Succeed(f"done:{job['metadata']['name']}"), namespace="ns1") as runner:
+        batch.create_namespaced_job("ns1", _job("first", command=["true"]))
+        batch.create_namespaced_job("ns1", _job("held", command=["true"], suspend=True))
+        kube.wait_for(lambda: job_condition(kube.get("batch/v1", "jobs", "first", "ns1"), "Complete"))
+        time.sleep(0.3)
+        assert kube.objects("v1", "pods", "ns1", label_selector="job-name=held") == []
+        batch.patch_namespaced_job("held", "ns1", {"spec": {"suspend": False}})
+        kube.wait_for(lambda: job_condition(kube.get("batch/v1", "jobs", "held", "ns1"), "Complete"))
+    assert sorted(runner.handled) == ["first", "held"] and runner.errors == []
+    pod = kube.objects("v1", "pods", "ns1", label_selector="job-name=held")[0]
+    assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"] == "done:held"
+
+
+def test_compress_indexes():
+    assert compress_indexes([0, 1, 2, 4, 6, 7]) == "0-2,4,6-7"
+    assert compress_indexes([]) == ""
