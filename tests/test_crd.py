@@ -619,3 +619,18 @@ def test_storage_uri_is_immutable(schema):
     assert admit(schema, moved)[2] == []
     # Only the transition rule catches it: the spec model sees one object at a time.
     assert _layers(schema, moved, old) == {"cel"}
+
+
+def test_rule_field_paths_name_schema_fields(schema):
+    """The API server refuses a fieldPath that does not name a field under the rule's node."""
+    paths = 0
+    for where, node in _nodes(schema):
+        for rule in node.get("x-kubernetes-validations", []):
+            if "fieldPath" not in rule:
+                continue
+            target = node
+            for part in rule["fieldPath"].lstrip(".").split("."):
+                assert part in target.get("properties", {}), f"{where}: {rule['fieldPath']}"
+                target = target["properties"][part]
+            paths += 1
+    assert paths >= 2
