@@ -634,3 +634,13 @@ def test_rule_field_paths_name_schema_fields(schema):
                 target = target["properties"][part]
             paths += 1
     assert paths >= 2
+
+
+def test_cli_writes_the_crd(tmp_path, capsys):
+    from selfreward.cli import main
+
+    out = tmp_path / "crd.yaml"
+    assert main(["crd", "-o", str(out)]) == 0
+    assert out.read_text() == crd.crd_yaml()
+    assert main(["crd"]) == 0
+    assert capsys.readouterr().out == crd.crd_yaml()
