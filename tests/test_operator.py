@@ -318,12 +318,16 @@ def test_the_jobs_real_commands_run_a_tiny_iteration(kube, tmp_path, tiny_model)
     on this machine: the manifest the operator writes is one that works."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Question number {i}: what is {i} plus {i}?"}) + "\n"
-                               for i in range(4)))
+                               for i in range(6)))
     store = tmp_path / "store"
     m = manifest("real", "d", model={"uri": tiny_model}, prompts={"uri": str(prompts)},
                  storage={"uri": f"file://{store}"},
-                 generation={"responsesPerPrompt": 2, "maxNewTokens": 8, "batchSize": 4},
-                 judge={"samplesPerResponse": 1, "maxNewTokens": 12, "shards": 2, "batchSize": 8},
+                 generation={"responsesPerPrompt": 3, "maxNewTokens": 8, "batchSize": 6},
+                 # the tiny model writes random tokens, digits among them: a one-digit
+                 # score pattern gives scores that differ, hence preference pairs
+                 judge={"samplesPerResponse": 2, "maxNewTokens": 16, "shards": 2, "batchSize": 8,
+                        "scorePattern": r"([0-9])", "minScore": 0, "maxScore": 9},
+                 seed=3,
                  training={"maxSteps": 1, "batchSize": 2, "maxLength": 128},
                  retry={"maxRetries": 0})
     player = JobPlayer(kube)
@@ -355,6 +359,7 @@ def test_the_jobs_real_commands_run_a_tiny_iteration(kube, tmp_path, tiny_model)
         st = wait_status(kube, "d", "real", lambda s: s.get("phase") == "Succeeded", timeout=60)
         assert (store / "iter-1" / "train" / "checkpoint" / "MANIFEST.json").exists()
         h = st["history"][0]
-        assert h["responses"] == 8 and h["judged"] == 8 and h["checkpoint"].endswith("iter-1/train/checkpoint")
+        assert h["responses"] == 18 and h["judged"] == 18 and h["pairs"] >= 1
+        assert h["checkpoint"].endswith("iter-1/train/checkpoint") and h.get("dpoLoss") is not None
     finally:
         stop_operator(proc)
