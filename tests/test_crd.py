@@ -644,3 +644,46 @@ def test_cli_writes_the_crd(tmp_path, capsys):
     assert out.read_text() == crd.crd_yaml()
     assert main(["crd"]) == 0
     assert capsys.readouterr().out == crd.crd_yaml()
+
+
+def test_converter_on_its_own_models():
+    """The conversion rules on a small model: Optional, factory defaults, nullable,
+    exclusive bounds, maps, free-form dicts, and a union it must refuse."""
+    from typing import Optional as Opt, Union
+
+    from pydantic import BaseModel, Field
+
+    class Inner(BaseModel):
+        n: int = Field(3, gt=0, lt=10)
+
+    class Outer(BaseModel):
+        """An outer model."""
+        inner: Inner = Field(default_factory=Inner)
+        maybe: Opt[Inner] = None
+        ttl: Opt[int] = Field(60, ge=0)
+        tags: dict[str, str] = Field(default_factory=dict)
+        free: Opt[dict[str, Any]] = None
+        names: list[str] = Field(default_factory=lambda: ["a"])
+
+    raw = Outer.model_json_schema(schema_generator=crd._FactoryDefaults)
+    out = crd._convert(raw, raw.get("$defs", {}), "outer")
+    assert structural_errors(out) == []
+    p = out["properties"]
+    assert out["description"] == "An outer model."
+    assert p["inner"]["default"] == {} and p["inner"]["type"] == "object"
+    assert p["inner"]["properties"]["n"] == {"type": "integer", "minimum": 0, "exclusiveMinimum": True,
+                                             "maximum": 10, "exclusiveMaximum": True, "default": 3}
+    assert "default" not in p["maybe"] and "nullable" not in p["maybe"] and p["maybe"]["type"] == "object"
+    assert p["ttl"] == {"type": "integer", "minimum": 0, "default": 60, "nullable": True}
+    assert p["tags"] == {"type": "object", "additionalProperties": {"type": "string"}, "default": {}}
+    assert p["free"] == {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+    assert p["names"]["default"] == ["a"]
+    # Defaulting {} for `inner` then fills n.
+    assert apply_defaults(out, {})["inner"] == {"n": 3}
+
+    class Bad(BaseModel):
+        either: Union[int, str] = 0
+
+    raw = Bad.model_json_schema()
+    with pytest.raises(crd.SchemaError, match="union"):
+        crd._convert(raw, raw.get("$defs", {}), "bad")
