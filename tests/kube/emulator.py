@@ -557,6 +557,7 @@ class Emulator(kmock.KubernetesEmulator):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self.log: list[tuple[str, str, str]] = []  # (method, path, query) of every API request
+        self.pod_logs: dict[tuple[str, str], str] = {}  # (namespace, pod) -> text for pods/log
         with warnings.catch_warnings():  # kmock 0.8 reads its bundle with a deprecated importlib call
             warnings.simplefilter("ignore", DeprecationWarning)
             self.resources.load_bundled()
@@ -1164,6 +1165,12 @@ class Emulator(kmock.KubernetesEmulator):
         method = raw.method.upper()
         if method == "GET" and q.get("watch") in ("true", "1"):
             return await self._serve_watch_http(raw, res, namespace, name)
+        if method == "GET" and res == ResKey("", "v1", "pods") and name and sub == "log":
+            self.api_get(res, namespace, name)
+            text = self.pod_logs.get((namespace or "", name), "")
+            if q.get("tailLines"):
+                text = "".join(text.splitlines(keepends=True)[-int(q["tailLines"]):])
+            return aiohttp.web.Response(text=text, content_type="text/plain")
         if method == "GET" and name is None:
             return _json(self.api_list(res, namespace, label_selector=q.get("labelSelector"),
                                        field_selector=q.get("fieldSelector")))

@@ -5,7 +5,7 @@ Nothing runs Jobs in an emulator, so a test that needs a Job to finish does it h
     from kube.kubelet import Kubelet, JobRunner, Run, Succeed, Fail, OOMKilled, \\
         ImagePullBackOff, Unschedulable, DeadlineExceeded
 
-    kubelet = Kubelet(c, programs={"selfreward": Kubelet.venv_program("selfreward")})
+    kubelet = Kubelet(c, venv_programs=["selfreward", "python"])   # or programs={"x": [argv...]}
     job = kubelet.run_job("job-name", "ns1")                 # run each pod's command locally
     job = kubelet.run_job("job-name", "ns1", outcome=Fail(2, "boom"))   # or script the result
     job = kubelet.run_job(job_dict, outcome=lambda index, attempt: Succeed("{}") if attempt else Fail())
@@ -42,7 +42,8 @@ What it does, as the real components would:
     ``JobRunner`` starts them once they are unsuspended.
 
 Local processes inherit this process's environment (overlaid with the container's), run in a
-per-pod temp directory (or ``workdir``), and their output is kept in ``Kubelet.logs[pod_name]``.
+per-pod temp directory (or ``workdir``), and their output is kept in ``Kubelet.logs[pod_name]``
+and served as the Pod's log (``kubectl logs``, ``read_namespaced_pod_log``).
 Volumes, images, resources and probes are not emulated.
 """
 from __future__ import annotations
@@ -175,11 +176,12 @@ class Kubelet:
     """Creates, runs and finishes the Pods of Jobs in an emulated cluster (see module docstring)."""
 
     def __init__(self, cluster: Cluster, *, programs: Mapping[str, list[str]] | None = None,
-                 workdir: str | None = None, extra_env: Mapping[str, str] | None = None,
+                 venv_programs: tuple[str, ...] | list[str] = (), workdir: str | None = None, extra_env: Mapping[str, str] | None = None,
                  inherit_env: bool = True, max_parallel: int = 2, process_timeout: float = 600):
         self.cluster = cluster
         self.api = cluster.emulator
-        self.programs = dict(programs or {})
+        self.programs = {name: self.venv_program(name) for name in venv_programs}
+        self.programs.update(programs or {})
         self.workdir = workdir
         self.extra_env = dict(extra_env or {})
         self.inherit_env = inherit_env
@@ -194,6 +196,8 @@ class Kubelet:
     @staticmethod
     def venv_program(name: str) -> list[str]:
         """The console script ``name`` of this interpreter's environment (or ``python -m name``)."""
+        if name in ("python", "python3"):
+            return [sys.executable]
         candidate = os.path.join(os.path.dirname(sys.executable), name)
         if os.path.exists(candidate):
             return [candidate]
@@ -610,6 +614,7 @@ class Kubelet:
                     self._procs.pop(name, None)
         with open(log_path, "rb") as f:
             self.logs[name] = f.read().decode(errors="replace")
+        self.api.pod_logs[(pod["metadata"].get("namespace") or "", name)] = self.logs[name]
         with open(term_log, "rb") as f:
             message = f.read(MAX_MESSAGE).decode(errors="replace")
         if code is None:

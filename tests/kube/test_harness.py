@@ -291,7 +291,7 @@ def test_kubectl_apply_get_patch_wait_delete(kube, tmp_path):
 
 # ------------------------------------------------------------------------- kopf
 
-def test_kopf_operator_handles_create_status_and_finalizer(kube):
+def test_kopf_operator_handles_create_status_finalizer_peering_and_events(kube):
     import kopf
     from kopf.testing import KopfRunner
 
@@ -299,30 +299,36 @@ def test_kopf_operator_handles_create_status_and_finalizer(kube):
     seen: list[str] = []
 
     @kopf.on.login(registry=registry)
-    def login(**kwargs):
-        return kube.kopf_login(**kwargs)
+    def login(**kwargs):   # the kubernetes client's own kubeconfig loading ($KUBECONFIG -> the emulator)
+        return kopf.login_via_client(**kwargs)
 
     @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
     def on_create(spec, name, patch, **_):
         seen.append(f"create:{name}")
         patch.status["phase"] = f"Sized{spec['size']}"
+        kopf.info({"metadata": {"name": name, "namespace": "ns1", "uid": "u"}, "kind": "Thing",
+                   "apiVersion": f"{GROUP}/{VERSION}"}, reason="Sized", message="sized it")
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry)
     def on_delete(name, **_):
         seen.append(f"delete:{name}")
 
+    kube.create({"apiVersion": "kopf.dev/v1", "kind": "KopfPeering",
+                 "metadata": {"name": "test-peering", "namespace": "ns1"}})
     settings = kopf.OperatorSettings()
     settings.scanning.disabled = True
     settings.watching.server_timeout = 10
-    settings.posting.enabled = False
     api = kubernetes.client.CustomObjectsApi(kube.api_client())
-    with KopfRunner(["run", "--standalone", "--namespace=ns1"], registry=registry,
+    with KopfRunner(["run", "--namespace=ns1", "--peering=test-peering"], registry=registry,
                     settings=settings, timeout=30) as runner:
+        kube.wait_for(lambda: (kube.get("kopf.dev/v1", "kopfpeerings", "test-peering", "ns1")
+                               .get("status")), timeout=30)      # kopf announced itself
         api.create_namespaced_custom_object(GROUP, VERSION, "ns1", PLURAL, thing("op", size=7))
         obj = kube.wait_for(lambda: (o := kube.get(f"{GROUP}/{VERSION}", PLURAL, "op", "ns1"))
                             and (o.get("status") or {}).get("phase") == "Sized7" and o, timeout=30)
         assert obj["metadata"]["finalizers"] == ["kopf.zalando.org/KopfFinalizerMarker"]
         assert obj["spec"] == {"size": 7, "mode": "fast"}
+        kube.wait_for(lambda: [e for e in kube.objects("v1", "events", "ns1") if e.get("reason") == "Sized"])
         api.delete_namespaced_custom_object(GROUP, VERSION, "ns1", PLURAL, "op")
         kube.wait_for(lambda: kube.get(f"{GROUP}/{VERSION}", PLURAL, "op", "ns1") is None, timeout=30)
     assert runner.exit_code == 0, runner.output
@@ -344,10 +350,10 @@ def _job(name, *, command, completions=1, indexed=True, **spec):
 def test_kubelet_runs_an_indexed_job_locally(kube):
     kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds", "namespace": "ns1"},
                  "stringData": {"token": "s3cr3t"}})
-    script = ("import os,json; open(os.environ['SELFREWARD_TERMINATION_LOG'],'w').write(json.dumps("
+    script = ("import os,json; print('working on', os.environ['JOB_COMPLETION_INDEX']); open(os.environ['SELFREWARD_TERMINATION_LOG'],'w').write(json.dumps("
               "{'index': os.environ['JOB_COMPLETION_INDEX'], 'greeting': os.environ['GREETING']}))")
     kube.create(_job("gen", command=["python", "-c", script], completions=3))
-    kubelet = Kubelet(kube, programs={"python": [sys.executable]})
+    kubelet = Kubelet(kube, venv_programs=["python"])
     try:
         job = kubelet.run_job("gen", "ns1")
     finally:
@@ -365,6 +371,8 @@ def test_kubelet_runs_an_indexed_job_locally(kube):
         assert pod["status"]["phase"] == "Succeeded" and term["reason"] == "Completed" and term["exitCode"] == 0
         assert pod["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
         by_index[index] = json.loads(term["message"])
+        log = kubernetes.client.CoreV1Api(kube.api_client()).read_namespaced_pod_log(pod["metadata"]["name"], "ns1")
+        assert log == f"working on {index}\n"
     assert by_index == {str(i): {"index": str(i), "greeting": "hi-s3cr3t"} for i in range(3)}
 
 
