@@ -71,13 +71,17 @@ def test_spec_travels_as_json_and_credentials_only_as_secret_refs():
     spec = _spec()
     job = J.build_job(META, spec, Step(1, "generate"), 1)
     env = _env(job)
-    assert parse_spec(json.loads(env["SELFREWARD_SPEC"]["value"])) == spec
+    assert parse_spec(json.loads(J.env_unescape(env["SELFREWARD_SPEC"]["value"]))) == spec
     assert env["AWS_ENDPOINT_URL_S3"]["value"] == "http://s3.local:8333"
     assert env["AWS_REGION"]["value"] == "eu-1"
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         assert "value" not in env[key]
         assert env[key]["valueFrom"] == {"secretKeyRef": {"name": "s3-creds", "key": key}}
     assert env["HOME"]["value"] == "/tmp"
+    dollars = _spec(judge={"scorePattern": r"Score: ([0-9])$", "template": "$(HOME) {prompt} {response}"})
+    raw = _env(J.build_job(META, dollars, Step(1, "judge"), 1))["SELFREWARD_SPEC"]["value"]
+    assert "$(HOME)" not in raw.replace("$$", "")  # nothing left for the kubelet to expand
+    assert parse_spec(json.loads(J.job_spec_env(J.build_job(META, dollars, Step(1, "judge"), 1)))) == dollars
     no_creds = J.build_job(META, _spec(storage={"uri": "file:///data/run"}), Step(1, "generate"), 1)
     assert not any("AWS" in k for k in _env(no_creds))
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from kube.emulator import cluster
+from kube.kubelet import DeadlineExceeded, ImagePullBackOff, JobRunner, Kubelet, Succeed, Unschedulable
 from selfreward import jobs as J
 from selfreward.crd import crd_manifest
 
@@ -30,7 +31,7 @@ def now() -> str:
 
 @pytest.fixture(scope="module")
 def kube():
-    with cluster(namespaces=["a", "b", "c", "d"], crds=[crd_manifest()], validate=True) as c:
+    with cluster(namespaces=["a", "b", "c", "d", "e"], crds=[crd_manifest()], validate=True) as c:
         yield c
 
 
@@ -39,7 +40,8 @@ def start_operator(kube, namespaces, log_path: Path) -> subprocess.Popen:
             "--worker-image", "selfreward/worker:test"]
     for ns in namespaces:
         args += ["-n", ns]
-    env = dict(os.environ, KUBECONFIG=kube.kubeconfig)
+    env = dict(os.environ, KUBECONFIG=kube.kubeconfig, SELFREWARD_IMAGE_PULL_GRACE_SECONDS="1",
+               SELFREWARD_UNSCHEDULABLE_GRACE_SECONDS="2")
     log = open(log_path, "ab")
     return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -57,7 +59,7 @@ def stop_operator(proc: subprocess.Popen, kill: bool = False) -> None:
 @pytest.fixture(scope="module")
 def operator(kube, tmp_path_factory):
     log = tmp_path_factory.mktemp("operator") / "operator.log"
-    proc = start_operator(kube, ["a", "b"], log)
+    proc = start_operator(kube, ["a", "b", "e"], log)
     yield proc
     stop_operator(proc)
     assert proc.returncode in (0, -signal.SIGTERM), log.read_text()[-3000:]
@@ -283,6 +285,43 @@ def test_schema_rejects_what_it_can_and_the_operator_reports_the_rest(kube, oper
     JobPlayer(kube).wait_job("a", "odd-i1-generate")
 
 
+SUMMARIES = {"generate": {"prompts": 2, "responses": 8}, "judge": {"judgedResponses": 8, "scoreMean": 2.5},
+             "pairs": {"pairs": 2, "meanMargin": 1.0}, "train": {"dpoLoss": 0.6}}
+
+
+def test_job_runner_plays_a_two_iteration_run(kube, operator):
+    def policy(job):
+        labels = job["metadata"]["labels"]
+        if labels.get(J.LABEL_RUN) != "auto":
+            return "skip"
+        return Succeed(json.dumps(SUMMARIES[labels[J.LABEL_PHASE]]))
+
+    with JobRunner(kube, policy, namespace="e") as runner:
+        kube.create(manifest("auto", "e", iterations=2, generation={"shards": 3}))
+        st = wait_status(kube, "e", "auto", lambda s: s.get("phase") == "Succeeded")
+    assert not runner.errors
+    assert [h["pairs"] for h in st["history"]] == [2, 2] and st["history"][1]["meanScore"] == 2.5
+    assert sorted(runner.handled) == step_jobs(kube, "e", "auto") and len(runner.handled) == 8
+
+
+@pytest.mark.parametrize("outcome, reason", [(ImagePullBackOff, "ImagePullError"), (Unschedulable, "Unschedulable"),
+                                             (DeadlineExceeded, "DeadlineExceeded")])
+def test_pod_level_failures_fail_the_run_with_their_reason(kube, operator, outcome, reason):
+    name = "pf-" + reason.lower()
+
+    def policy(job):
+        return outcome() if job["metadata"]["labels"].get(J.LABEL_RUN) == name else "skip"
+
+    with JobRunner(kube, policy, namespace="e") as runner:
+        kube.create(manifest(name, "e", retry={"maxRetries": 1, "backoffSeconds": 0}))
+        st = wait_status(kube, "e", name, lambda s: s.get("phase") == "Failed")
+    assert not runner.errors
+    assert cond(st, "Failed")["reason"] == reason and cond(st, "Stalled")["status"] == "True"
+    assert st["attempts"] == {"iter-1/generate": 2}
+    if reason != "DeadlineExceeded":  # a stuck Job is deleted, not left waiting forever
+        kube.wait_for(lambda: step_jobs(kube, "e", name) == [], WAIT)
+
+
 def test_operator_killed_mid_phase_restarts_without_duplicates(kube, tmp_path):
     player = JobPlayer(kube)
     log = tmp_path / "operator.log"
@@ -330,36 +369,22 @@ def test_the_jobs_real_commands_run_a_tiny_iteration(kube, tmp_path, tiny_model)
                  seed=3,
                  training={"maxSteps": 1, "batchSize": 2, "maxLength": 128},
                  retry={"maxRetries": 0})
+    kubelet = Kubelet(kube, programs={"selfreward": Kubelet.venv_program("selfreward")},
+                      extra_env={"HOME": str(tmp_path / "home"), "XDG_CACHE_HOME": str(tmp_path / "home")})
     player = JobPlayer(kube)
     proc = start_operator(kube, ["d"], tmp_path / "operator.log")
     try:
         kube.create(m)
         for phase in ("generate", "judge", "pairs", "train"):
             name = f"real-i1-{phase}"
-            job = player.wait_job("d", name)
-            container = job["spec"]["template"]["spec"]["containers"][0]
-            completions = job["spec"].get("completions", 1)
-            summaries = []
-            for index in range(completions):
-                term = tmp_path / f"{name}-{index}.term"
-                env = {"PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
-                       "SELFREWARD_TERMINATION_LOG": str(term), "TMPDIR": str(tmp_path)}
-                for e in container["env"]:
-                    if "value" in e:
-                        env[e["name"]] = e["value"]
-                env["HOME"] = env["XDG_CACHE_HOME"] = str(tmp_path / "home")  # our /tmp mount
-                env.pop("HF_HOME", None)
-                env.pop("TRITON_CACHE_DIR", None)
-                if job["spec"].get("completionMode") == "Indexed":
-                    env["JOB_COMPLETION_INDEX"] = str(index)
-                r = subprocess.run(container["command"], env=env, capture_output=True, text=True, timeout=300)
-                assert r.returncode == 0, r.stderr[-3000:]
-                summaries.append(json.loads(term.read_text()))
-            player.finish("d", name, summaries)
+            player.wait_job("d", name)
+            job = kubelet.run_job(name, "d")
+            assert J.job_complete(job), (job.get("status"), {k: v[-2000:] for k, v in kubelet.logs.items()})
         st = wait_status(kube, "d", "real", lambda s: s.get("phase") == "Succeeded", timeout=60)
         assert (store / "iter-1" / "train" / "checkpoint" / "MANIFEST.json").exists()
         h = st["history"][0]
         assert h["responses"] == 18 and h["judged"] == 18 and h["pairs"] >= 1
         assert h["checkpoint"].endswith("iter-1/train/checkpoint") and h.get("dpoLoss") is not None
     finally:
+        kubelet.close()
         stop_operator(proc)

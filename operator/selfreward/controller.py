@@ -520,6 +520,18 @@ def peering_priority(explicit: Optional[int]) -> int:
     return (abs(hash(seed)) % 1000) * 1000 + random.randint(0, 999)
 
 
+def operator_settings(worker_image: str) -> J.Settings:
+    """Reconcile settings; the grace periods can be tuned from the environment."""
+    defaults = J.Settings()
+    return J.Settings(
+        worker_image=worker_image,
+        image_pull_grace_seconds=float(os.environ.get("SELFREWARD_IMAGE_PULL_GRACE_SECONDS",
+                                                      defaults.image_pull_grace_seconds)),
+        unschedulable_grace_seconds=float(os.environ.get("SELFREWARD_UNSCHEDULABLE_GRACE_SECONDS",
+                                                         defaults.unschedulable_grace_seconds)),
+    )
+
+
 def run_operator(args) -> int:
     import kopf
 
@@ -536,7 +548,7 @@ def run_operator(args) -> int:
     settings.peering.name = args.peering or "default"
     settings.peering.priority = peering_priority(args.priority)
 
-    ctl = Controller(Kube(), J.Settings(worker_image=args.worker_image))
+    ctl = Controller(Kube(), operator_settings(args.worker_image))
     registry = build_registry(ctl, namespaces)
 
     if _metrics is not None and args.metrics_port:

@@ -132,6 +132,17 @@ def spec_json(spec: RunSpec) -> str:
     return json.dumps(spec.model_dump(mode="json"), separators=(",", ":"), sort_keys=True)
 
 
+def env_escape(text: str) -> str:
+    """The kubelet expands ``$(VAR)`` in env values and turns ``$$`` into ``$``; doubling
+    every ``$`` makes the value arrive exactly as written (a regex ending in ``$``, a judge
+    template with ``$(...)``)."""
+    return text.replace("$", "$$")
+
+
+def env_unescape(text: str) -> str:
+    return text.replace("$$", "$")
+
+
 def _storage_env(spec: RunSpec) -> list[dict]:
     env: list[dict] = []
     st = spec.storage
@@ -306,7 +317,7 @@ def build_job(run_meta: dict, spec: RunSpec, step: Step, attempt: int, settings:
     if step.sharded:
         command += ["--num-shards", str(step.shards)]
     env = [
-        {"name": "SELFREWARD_SPEC", "value": spec_json(spec)},
+        {"name": "SELFREWARD_SPEC", "value": env_escape(spec_json(spec))},
         {"name": "SELFREWARD_RUN", "value": run_name},
         {"name": "SELFREWARD_ITERATION", "value": str(step.iteration)},
         {"name": "SELFREWARD_PHASE", "value": step.phase},
@@ -326,7 +337,8 @@ def build_cleanup_job(run_meta: dict, spec: RunSpec, settings: Optional[Settings
     labels = base_labels(run_name)
     labels.update({LABEL_ROLE: "cleanup", LABEL_PHASE: "cleanup"})
     annotations = {ANN_RUN_NAME: run_name}
-    env = [{"name": "SELFREWARD_SPEC", "value": spec_json(spec)}, {"name": "SELFREWARD_RUN", "value": run_name}]
+    env = [{"name": "SELFREWARD_SPEC", "value": env_escape(spec_json(spec))},
+           {"name": "SELFREWARD_RUN", "value": run_name}]
     command = ["selfreward", "cleanup"]
     job = _job_shell(run_meta, spec, name, labels, annotations, command, env, "pairs", settings,
                      backoff_limit=max(2, spec.retry.podBackoffLimit))
@@ -397,7 +409,7 @@ def job_spec_env(job: dict, name: str = "SELFREWARD_SPEC") -> Optional[str]:
     for c in containers:
         for e in c.get("env") or []:
             if e.get("name") == name and "value" in e:
-                return e["value"]
+                return env_unescape(e["value"])  # as the container sees it
     return None
 
 
