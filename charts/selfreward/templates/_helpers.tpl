@@ -81,35 +81,36 @@ app.kubernetes.io/part-of: selfreward
 
 {{/*
 The operator's permissions, shared by the namespaced Roles and the cluster-wide
-ClusterRole. Each verb is one the operator sends (kopf 1.45 and our controller):
-- selfrewardruns: kopf lists and watches them, and patches the main object for its
-  finalizer and its annotations (last-handled configuration, handler progress).
-  kopf never sends PUT (update), so update is not granted.
-- selfrewardruns/status: the controller and kopf write status with merge patches to
-  the status subresource; get for reading it back.
-- batch jobs: one Job per phase and attempt; list/watch by the selfreward.dev/run label,
-  patch to suspend/resume (spec.suspend), delete on retries and cleanup.
-- pods: read-only, for the Jobs' pods' termination messages and waiting reasons
-  (OOMKilled, ImagePullBackOff, Unschedulable).
-- events: kopf posts core v1 Events (POST only); patch lets a client that aggregates
-  repeated Events update the count. events.k8s.io is never written.
+ClusterRole: exactly the requests selfreward/controller.py and kopf 1.45 send (kopf is
+used with on.event handlers only, its own Event posting off, and its scanning off in
+the namespaced mode).
+- selfrewardruns: list + watch (kopf's watch stream); patch of the main object for the
+  selfreward.dev/artifacts finalizer (spec.storage.deleteOnRunDeletion). The operator
+  never GETs or PUTs a run: it works from the watch stream.
+- selfrewardruns/status: merge patches of the status subresource, nothing else.
+- batch jobs: list (at start, by the selfreward.dev/run label) + watch (kopf), create,
+  get (reading back a Job whose create answered 409: adoption), patch (suspend/resume),
+  delete (retries, cleanup).
+- pods: list + watch only, for the Jobs' pods' termination messages and waiting
+  reasons (OOMKilled, ImagePullBackOff, Unschedulable).
+- events: create (core v1 Events about runs); events.k8s.io is never written.
 - No secrets: credentials reach the workers only as secretKeyRefs in the Jobs' pod
-  specs, which the Job controller resolves; creating such a Job needs no secret access.
+  specs, which the kubelet resolves; creating such a Job needs no secret access.
 */}}
 {{- define "selfreward.rbacRules" -}}
 - apiGroups: ["selfreward.dev"]
   resources: ["selfrewardruns"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch", "patch"]
 - apiGroups: ["selfreward.dev"]
   resources: ["selfrewardruns/status"]
-  verbs: ["get", "patch"]
+  verbs: ["patch"]
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end -}}
