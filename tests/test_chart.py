@@ -484,6 +484,11 @@ def test_notes_tell_how_to_start(chart):
     assert "kubectl -n team-a apply -f" in notes
     assert "get srr -w" in notes
     assert "team-a, team-b" in notes
+    assert "spec.storage.credentialsSecret: selfreward-s3" in notes
+    assert "serviceAccountName" not in notes
+    out = chart.render({"workerServiceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:x"}}},
+                       name="sr", namespace=RELEASE_NS, is_install=True)
+    notes = next(v for k, v in out.items() if k.endswith("NOTES.txt"))
     assert "spec.serviceAccountName: sr-selfreward-worker" in notes
 
 
