@@ -26,7 +26,7 @@ A pytest fixture is one line: ``yield from cluster_fixture()`` (see :func:`clust
     ``.create_namespace(name)``, ``.objects(gv, plural, namespace=None, label_selector=None)``,
     ``.get(gv, plural, name, namespace=None)``, ``.create(obj)``, ``.patch(gv, plural, name, patch,
     namespace=None, subresource=None)``, ``.delete(gv, plural, name, namespace=None)``,
-    ``.wait_for(predicate, timeout=10)``, ``.kopf_login()`` (a kopf ``ConnectionInfo`` for a
+    ``.wait_for(predicate, timeout=10)``, ``.fail_next(method, path_regex, code=500)``, ``.kopf_login()`` (a kopf ``ConnectionInfo`` for a
     ``@kopf.on.login`` handler of a custom registry), ``.activated()`` (context manager that points
     ``$KUBECONFIG`` and the kubernetes client's default location at this cluster),
     ``.emulator`` (the ``Emulator``), ``.stop()``.
@@ -41,6 +41,8 @@ What the emulator does beyond kmock 0.8 (each as a real API server does it):
     deletecollection; ``dryRun=All`` does not persist.
   * optimistic concurrency: a ``metadata.resourceVersion`` in a PUT/patch body that is not the
     current one answers 409 Conflict; a failed JSON-patch ``test`` answers 422 Invalid.
+  * test controls: ``fail_next(method, path_regex, code=500, reason=..., times=1)`` injects
+    errors; ``compact()`` forgets the event history, so older watches get ERROR 410 Expired.
   * errors are ``Status`` bodies with machine reasons: NotFound 404, AlreadyExists 409,
     Conflict 409, Invalid 422, BadRequest 400, Forbidden 403, UnsupportedMediaType 415.
   * the ``/status`` subresource is isolated: main-endpoint writes keep the old status (and
@@ -73,7 +75,9 @@ What the emulator does beyond kmock 0.8 (each as a real API server does it):
 
 Not emulated: authentication/RBAC, admission webhooks, field managers and managedFields,
 protobuf (``kubectl create job`` fails), OpenAPI documents (use ``--validate=false``),
-pagination (``limit`` is ignored: everything comes in one page), resource version expiry.
+pagination (``limit`` is ignored: everything comes in one page), the TTL-after-finished and
+other controllers (only the garbage collector and the namespace controller are emulated here;
+the Job controller and kubelet are in ``kubelet.py``).
 
 Thread-safety: the state lives behind one ``threading.RLock``; the ``Cluster`` helpers and
 ``Emulator.api_*`` methods may be called from any thread (the kubelet emulation does).
@@ -558,6 +562,8 @@ class Emulator(kmock.KubernetesEmulator):
         self._closing = False
         self.log: list[tuple[str, str, str]] = []  # (method, path, query) of every API request
         self.pod_logs: dict[tuple[str, str], str] = {}  # (namespace, pod) -> text for pods/log
+        self._faults: list[Obj] = []
+        self._compacted_rv = 0
         with warnings.catch_warnings():  # kmock 0.8 reads its bundle with a deprecated importlib call
             warnings.simplefilter("ignore", DeprecationWarning)
             self.resources.load_bundled()
@@ -633,6 +639,32 @@ class Emulator(kmock.KubernetesEmulator):
         for watcher in list(self._watchers):
             if watcher.res == res:
                 watcher.push((rv, etype, frozen, old))
+
+    # ---------------------------------------------------------------- test controls
+
+    def fail_next(self, method: str, path: str, *, code: int = 500, reason: str = "InternalError",
+                  message: str = "injected failure", times: int = 1) -> None:
+        """Answer the next ``times`` requests whose method matches and whose path matches the
+        regex ``path`` (``re.search``, query string excluded) with a Status error."""
+        with self._state:
+            self._faults.append({"method": method.upper(), "path": re.compile(path), "code": code,
+                                 "reason": reason, "message": message, "times": times})
+
+    def _take_fault(self, method: str, path: str) -> KubeError | None:
+        with self._state:
+            for fault in self._faults:
+                if fault["times"] > 0 and fault["method"] in (method.upper(), "*") and fault["path"].search(path):
+                    fault["times"] -= 1
+                    return KubeError(fault["code"], fault["reason"], fault["message"])
+        return None
+
+    def compact(self) -> str:
+        """Forget the event history, like etcd compaction: a watch from an older
+        resourceVersion then gets an ERROR event with 410 Expired.  Returns the current rv."""
+        with self._state:
+            self._history.clear()
+            self._compacted_rv = self._rv
+            return str(self._rv)
 
     # ---------------------------------------------------------------- reads
 
@@ -1090,6 +1122,10 @@ class Emulator(kmock.KubernetesEmulator):
     async def __call__(self, raw: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         parsed = _parse_api_path(raw.path)
         self.log.append((raw.method, raw.path, raw.query_string))
+        fault = self._take_fault(raw.method, raw.path)
+        if fault is not None:
+            await raw.read()
+            return aiohttp.web.json_response(fault.status(), status=fault.code)
         if parsed is None:
             try:
                 discovery = self._discovery(raw.path) if raw.method.upper() == "GET" else None
@@ -1236,13 +1272,18 @@ class Emulator(kmock.KubernetesEmulator):
 
         watcher = _Watcher(asyncio.get_running_loop(), res, namespace)
         replay: list[Obj] = []
+        expired = False
         with self._state:
             if since not in ("", "0") and not initial:
                 try:
                     since_rv = int(since)
                 except ValueError:
                     raise _bad_request(f"invalid resource version: {since!r}")
-                for rv, etype, obj, old in self._history.get(res, []):
+                if since_rv < self._compacted_rv:
+                    expired = True
+                    replay.append({"type": "ERROR", "object": KubeError(
+                        410, "Expired", f"too old resource version: {since_rv} ({self._compacted_rv})").status()})
+                for rv, etype, obj, old in ([] if expired else self._history.get(res, [])):
                     if rv > since_rv:
                         ev = render(etype, obj, old)
                         if ev:
@@ -1266,7 +1307,7 @@ class Emulator(kmock.KubernetesEmulator):
             await response.prepare(raw)
             for ev in replay:
                 await response.write(json.dumps(ev).encode() + b"\n")
-            while not self._closing:
+            while not self._closing and not expired:
                 wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
                 if wait <= 0:
                     break
@@ -1476,6 +1517,10 @@ class Cluster:
                 os.environ.pop("KUBECONFIG", None)
             else:
                 os.environ["KUBECONFIG"] = old_env
+
+    def fail_next(self, method: str, path: str, **kwargs: Any) -> None:
+        """See ``Emulator.fail_next``: inject errors into the next matching requests."""
+        self.emulator.fail_next(method, path, **kwargs)
 
     def kopf_login(self, **_: Any) -> Any:
         """A kopf login handler's result for this cluster: ``@kopf.on.login(registry=r)`` returning it."""
