@@ -304,3 +304,27 @@ def test_tokenizer_without_chat_template_trains_on_plain_text(tmp_path, tiny_mod
     summary = run_phase(spec, "train", 1, store=store)
     assert summary["conversational"] is False and summary["steps"] == 2
     checkpoint.verify(store, layout.checkpoint_dir(1, "train"))
+
+
+def test_dpo_against_an_s3_store(tmp_path, tiny_model, monkeypatch):
+    """The train phase with its artifacts on S3 (SeaweedFS on loopback): pairs read from
+    the bucket, the checkpoint committed there, then fetched (verified) into the cache
+    as the next iteration's M_t."""
+    from s3server import make_bucket, s3_env, s3_server
+
+    monkeypatch.setenv("SELFREWARD_CACHE", str(tmp_path / "cache"))
+    with s3_server() as endpoint:
+        make_bucket(endpoint, "runs")
+        for k, v in s3_env(endpoint).items():
+            monkeypatch.setenv(k, v)
+        spec = _spec(tmp_path, tiny_model, {"maxSteps": 2},
+                     storage={"uri": "s3://runs/dpo-test", "endpoint": endpoint})
+        store = Store.for_spec(spec)
+        store.write_jsonl(pairs_path(1), _pairs(4))
+        summary = run_phase(spec, "train", 1, store=store)
+        assert summary["checkpoint"] == "s3://runs/dpo-test/iter-1/train/checkpoint"
+        assert summary["uploadMBps"] > 0
+        assert store.exists(layout.summary_path(1, "train"))
+        local = models.policy_model(spec, store, 2)
+        assert Path(local).is_relative_to(tmp_path / "cache")
+        _generates(local)
