@@ -63,7 +63,10 @@ What the emulator does beyond kmock 0.8 (each as a real API server does it):
   * built-in defaulting for Pods (``status.phase: Pending``) and Jobs (completions,
     parallelism, backoffLimit, completionMode, suspend, selector and template labels) and a
     few validations a real server makes (Job ``restartPolicy`` Never/OnFailure, containers
-    with name and image, Indexed Jobs need completions).
+    with name and image, Indexed Jobs need completions; a Job's template, selector and
+    completionMode are immutable -- except the scheduling directives of a suspended,
+    never-started Job -- and so are its completions unless elastic Indexed; a Pod's spec is
+    immutable but for images, activeDeadlineSeconds, tolerations).
   * CRDs: ``declare_crd(manifest, validate=...)`` or creating an
     ``apiextensions.k8s.io/v1 CustomResourceDefinition`` through the API (kubectl apply)
     declares the resource (every served version; scope; status subresource; names) and stores
@@ -779,7 +782,7 @@ class Emulator(kmock.KubernetesEmulator):
 
     def api_update(self, res: ResKey, namespace: str | None, name: str,
                    mutate: Callable[[Obj], Obj], *, subresource: str | None = None,
-                   dry_run: bool = False, body_rv_from: Callable[[], str | None] | None = None) -> Obj:
+                   dry_run: bool = False) -> Obj:
         """Read-modify-write one object: ``mutate(copy_of_current) -> new object``."""
         info = self._require(res)
         if subresource not in (None, STATUS_SUB) or (subresource and subresource not in info.subresources):
@@ -827,6 +830,7 @@ class Emulator(kmock.KubernetesEmulator):
                             ("metadata.finalizers", "Forbidden: no new finalizers can be added "
                              "if the object is being deleted")])
                 self._builtin_defaults(res, new, create=False)
+                _immutable_causes_raise(res, old, new)
                 self._validate(res, new)
                 if _spec_part(new) != _spec_part(old):
                     meta["generation"] = int(old["metadata"].get("generation", 1)) + 1
@@ -1336,6 +1340,47 @@ class Emulator(kmock.KubernetesEmulator):
         with self._state:
             for watcher in list(self._watchers):
                 watcher.push(None)
+
+
+_JOB_SUSPENDED_MUTABLE = ("nodeSelector", "tolerations", "affinity", "schedulingGates")
+_POD_MUTABLE = ("activeDeadlineSeconds", "tolerations", "terminationGracePeriodSeconds")
+
+
+def _immutable_causes_raise(res: ResKey, old: Obj, new: Obj) -> None:
+    """The update rules of Jobs and Pods that a real server enforces (422 Invalid)."""
+    causes: list[tuple[str, str]] = []
+    if res == ResKey("batch", "v1", "jobs"):
+        o, n = old.get("spec") or {}, new.get("spec") or {}
+        for field in ("selector", "completionMode", "manualSelector"):
+            if o.get(field) != n.get(field):
+                causes.append((f"spec.{field}", "Invalid value: field is immutable"))
+        if o.get("completions") != n.get("completions"):
+            elastic = (n.get("completionMode") == "Indexed" and n.get("completions") == n.get("parallelism")
+                       and o.get("completions") == o.get("parallelism"))
+            if not elastic:
+                causes.append(("spec.completions", "Invalid value: field is immutable"))
+        ot, nt = copy.deepcopy(o.get("template") or {}), copy.deepcopy(n.get("template") or {})
+        if o.get("suspend") and not (old.get("status") or {}).get("startTime"):
+            for t in (ot, nt):  # a suspended, never-started Job may change its scheduling directives
+                t.pop("metadata", None)
+                for field in _JOB_SUSPENDED_MUTABLE:
+                    (t.get("spec") or {}).pop(field, None)
+        if ot != nt:
+            causes.append(("spec.template", "Invalid value: field is immutable"))
+    if res == ResKey("", "v1", "pods"):
+        o, n = copy.deepcopy(old.get("spec") or {}), copy.deepcopy(new.get("spec") or {})
+        for spec in (o, n):
+            for field in _POD_MUTABLE:
+                spec.pop(field, None)
+            for c in (spec.get("containers") or []) + (spec.get("initContainers") or []):
+                c.pop("image", None)
+        if o != n:
+            causes.append(("spec", "Forbidden: pod updates may not change fields other than "
+                           "`spec.containers[*].image`, `spec.initContainers[*].image`, "
+                           "`spec.activeDeadlineSeconds`, `spec.tolerations` (only additions to "
+                           "existing tolerations), `spec.terminationGracePeriodSeconds`"))
+    if causes:
+        raise _invalid(old["kind"], res, old["metadata"]["name"], causes)
 
 
 def _spec_part(obj: Obj) -> Obj:

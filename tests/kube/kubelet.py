@@ -168,6 +168,10 @@ class _JobGone(Exception):
     pass
 
 
+class _Stopped(Exception):
+    """The kubelet was closed while the Job ran: leave the Job as it is."""
+
+
 # --------------------------------------------------------------------------------------------
 # The kubelet + Job controller
 # --------------------------------------------------------------------------------------------
@@ -244,8 +248,8 @@ class Kubelet:
         def one_completion(index: int) -> None:
             attempt = 0
             while True:
-                if state.stop.is_set():
-                    return
+                if state.stop.is_set() or self._stopping.is_set():
+                    raise _Stopped()
                 result = pick(index, attempt)
                 if result.kind == "deadline":
                     pod = self._create_pod(current, index if indexed else None)
@@ -265,6 +269,8 @@ class Kubelet:
                 finally:
                     with state.lock:
                         state.active -= 1
+                if self._stopping.is_set():
+                    raise _Stopped()
                 if exit_code is None:  # the deadline killed it
                     raise _JobFailed("DeadlineExceeded", "Job was active longer than specified deadline")
                 if exit_code == 0:
@@ -302,7 +308,7 @@ class Kubelet:
                 except _JobFailed as e:
                     failure = failure or e
                     state.stop.set()
-                except _PodStuck:
+                except (_PodStuck, _Stopped):
                     stuck = True
                 except _JobGone:
                     state.stop.set()

@@ -221,6 +221,15 @@ def test_secrets_string_data_and_job_defaults(kube):
         "restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]}}}})
     assert job.spec.completions == 1 and job.spec.backoff_limit == 6 and job.spec.completion_mode == "NonIndexed"
     assert job.spec.template.metadata.labels["batch.kubernetes.io/job-name"] == "j"
+    with pytest.raises(kubernetes.client.ApiException) as e:   # a Job's template is immutable ...
+        batch.patch_namespaced_job("j", "ns1", {"spec": {"template": {"spec": {"containers": [
+            {"name": "c", "image": "other"}]}}}})
+    assert e.value.status == 422 and "immutable" in json.loads(e.value.body)["message"]
+    batch.create_namespaced_job("ns1", {"metadata": {"name": "held"}, "spec": {"suspend": True, "template": {
+        "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]}}}})
+    moved = batch.patch_namespaced_job("held", "ns1", {"spec": {"suspend": False, "template": {"spec": {
+        "nodeSelector": {"gpu": "h100"}}}}})   # ... but for a suspended Job's scheduling directives
+    assert moved.spec.template.spec.node_selector == {"gpu": "h100"} and moved.spec.suspend is False
     with pytest.raises(kubernetes.client.ApiException) as e:
         batch.create_namespaced_job("ns1", {"metadata": {"name": "k"}, "spec": {"template": {"spec": {
             "containers": [{"name": "c", "image": "busybox"}]}}}})   # restartPolicy Always
