@@ -45,8 +45,9 @@ class TransformersBackend(GenerationBackend):
         if continuous:
             self.name = "transformers-cb"
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=models.torch_dtype(dtype))
-        self.model.to(self.device)
+        # device_map loads the weights straight onto the device (no full copy in host memory)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=models.torch_dtype(dtype),
+                                                          device_map=self.device)
         self.model.eval()
 
         gen_cfg = self.model.generation_config

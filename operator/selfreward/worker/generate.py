@@ -59,7 +59,7 @@ def run(ctx: PhaseContext) -> dict:
         "responses": sum(len(r["responses"]) for r in records),
         "generatedTokens": generated_tokens,
         "tokensPerSecond": round(generated_tokens / seconds, 2) if records else 0.0,
-        "durationSeconds": round(seconds, 3),
+        "generationSeconds": round(seconds, 3),  # sampling only; durationSeconds (set by the dispatcher) includes loading
         "truncatedResponses": truncated_responses,
         "truncatedPrompts": truncated_prompts,
         "backend": backend_name,

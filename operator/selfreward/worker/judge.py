@@ -104,7 +104,7 @@ def run(ctx: PhaseContext) -> dict:
         "generatedTokens": generated_tokens,
         "tokensPerSecond": round(generated_tokens / seconds, 2) if items else 0.0,
         "verdictsPerSecond": round(stats["verdicts"] / seconds, 2) if items else 0.0,
-        "durationSeconds": round(seconds, 3),
+        "generationSeconds": round(seconds, 3),  # sampling only; durationSeconds (set by the dispatcher) includes loading
         "backend": backend_name,
     }
 
