@@ -145,3 +145,25 @@ def test_line_separators_inside_strings_survive_a_round_trip(tmp_path):
     store.write_jsonl("x.jsonl", [{"prompt": odd}, {"prompt": "next"}])
     assert store.read_jsonl("x.jsonl") == [{"prompt": odd}, {"prompt": "next"}]
     assert load_seed_prompts(store.url("x.jsonl")) == [odd, "next"]
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_word = st.sampled_from(["write", "a", "poem", "about", "the", "sea", "explain", "how", "tides", "work", "list", "three"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(cands=st.lists(st.lists(_word, min_size=1, max_size=8).map(" ".join), max_size=25),
+       limit=st.sampled_from([0.3, 0.5, 0.7, 1.0]))
+def test_filter_properties(cands, limit):
+    seeds = ["write a poem about the sea"]
+    si = SelfInstructSpec(minChars=1, maxChars=40, maxSimilarity=limit)
+    flt = PromptFilter(seeds, si)
+    for c in cands:
+        flt.offer(c)
+    assert len(flt.kept) + sum(flt.dropped.values()) == len(cands)
+    pool = seeds + flt.kept
+    assert len({normalise(p) for p in pool}) == len(pool)  # no normalised duplicates kept
+    for i, a in enumerate(flt.kept):
+        for b in pool[:len(seeds) + i]:  # everything that was there before a was kept
+            assert rouge_l(words(a), words(b)) <= limit
