@@ -328,3 +328,23 @@ def test_dpo_against_an_s3_store(tmp_path, tiny_model, monkeypatch):
         local = models.policy_model(spec, store, 2)
         assert Path(local).is_relative_to(tmp_path / "cache")
         _generates(local)
+
+
+def test_lora_targets_are_checked_against_the_model(tmp_path, tiny_model):
+    spec = _spec(tmp_path / "bad", tiny_model, {"mode": "lora", "maxSteps": 1},
+                 model={"uri": tiny_model, "lora": {"targetModules": ["c_attn"]}})
+    store = Store.for_spec(spec)
+    store.write_jsonl(pairs_path(1), _pairs(2))
+    with pytest.raises(PhaseError, match=r"targetModules \['c_attn'\] match no layer of LlamaForCausalLM; "
+                                         r"its linear layers are named: .*q_proj"):
+        run_phase(spec, "train", 1, store=store)
+    # peft's all-linear shorthand adapts every linear layer but the LM head
+    spec = _spec(tmp_path / "all", tiny_model, {"mode": "lora", "maxSteps": 1},
+                 model={"uri": tiny_model, "lora": {"targetModules": ["all-linear"]}})
+    store = Store.for_spec(spec)
+    store.write_jsonl(pairs_path(1), _pairs(2))
+    run_phase(spec, "train", 1, store=store)
+    local = checkpoint.fetch(store, layout.checkpoint_dir(1, "train"))
+    base, trained = _state_dict(tiny_model), _state_dict(local)
+    changed = {k for k in base if not (base[k] == trained[k]).all()}
+    assert any("mlp" in k for k in changed) and any("self_attn" in k for k in changed)

@@ -127,9 +127,35 @@ def lora_config(spec: RunSpec):
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=list(lora.targetModules),
+        target_modules=_lora_targets(spec),
         task_type="CAUSAL_LM",
         bias="none",
+    )
+
+
+def _lora_targets(spec: RunSpec) -> list[str] | str:
+    from .spec import LoraSpec
+
+    wanted = list((spec.model.lora or LoraSpec()).targetModules)
+    return "all-linear" if wanted == ["all-linear"] else wanted  # peft's shorthand is a plain string
+
+
+def check_lora_targets(model, spec: RunSpec) -> None:
+    """Fail with the model's own linear-layer names when model.lora.targetModules names
+    none of its modules (architectures differ: Llama q_proj, GPT-2 c_attn, ...). A
+    target matches a module named exactly so or ending in ".<target>", as in peft."""
+    import torch
+
+    wanted = _lora_targets(spec)
+    if wanted == "all-linear":
+        return
+    names = [name for name, _ in model.named_modules() if name]
+    if any(n == w or n.endswith("." + w) for w in wanted for n in names):
+        return
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and isinstance(m, torch.nn.Linear)})
+    raise TrainingError(
+        f"model.lora.targetModules {wanted} match no layer of {type(model).__name__}; "
+        f"its linear layers are named: {', '.join(linear)}"
     )
 
 

@@ -79,6 +79,8 @@ def run(ctx: PhaseContext) -> dict:
         torch.manual_seed(tr.seed)
         model = training.load_model(base_path, dtype)
         save_dtype = training.stored_dtype(model)
+        if tr.mode == "lora":
+            training.check_lora_targets(model, spec)
         trainer = SFTTrainer(
             model=model,
             args=config,

@@ -117,7 +117,10 @@ def run(ctx: PhaseContext) -> dict:
         policy = training.load_model(policy_path, dtype)
         save_dtype = training.stored_dtype(policy)
         ref = training.load_model(ref_path, dtype) if ref_path is not None else None
-        peft_config = training.lora_config(spec) if tr.mode == "lora" else None
+        peft_config = None
+        if tr.mode == "lora":
+            training.check_lora_targets(policy, spec)
+            peft_config = training.lora_config(spec)
 
         trainer = DPOTrainer(
             model=policy,
