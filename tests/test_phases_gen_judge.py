@@ -67,6 +67,19 @@ def test_backend_samples_n_per_prompt_and_counts_tokens(tiny_model):
         assert b.generate([], n=2) == []
 
 
+def test_continuous_batching_keeps_the_interface(tiny_model, monkeypatch):
+    # transformers' paged continuous-batching generator, behind the same interface (a GPU
+    # fast path; on CPU it only has to give the same shape of answer)
+    monkeypatch.setenv("SELFREWARD_CONTINUOUS_BATCHING", "1")
+    with make_backend("transformers", tiny_model, batch_size=4) as b:
+        assert b.name == "transformers-cb"
+        out = b.generate(["Say something.", "Hi", "A third prompt"], n=2, temperature=0.9, top_p=0.95,
+                         max_new_tokens=5, seed=1)
+        assert len(out) == 3 and all(len(g) == 2 for g in out)
+        assert all(1 <= c.tokens <= 5 for g in out for c in g)
+        assert b.generated_tokens == sum(c.tokens for g in out for c in g)
+
+
 def test_completion_stops_at_eos(tiny_model):
     b = TransformersBackend(tiny_model, batch_size=1)
     try:

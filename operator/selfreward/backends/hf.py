@@ -146,10 +146,18 @@ class TransformersBackend(GenerationBackend):
         per_prompt = sampling["num_return_sequences"]
         cfg = GenerationConfig(eos_token_id=self.eos_ids, pad_token_id=self.pad_id, **sampling)
         self.torch.manual_seed(seed)
+        cb = ContinuousBatchingConfig(seed=seed)
+        if self.device == "cpu":
+            # the cache is sized from free accelerator memory by default; on a CPU size it
+            # to the workload instead (every sequence at full length, no sharing needed)
+            page = cb.page_size
+            longest = max(len(ids) for ids in encoded) + max_new_tokens
+            cb.num_blocks = -(-longest // page) * len(encoded) * per_prompt + 1
+            cb.max_batch_tokens = min(4096, max(page, longest * self.batch_size))
         results = self.model.generate_batch(
             inputs=encoded,
             generation_config=cfg,
-            continuous_batching_config=ContinuousBatchingConfig(seed=seed),
+            continuous_batching_config=cb,
             warmup=self.device != "cpu",
         )
         groups: list[list[Optional[Completion]]] = [[None] * per_prompt for _ in encoded]
