@@ -7,11 +7,13 @@ import sys
 import threading
 import time
 
+import jsonpatch
 import kubernetes
 import pytest
 import yaml
+from hypothesis import given, settings as hsettings, strategies as st
 
-from kube.emulator import cluster, parse_label_selector, match_labels
+from kube.emulator import cluster, json_patch, match_labels, merge_patch, parse_label_selector
 from kube.kubelet import (DeadlineExceeded, Fail, ImagePullBackOff, JobRunner, Kubelet, OOMKilled,
                           Succeed, Unschedulable, compress_indexes, job_condition)
 
@@ -527,3 +529,34 @@ def test_patch_types_and_deletion_propagation(kube):
     assert "foregroundDeletion" in kube.get("v1", "configmaps", "owner", "ns1")["metadata"]["finalizers"]
     kube.patch("v1", "configmaps", "child", {"metadata": {"finalizers": None}}, "ns1")
     kube.wait_for(lambda: kube.get("v1", "configmaps", "owner", "ns1") is None)
+
+
+# ------------------------------------------------------------------------- patch algebra
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 5) | st.text("ab/~", max_size=3),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text("ab/~", max_size=3), children, max_size=3),
+    max_leaves=12)
+_json_docs = st.dictionaries(st.text("ab/~", max_size=3), _json_values, max_size=4)
+
+
+@hsettings(max_examples=150, deadline=None)
+@given(_json_docs, _json_docs)
+def test_json_patch_agrees_with_the_jsonpatch_library(a, b):
+    # jsonpatch (a dependency of kopf) computes the RFC 6902 ops; ours must apply them to b.
+    ops = jsonpatch.make_patch(a, b).patch
+    assert json_patch(a, ops) == b == jsonpatch.apply_patch(a, ops)
+    assert json_patch(a, []) == a
+
+
+@hsettings(max_examples=150, deadline=None)
+@given(_json_docs, _json_docs)
+def test_merge_patch_laws(a, b):
+    # RFC 7386: a patch without nulls, applied to anything, yields its keys; applying twice is idempotent.
+    once = merge_patch(a, b)
+    assert merge_patch(once, b) == once
+    for key, value in b.items():
+        if value is None:
+            assert key not in once
+        elif not isinstance(value, dict):
+            assert once[key] == value
