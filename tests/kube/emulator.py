@@ -758,6 +758,9 @@ class Emulator(kmock.KubernetesEmulator):
         meta["generation"] = 1
         self._builtin_defaults(res, obj, create=True)
         self._validate(res, obj)
+        if (res.group, res.version, res.plural) == APIEXT:
+            _check_crd(obj)
+            obj["status"] = _crd_status(obj)
         if dry_run:
             meta["resourceVersion"] = str(self._rv)
             return obj
@@ -831,6 +834,8 @@ class Emulator(kmock.KubernetesEmulator):
                              "if the object is being deleted")])
                 self._builtin_defaults(res, new, create=False)
                 _immutable_causes_raise(res, old, new)
+                if (res.group, res.version, res.plural) == APIEXT:
+                    _check_crd(new)
                 self._validate(res, new)
                 if _spec_part(new) != _spec_part(old):
                     meta["generation"] = int(old["metadata"].get("generation", 1)) + 1
@@ -846,6 +851,8 @@ class Emulator(kmock.KubernetesEmulator):
                 return copy.deepcopy(new)
             self._store[key] = new
             self._emit(res, "MODIFIED", new, old)
+            if (res.group, res.version, res.plural) == APIEXT and subresource is None:
+                self._declare_from_crd(new, validate=True)
             return copy.deepcopy(new)
 
     def api_patch(self, res: ResKey, namespace: str | None, name: str, patch: Any, content_type: str,
@@ -968,6 +975,16 @@ class Emulator(kmock.KubernetesEmulator):
                 if any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or [])]
 
     def _after_removal(self, res: ResKey, obj: Obj) -> None:
+        if (res.group, res.version, res.plural) == APIEXT:  # a deleted CRD takes its objects along
+            spec = obj.get("spec") or {}
+            for version in spec.get("versions") or []:
+                gone = ResKey(spec.get("group"), version.get("name"), (spec.get("names") or {}).get("plural"))
+                for key in [k for k in self._store if k[0] == gone]:
+                    dead = self._store.pop(key)
+                    dead["metadata"]["resourceVersion"] = self._next_rv()
+                    self._emit(gone, "DELETED", dead, dead)
+                self.resources._resources.pop(gone, None)
+                self._schemas.pop(gone, None)
         self._schedule_gc()
 
     def _schedule_gc(self) -> None:
@@ -1340,6 +1357,37 @@ class Emulator(kmock.KubernetesEmulator):
         with self._state:
             for watcher in list(self._watchers):
                 watcher.push(None)
+
+
+def _check_crd(crd: Obj) -> None:
+    spec = crd.get("spec") or {}
+    names = spec.get("names") or {}
+    causes = [(f"spec.{field}", "Required value") for field, value in
+              (("group", spec.get("group")), ("names.plural", names.get("plural")),
+               ("names.kind", names.get("kind")), ("versions", spec.get("versions"))) if not value]
+    if not causes and crd["metadata"]["name"] != f"{names['plural']}.{spec['group']}":
+        causes.append(("metadata.name", f'Invalid value: "{crd["metadata"]["name"]}": must be spec.names.plural+"."+spec.group'))
+    if spec.get("scope") not in ("Namespaced", "Cluster"):
+        causes.append(("spec.scope", f'Unsupported value: "{spec.get("scope")}": supported values: "Cluster", "Namespaced"'))
+    if spec.get("versions") and sum(1 for v in spec["versions"] if v.get("storage")) != 1:
+        causes.append(("spec.versions", "Invalid value: must have exactly one version marked as storage version"))
+    if causes:
+        raise _invalid("CustomResourceDefinition", ResKey(*APIEXT), crd["metadata"].get("name", ""), causes)
+
+
+def _crd_status(crd: Obj) -> Obj:
+    now = _now()
+    names = (crd.get("spec") or {}).get("names") or {}
+    return {
+        "acceptedNames": {k: v for k, v in names.items()},
+        "storedVersions": [v["name"] for v in crd["spec"]["versions"] if v.get("storage")],
+        "conditions": [
+            {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts",
+             "message": "no conflicts found", "lastTransitionTime": now},
+            {"type": "Established", "status": "True", "reason": "InitialNamesAccepted",
+             "message": "the initial names have been accepted", "lastTransitionTime": now},
+        ],
+    }
 
 
 _JOB_SUSPENDED_MUTABLE = ("nodeSelector", "tolerations", "affinity", "schedulingGates")

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from hypothesis import given, settings as hsettings, strategies as st
 
-from kube.emulator import cluster, json_patch, match_labels, merge_patch, parse_label_selector
+from kube.emulator import ResKey, cluster, json_patch, match_labels, merge_patch, parse_label_selector
 from kube.kubelet import (DeadlineExceeded, Fail, ImagePullBackOff, JobRunner, Kubelet, OOMKilled,
                           Succeed, Unschedulable, compress_indexes, job_condition)
 
@@ -292,6 +292,16 @@ def test_kubectl_apply_get_patch_wait_delete(kube, tmp_path):
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "Widget", "metadata": {"name": "w", "namespace": "ns1"},
         "spec": {"size": 0}}))
     assert r.returncode != 0 and "is invalid" in r.stderr and "spec.size" in r.stderr, r.stderr
+    r = kube.kubectl("wait", f"crd/widgets.{GROUP}", "--for=condition=Established", "--timeout=10s")
+    assert r.returncode == 0, r.stderr
+    r = kube.kubectl("apply", "-f", "-", input=yaml.safe_dump({
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "Widget", "metadata": {"name": "w", "namespace": "ns1"},
+        "spec": {"size": 1}}))
+    assert r.returncode == 0, r.stderr
+    r = kube.kubectl("delete", "crd", f"widgets.{GROUP}")
+    assert r.returncode == 0, r.stderr
+    assert kube.kubectl("get", "widgets", "-n", "ns1").returncode != 0       # the resource is gone
+    assert not kube.emulator.snapshot(ResKey(GROUP, VERSION, "widgets"))
 
     r = kube.kubectl("delete", "things", "k1", "-n", "ns1")
     assert r.returncode == 0, r.stderr
