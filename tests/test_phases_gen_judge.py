@@ -254,3 +254,44 @@ def test_instruct_then_generate_uses_the_new_prompts(tmp_path, tiny_model):
     gen = run_phase(spec, "generate", 1)
     assert gen["prompts"] == len(SEEDS) + len({k["prompt"] for k in kept})
     assert run_phase(spec, "instruct", 1)["skipped"] is True
+
+
+def test_vllm_adapter_maps_requests_and_outputs(tiny_model, monkeypatch):
+    """vLLM cannot run here (no GPU), so this checks our adapter against vLLM's documented
+    offline interface (LLM, SamplingParams, RequestOutput.outputs[i].text/token_ids/
+    finish_reason) with a stand-in module: what we send and how we read the answer."""
+    import sys
+    import types
+
+    from transformers import AutoTokenizer
+
+    calls = {}
+
+    class SamplingParams:
+        def __init__(self, **kw):
+            self.kw = kw
+
+    class LLM:
+        def __init__(self, model, dtype, **kw):
+            calls["init"] = dict(model=model, dtype=dtype, **kw)
+
+        def get_tokenizer(self):
+            return AutoTokenizer.from_pretrained(tiny_model)
+
+        def generate(self, prompts, params, use_tqdm=True):
+            calls["prompts"], calls["params"] = prompts, params.kw
+            out = types.SimpleNamespace
+            return [out(outputs=[out(text=f"p{i}-s{j}", token_ids=[1] * (j + 2),
+                                     finish_reason="stop" if j == 0 else "length")
+                                 for j in range(params.kw["n"])]) for i in range(len(prompts))]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
+    with make_backend("vllm", tiny_model, "bfloat16", 8) as b:
+        out = b.generate(["first", "second"], n=3, temperature=0.6, top_p=0.8, max_new_tokens=7, seed=11)
+    assert calls["init"]["model"] == tiny_model and calls["init"]["dtype"] == "bfloat16"
+    assert calls["params"] == {"n": 3, "temperature": 0.6, "top_p": 0.8, "max_tokens": 7, "seed": 11}
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    assert tok.decode(calls["prompts"][0]["prompt_token_ids"]) == "<|user|>\nfirst\n<|assistant|>\n"
+    assert [[c.text for c in g] for g in out] == [["p0-s0", "p0-s1", "p0-s2"], ["p1-s0", "p1-s1", "p1-s2"]]
+    assert [c.tokens for c in out[0]] == [2, 3, 4] and [c.finished for c in out[0]] == [True, False, False]
+    assert b.generated_tokens == 18

@@ -31,13 +31,11 @@ class VLLMBackend(GenerationBackend):
     def generate(self, prompts, n=1, temperature=0.7, top_p=1.0, max_new_tokens=256, seed=0):
         if not prompts:
             return []
-        from vllm.inputs import TokensPrompt
-
         token_prompts = []
         for p in prompts:
             text, templated = chat_format(self.tokenizer, p)
             ids = self.tokenizer(text, add_special_tokens=not templated)["input_ids"]
-            token_prompts.append(TokensPrompt(prompt_token_ids=list(ids)))
+            token_prompts.append({"prompt_token_ids": list(ids)})  # a vllm.inputs.TokensPrompt
         params = self._vllm.SamplingParams(
             n=n,
             temperature=float(temperature),
