@@ -239,6 +239,7 @@ class Kubelet:
         deadline_s = spec.get("activeDeadlineSeconds")
         started = time.monotonic()
         state = _JobState()
+        state.indexed = indexed
         self._set_job_status(namespace, name, {"startTime": _now(), "active": 0, "ready": 0})
 
         def pick(index: int, attempt: int) -> Outcome:
@@ -347,7 +348,7 @@ class Kubelet:
         with state.lock:
             status = {"active": state.active, "ready": state.active, "failed": state.failed,
                       "succeeded": len(state.succeeded)}
-            if state.succeeded:
+            if state.succeeded and state.indexed:
                 status["completedIndexes"] = compress_indexes(state.succeeded)
         self._set_job_status(namespace, name, status)
 
@@ -644,6 +645,7 @@ class _JobState:
         self.failed = 0
         self.succeeded: set[int] = set()
         self.stop = threading.Event()
+        self.indexed = False
 
 
 _VAR_RE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")

@@ -414,9 +414,13 @@ def test_kubelet_failures_and_retries(kube):
         assert (term["exitCode"], term["reason"], term["message"]) == (3, "Error", "boom")
 
         # Scripted outcomes: fail once then succeed; OOMKilled with a FailJob pod failure policy.
-        kube.create(_job("flaky", command=["true"], completions=2, backoffLimit=3))
+        kube.create(_job("flaky", command=["true"], completions=2, backoffLimit=3, indexed=False))
         job = kubelet.run_job("flaky", "ns1", outcome=lambda i, attempt: Fail(1, "x") if attempt == 0 else Succeed("ok"))
         assert job_condition(job, "Complete") and job["status"]["failed"] == 2 and job["status"]["succeeded"] == 2
+        assert "completedIndexes" not in job["status"]          # a NonIndexed Job
+        pods = kube.objects("v1", "pods", "ns1", label_selector="job-name=flaky")
+        assert len(pods) == 4 and not any("batch.kubernetes.io/job-completion-index" in p["metadata"]["annotations"]
+                                          for p in pods)
         kube.create(_job("oom", command=["true"], podFailurePolicy={"rules": [
             {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [137]}}]}))
         job = kubelet.run_job("oom", "ns1", outcome=OOMKilled("out of memory"))
