@@ -178,7 +178,9 @@ def test_two_iterations_from_apply_to_succeeded(kube, operator):
     assert (h["responses"], h["judged"], h["meanScore"], h["pairs"], h["dpoLoss"]) == (16, 16, 3.5, 3, 0.68)
     assert "kopf.zalando.org/last-handled-configuration" not in (run_obj(kube, "a", "two")["metadata"].get("annotations") or {})
     reasons = [e[1] for e in events(kube, "a", "two")]
-    assert reasons.count("JobCreated") == 8 and reasons.count("StepCompleted") == 8 and "Succeeded" in reasons
+    assert reasons.count("StepCompleted") == 8 and "Succeeded" in reasons and "RunStarted" in reasons
+    created = [m for _, _, m in events(kube, "a", "two") if "created Job" in m or "running (Job" in m]
+    assert len(created) == 8  # one Event line per Job, no duplicates
     assert len(step_jobs(kube, "a", "two")) == 8
 
 
@@ -345,7 +347,9 @@ def test_operator_killed_mid_phase_restarts_without_duplicates(kube, tmp_path):
         assert step_jobs(kube, "c", "crash") == ["crash-i1-generate", "crash-i1-judge", "crash-i1-pairs",
                                                   "crash-i1-train"]
         reasons = [e[1] for e in events(kube, "c", "crash")]
-        assert reasons.count("JobCreated") == 4 and reasons.count("StepCompleted") == 4
+        assert reasons.count("StepCompleted") == 4 and reasons.count("RunStarted") == 1
+        created = [m for _, _, m in events(kube, "c", "crash") if "created Job" in m or "running (Job" in m]
+        assert len(created) == 4  # the restarts created nothing twice
     finally:
         stop_operator(proc)
         kube.delete(*RUNS, "crash", "c")

@@ -94,7 +94,8 @@ def test_fresh_run_creates_the_first_job_and_reports_working():
     conds = {c.type: c for c in st.conditions}
     assert conds["Reconciling"].status == "True" and conds["Ready"].status == "False"
     assert conds["Stalled"].status == "False"
-    assert {e.reason for e in res.of(Event)} == {"JobCreated", "RunStarted"}
+    assert [(e.reason, e.message) for e in res.of(Event)] == [
+        ("RunStarted", "iteration 1/2: generate running (Job r-i1-generate)")]
     assert res.requeue_after is None
 
 
@@ -122,7 +123,11 @@ def test_two_iterations_to_succeeded_next_job_in_the_same_pass():
             nxt = order[i + 1] if i + 1 < len(order) else ("generate" if t == 1 else None)
             nt = t if i + 1 < len(order) else t + 1
             assert created(res) == ([f"r-i{nt}-{nxt}"] if nxt else [])
-            assert any(e.reason == "StepCompleted" and name.split("-")[-1] in e.message for e in res.of(Event))
+            done = [e.message for e in res.of(Event) if e.reason == "StepCompleted"]
+            assert len(done) == 1 and done[0].startswith(f"iter-{t}/{phase} completed")
+            if nxt:  # the next Job's creation folds into the same Event
+                assert done[0].endswith(f"created Job r-i{nt}-{nxt}")
+                assert not [e for e in res.of(Event) if e.reason == "JobCreated"]
     st = sim.status
     assert st["phase"] == "Succeeded" and st["progress"] == "2/2"
     assert st["finalCheckpoint"] == "s3://bucket/r/iter-2/train/checkpoint"

@@ -417,20 +417,28 @@ class Controller:
         now = datetime.now(timezone.utc)
         inner = {k: v for k, v in old_status.items() if k != "kopf"}
         result = reconcile(run, inner, jobs, now, self.settings)
-        for action in result.actions:
-            await self.apply(key, run, action, now)
-        patch = status_patch(old_status, result.status)
-        if patch:
-            updated = await asyncio.to_thread(self.kube.patch_run, ns, name, {"status": patch}, True)
-            if updated is not None:
-                cached = self.runs.get(key)
-                if cached is not None and _newer(updated, cached):
-                    self.runs[key] = updated
+        for action in result.actions:  # Job and finalizer changes first, in order
+            if not isinstance(action, Event):
+                await self.apply(key, run, action, now)
+        # then the Events (side by side), then the status: a crash in between repeats an
+        # Event rather than losing it
+        await asyncio.gather(*(self.apply(key, run, a, now) for a in result.actions if isinstance(a, Event)))
+        await self.write_status(key, old_status, result.status)
         if _metrics is not None:
             _metrics.observe_status(ns, name, result.status)
         if result.requeue_after is not None:
             self.enqueue_after(key, result.requeue_after + 0.05)
         return result
+
+    async def write_status(self, key: tuple[str, str], old: dict, new: dict) -> None:
+        patch = status_patch(old, new)
+        if not patch:
+            return
+        updated = await asyncio.to_thread(self.kube.patch_run, key[0], key[1], {"status": patch}, True)
+        if updated is not None:
+            cached = self.runs.get(key)
+            if cached is not None and _newer(updated, cached):
+                self.runs[key] = updated
 
     async def apply(self, key: tuple[str, str], run: dict, action: Any, now: datetime) -> None:
         ns, name = key

@@ -186,11 +186,29 @@ class _Pass:
         seconds = max(0.0, seconds)
         self.requeue = seconds if self.requeue is None else min(self.requeue, seconds)
 
+    def _fold_events(self) -> None:
+        """One Event per transition: a step's completion and the next Job's creation in
+        the same pass read as one line, and the run's start names its first Job."""
+        out: list = []
+        last_done: Optional[int] = None
+        for a in self.actions:
+            if isinstance(a, Event) and a.reason == "StepCompleted":
+                last_done = len(out)
+            elif isinstance(a, Event) and a.reason == "JobCreated" and last_done is not None:
+                prev = out[last_done]
+                out[last_done] = Event(prev.type, prev.reason, f"{prev.message}; {a.message.split(': ', 1)[-1]}")
+                last_done = None
+                continue
+            out.append(a)
+        self.actions = out
+
     def result(self) -> Result:
         self.st.observedGeneration = self.gen
+        self._fold_events()
         new = self.st.phase
         if new != self.old_phase:
             if new == "Running" and self.old_phase in (None, "Pending"):
+                self.actions = [a for a in self.actions if not (isinstance(a, Event) and a.reason == "JobCreated")]
                 self.event("Normal", "RunStarted", self.st.message or "run started")
             elif new == "Running" and self.old_phase == "Suspended":
                 self.event("Normal", "Resumed", self.st.message or "run resumed")
