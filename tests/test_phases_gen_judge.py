@@ -295,3 +295,15 @@ def test_vllm_adapter_maps_requests_and_outputs(tiny_model, monkeypatch):
     assert [[c.text for c in g] for g in out] == [["p0-s0", "p0-s1", "p0-s2"], ["p1-s0", "p1-s1", "p1-s2"]]
     assert [c.tokens for c in out[0]] == [2, 3, 4] and [c.finished for c in out[0]] == [True, False, False]
     assert b.generated_tokens == 18
+
+
+def test_long_prompts_are_cut_from_the_left_to_fit_the_context(tmp_path):
+    from selfreward.tiny import make_tiny_model
+
+    model = str(make_tiny_model(tmp_path / "short-context", max_positions=48))
+    with TransformersBackend(model, batch_size=2) as b:
+        long_prompt = "Please explain this in detail. " * 40
+        out = b.generate([long_prompt, "Hi"], n=2, temperature=0.9, top_p=0.9, max_new_tokens=8, seed=0)
+        assert len(out) == 2 and all(1 <= c.tokens <= 8 for g in out for c in g)
+        assert b.truncated_prompts == 1
+        assert all(len(ids) + 8 <= 48 for ids in b._encode([long_prompt], 8))

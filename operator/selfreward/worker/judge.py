@@ -61,7 +61,7 @@ def run(ctx: PhaseContext) -> dict:
     items = [(r, j) for r, rec in enumerate(records) for j in range(len(rec["responses"]))]
     verdicts: dict[tuple[int, int], list[str]] = {}
     t0 = time.perf_counter()
-    generated_tokens = 0
+    generated_tokens = truncated_prompts = 0
     backend_name = judge.backend
     if items:
         model_dir = models.policy_model(spec, ctx.store, ctx.iteration)
@@ -85,6 +85,7 @@ def run(ctx: PhaseContext) -> dict:
                            tokensPerSecond=round(backend.generated_tokens / elapsed, 2),
                            verdictsPerSecond=round(len(verdicts) * judge.samplesPerResponse / elapsed, 2))
             generated_tokens = backend.generated_tokens
+            truncated_prompts = backend.truncated_prompts
     seconds = max(time.perf_counter() - t0, 1e-9)
     out = []
     for r, rec in enumerate(records):
@@ -104,6 +105,7 @@ def run(ctx: PhaseContext) -> dict:
         "generatedTokens": generated_tokens,
         "tokensPerSecond": round(generated_tokens / seconds, 2) if items else 0.0,
         "verdictsPerSecond": round(stats["verdicts"] / seconds, 2) if items else 0.0,
+        "truncatedPrompts": truncated_prompts,  # judge prompts cut from the left to fit the context
         "generationSeconds": round(seconds, 3),  # sampling only; durationSeconds (set by the dispatcher) includes loading
         "backend": backend_name,
     }
