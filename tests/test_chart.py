@@ -527,7 +527,16 @@ def run_manifest(name, ns, **over):
             "metadata": {"name": name, "namespace": ns}, "spec": spec}
 
 
-@pytest.mark.parametrize("mode", ["namespaced", "cluster"])
+RBAC_MODES = {
+    "namespaced": {"watch": {"mode": "namespaced", "namespaces": ["a", "b"]}},
+    "cluster": {"watch": {"mode": "cluster"}},
+    "namespaced-peering": {"watch": {"mode": "namespaced", "namespaces": ["a", "b"]},
+                           "replicaCount": 2, "peering": {"enabled": True}},
+    "cluster-peering": {"watch": {"mode": "cluster"}, "replicaCount": 2, "peering": {"enabled": True}},
+}
+
+
+@pytest.mark.parametrize("mode", sorted(RBAC_MODES))
 def test_rbac_allows_every_request_the_operator_sends(chart, mode, tmp_path):
     """The real operator, started with the args and env of the rendered Deployment, drives
     runs through a retry, suspend, deletion and artifact cleanup against the API emulator;
@@ -541,9 +550,7 @@ def test_rbac_allows_every_request_the_operator_sends(chart, mode, tmp_path):
     from kube.kubelet import Fail, JobRunner, Succeed
     from selfreward.crd import crd_manifest
 
-    values = {"watch": {"mode": "namespaced", "namespaces": ["a", "b"]}} if mode == "namespaced" \
-        else {"watch": {"mode": "cluster"}}
-    docs = render(chart, values)
+    docs = render(chart, RBAC_MODES[mode])
     _, container = operator_container(docs)
     args = [a for a in container["args"] if not a.startswith(("--metrics-port", "--health-port"))]
     env = dict(os.environ)
@@ -552,7 +559,7 @@ def test_rbac_allows_every_request_the_operator_sends(chart, mode, tmp_path):
             e["valueFrom"]["fieldRef"]["fieldPath"]]
     env["HOME"] = str(tmp_path)
     ns = "a"
-    if mode == "cluster":
+    if mode.startswith("cluster"):
         allowed_ns = None
         grants = rbac_grants(of_kind(docs, "ClusterRole"))
     else:
@@ -572,6 +579,8 @@ def test_rbac_allows_every_request_the_operator_sends(chart, mode, tmp_path):
     log = tmp_path / "operator.log"
     with cluster(namespaces=["a", "b"], crds=[crd_manifest()]) as kube:
         env["KUBECONFIG"] = kube.kubeconfig
+        for peering in of_kind(docs, "KopfPeering") + of_kind(docs, "ClusterKopfPeering"):
+            kube.create(clean(peering))
         proc = subprocess.Popen([sys.executable, "-m", "selfreward", "operator", *args,
                                  "--metrics-port", "0", "--health-port", "0"],
                                 env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
@@ -620,6 +629,9 @@ def test_rbac_allows_every_request_the_operator_sends(chart, mode, tmp_path):
     assert not denied, "requests the chart's RBAC would refuse:\n" + "\n".join(sorted(set(denied))) + \
         "\n--- operator log ---\n" + log.read_text()[-3000:]
     # The scenario exercised the operator's whole repertoire.
+    if "peering" in mode:
+        plural = "clusterkopfpeerings" if mode.startswith("cluster") else "kopfpeerings"
+        assert ("kopf.dev", plural, "patch") in sent, "the operator never touched its peering object"
     for expected in [("selfreward.dev", "selfrewardruns", "watch"), ("selfreward.dev", "selfrewardruns/status", "patch"),
                      ("selfreward.dev", "selfrewardruns", "patch"), ("batch", "jobs", "create"),
                      ("batch", "jobs", "patch"), ("batch", "jobs", "delete"), ("batch", "jobs", "watch"),
@@ -628,7 +640,8 @@ def test_rbac_allows_every_request_the_operator_sends(chart, mode, tmp_path):
     # And nothing granted is unused by the operator, bar what only happens in edge
     # cases (a 409 on create, kopf's CRD watch in the cluster-wide mode).
     unused = {(g, r, v) for (g, r), verbs in grants.items() for v in verbs} - sent
-    assert unused <= {("batch", "jobs", "get"), ("", "pods", "list"), ("batch", "jobs", "list"),
+    assert unused <= {("batch", "jobs", "get"), ("kopf.dev", "kopfpeerings", "list"),
+                      ("kopf.dev", "clusterkopfpeerings", "list"), ("", "pods", "list"), ("batch", "jobs", "list"),
                       ("selfreward.dev", "selfrewardruns", "list"),
                       ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
                       ("apiextensions.k8s.io", "customresourcedefinitions", "watch")}, sorted(unused)

@@ -248,23 +248,40 @@ UNREACHABLE = ("NewConnectionError", "Failed to establish a new connection", "Te
                "Network is unreachable", "Could not fetch URL", "ProxyError", "ConnectTimeoutError")
 
 
-@pytest.mark.parametrize("name", sorted(IMAGES))
-def test_pinned_set_resolves(name, tmp_path):
-    report = tmp_path / "report.json"
-    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-           "--report", str(report), *PLATFORM_ARGS, "-r", str(IMAGES[name] / "requirements.txt")]
+@pytest.fixture(scope="module")
+def resolutions(tmp_path_factory):
+    """Both images' pins resolved by pip at the same time (the work is mostly waiting on
+    the index): {image: (returncode, output, report or None)}."""
     env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1")
     # This machine's pip configuration caps torch at the CPU wheels on its disk; the
     # image installs from the index alone.
     env["PIP_CONFIG_FILE"] = os.devnull
     env.pop("PIP_CONSTRAINT", None)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=540)
-    output = proc.stdout + proc.stderr
-    if proc.returncode != 0 and any(s in output for s in UNREACHABLE):
+    procs = {}
+    for name in sorted(IMAGES):
+        report = tmp_path_factory.mktemp(name) / "report.json"
+        cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+               "--report", str(report), *PLATFORM_ARGS, "-r", str(IMAGES[name] / "requirements.txt")]
+        procs[name] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env),
+                       report)
+    out = {}
+    for name, (proc, report) in procs.items():
+        try:
+            output, _ = proc.communicate(timeout=540)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output, _ = proc.communicate()
+        out[name] = (proc.returncode, output, json.loads(report.read_text()) if report.exists() else None)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_pinned_set_resolves(name, resolutions):
+    returncode, output, report = resolutions[name]
+    if returncode != 0 and any(s in output for s in UNREACHABLE):
         pytest.skip(f"package index unreachable: {output.strip().splitlines()[-1][:200]}")
-    assert proc.returncode == 0, output[-4000:]
-    installed = {canonicalize_name(i["metadata"]["name"]): i["metadata"]["version"]
-                 for i in json.loads(report.read_text())["install"]}
+    assert returncode == 0, output[-4000:]
+    installed = {canonicalize_name(i["metadata"]["name"]): i["metadata"]["version"] for i in report["install"]}
     for key, req in requirements(name).items():
         assert installed.get(key) == next(iter(req.specifier)).version, f"{key}: resolved {installed.get(key)}"
     if name == "operator":
