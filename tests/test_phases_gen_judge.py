@@ -307,3 +307,13 @@ def test_long_prompts_are_cut_from_the_left_to_fit_the_context(tmp_path):
         assert len(out) == 2 and all(1 <= c.tokens <= 8 for g in out for c in g)
         assert b.truncated_prompts == 1
         assert all(len(ids) + 8 <= 48 for ids in b._encode([long_prompt], 8))
+
+
+def test_answers_come_back_in_prompt_order(tiny_model):
+    # prompts are batched by length inside the backend; each answer must still belong to
+    # its own prompt: with greedy decoding, a prompt's answer is the same alone or in a batch
+    prompts = ["A much longer prompt than the others, with plenty of words in it.", "Hi", "Medium sized prompt here"]
+    with TransformersBackend(tiny_model, batch_size=2) as b:
+        together = b.generate(prompts, n=1, temperature=0.0, max_new_tokens=6)
+        alone = [b.generate([p], n=1, temperature=0.0, max_new_tokens=6)[0] for p in prompts]
+    assert [g[0].text for g in together] == [g[0].text for g in alone]

@@ -115,9 +115,12 @@ class TransformersBackend(GenerationBackend):
         torch.manual_seed(seed)
         sampling = self._sampling(n, temperature, top_p, max_new_tokens)
         per_prompt = sampling["num_return_sequences"]
-        out: list[list[Completion]] = []
-        for start in range(0, len(encoded), self.batch_size):
-            batch = encoded[start:start + self.batch_size]
+        # batch prompts of similar length together (less padding), answer in input order
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        out: list[Optional[list[Completion]]] = [None] * len(encoded)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            batch = [encoded[i] for i in rows]
             width = max(len(ids) for ids in batch)
             input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -133,10 +136,10 @@ class TransformersBackend(GenerationBackend):
                     **sampling,
                 )
             generated = seqs[:, width:].tolist()
-            for row in range(len(batch)):
+            for row, index in enumerate(rows):
                 group = [self._completion(g) for g in generated[row * per_prompt:(row + 1) * per_prompt]]
                 self.generated_tokens += sum(c.tokens for c in group)
-                out.append(group * n if per_prompt == 1 and n > 1 else group)
+                out[index] = group * n if per_prompt == 1 and n > 1 else group
         return out
 
     def _generate_continuous(self, encoded, n, temperature, top_p, max_new_tokens, seed):
