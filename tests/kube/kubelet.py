@@ -39,7 +39,10 @@ What it does, as the real components would:
     SuccessCriteriaMet+Complete (reason CompletionsReached) or FailureTarget+Failed (reason
     BackoffLimitExceeded, DeadlineExceeded or PodFailurePolicy), completionTime.
   * suspended Jobs (``spec.suspend: true``) get no Pods; ``run_job`` returns them as they are,
-    ``JobRunner`` starts them once they are unsuspended.
+    ``JobRunner`` starts them once they are unsuspended.  A Job suspended while it runs has its
+    active Pods (and processes) deleted and condition Suspended=True (JobSuspended); when
+    resumed, only the indexes not yet completed run again (Suspended=False, JobResumed) and
+    startTime is reset.  A Job deleted while it runs has its processes killed.
 
 Local processes inherit this process's environment (overlaid with the container's), run in a
 per-pod temp directory (or ``workdir``), and their output is kept in ``Kubelet.logs[pod_name]``
@@ -70,7 +73,7 @@ from .emulator import Cluster, KubeError, ResKey
 
 __all__ = [
     "Kubelet", "JobRunner", "Outcome", "Run", "Succeed", "Fail", "OOMKilled", "ImagePullBackOff",
-    "Unschedulable", "DeadlineExceeded", "job_condition", "compress_indexes",
+    "Unschedulable", "DeadlineExceeded", "job_condition", "compress_indexes", "parse_indexes",
 ]
 
 JOBS = ResKey("batch", "v1", "jobs")
@@ -129,6 +132,18 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def parse_indexes(text: str) -> set[int]:
+    """``"0-2,4"`` -> ``{0, 1, 2, 4}`` (the inverse of :func:`compress_indexes`)."""
+    out: set[int] = set()
+    for part in (text or "").split(","):
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            out.update(range(int(lo), int(hi) + 1))
+        elif part.strip():
+            out.add(int(part))
+    return out
+
+
 def compress_indexes(indexes: set[int] | list[int]) -> str:
     """``{0,1,2,4}`` -> ``"0-2,4"`` as in Job ``status.completedIndexes``."""
     out: list[str] = []
@@ -170,6 +185,10 @@ class _JobGone(Exception):
 
 class _Stopped(Exception):
     """The kubelet was closed while the Job ran: leave the Job as it is."""
+
+
+class _Suspended(Exception):
+    """The Job was suspended while it ran: its active pods go, it resumes later."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,9 +257,35 @@ class Kubelet:
         backoff_limit = int(spec.get("backoffLimit", 6))
         deadline_s = spec.get("activeDeadlineSeconds")
         started = time.monotonic()
+        uid = current["metadata"]["uid"]
+        status = current.get("status") or {}
         state = _JobState()
         state.indexed = indexed
-        self._set_job_status(namespace, name, {"startTime": _now(), "active": 0, "ready": 0})
+        # Resuming (after a suspension): what already succeeded or failed stays counted.
+        state.succeeded = (parse_indexes(status.get("completedIndexes") or "") if indexed
+                           else set(range(int(status.get("succeeded") or 0))))
+        state.failed = int(status.get("failed") or 0)
+        resumed = ([{"type": "Suspended", "status": "False", "reason": "JobResumed",
+                     "message": "Job resumed", "lastProbeTime": _now(), "lastTransitionTime": _now()}]
+                   if job_condition(current, "Suspended") else [])
+        self._set_job_status(namespace, name, {"startTime": _now(), "active": 0, "ready": 0,
+                                               **({"conditions": resumed} if resumed else {})})
+
+        def interrupted() -> str | None:
+            try:
+                now_job = self.api.api_get(JOBS, namespace, name)
+            except KubeError:
+                return "gone"
+            if now_job["metadata"]["uid"] != uid or now_job["metadata"].get("deletionTimestamp"):
+                return "gone"
+            return "suspended" if (now_job.get("spec") or {}).get("suspend") else None
+
+        def check_interrupted() -> None:
+            why = interrupted()
+            if why == "gone":
+                raise _JobGone(name)
+            if why == "suspended":
+                raise _Suspended(name)
 
         def pick(index: int, attempt: int) -> Outcome:
             chosen = outcome(index, attempt) if callable(outcome) else outcome
@@ -251,6 +296,7 @@ class Kubelet:
             while True:
                 if state.stop.is_set() or self._stopping.is_set():
                     raise _Stopped()
+                check_interrupted()
                 result = pick(index, attempt)
                 if result.kind == "deadline":
                     pod = self._create_pod(current, index if indexed else None)
@@ -266,7 +312,7 @@ class Kubelet:
                     state.active += 1
                 self._update_counts(namespace, name, state)
                 try:
-                    exit_code = self._play_pod(pod, result, remaining)
+                    exit_code = self._play_pod(pod, result, remaining, check_interrupted)
                 finally:
                     with state.lock:
                         state.active -= 1
@@ -297,10 +343,12 @@ class Kubelet:
                         raise _JobFailed("BackoffLimitExceeded", "Job has reached the specified backoff limit")
                 attempt += 1
 
-        indexes = list(range(completions))
+        indexes = [i for i in range(completions) if not (indexed and i in state.succeeded)]
+        if not indexed:
+            indexes = indexes[len(state.succeeded):]
         failure: _JobFailed | None = None
-        stuck = False
-        workers = max(1, min(parallelism, self.max_parallel, completions))
+        stuck = suspended = gone = False
+        workers = max(1, min(parallelism, self.max_parallel, max(1, len(indexes))))
         with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
             futures = [pool.submit(one_completion, i) for i in indexes]
             for fut in concurrent.futures.as_completed(futures):
@@ -311,9 +359,23 @@ class Kubelet:
                     state.stop.set()
                 except (_PodStuck, _Stopped):
                     stuck = True
-                except _JobGone:
+                except _Suspended:
+                    suspended = True
                     state.stop.set()
-                    return {}
+                except _JobGone:
+                    gone = True
+                    state.stop.set()
+        if gone:
+            return {}
+        if suspended and failure is None:
+            self._delete_active_pods(namespace, current)
+            now = _now()
+            return self._set_job_status(namespace, name, {
+                "active": 0, "ready": 0, "failed": state.failed, "succeeded": len(state.succeeded),
+                **({"completedIndexes": compress_indexes(state.succeeded)} if indexed and state.succeeded else {}),
+                "conditions": [{"type": "Suspended", "status": "True", "reason": "JobSuspended",
+                                "message": "Job suspended", "lastProbeTime": now, "lastTransitionTime": now}],
+            })
         if stuck and failure is None:
             return self.api.api_get(JOBS, namespace, name)
         if failure is not None:
@@ -357,6 +419,11 @@ class Kubelet:
             status = job.setdefault("status", {})
             for key, value in fields.items():
                 if key in ("failed", "succeeded", "active") and value == 0 and key not in status:
+                    continue
+                if key == "conditions":  # one condition per type, as the Job controller keeps them
+                    merged = [c for c in status.get("conditions") or []
+                              if c.get("type") not in {n["type"] for n in value}]
+                    status["conditions"] = merged + copy.deepcopy(list(value))
                     continue
                 status[key] = copy.deepcopy(value)
             status.setdefault("uncountedTerminatedPods", {})
@@ -480,7 +547,8 @@ class Kubelet:
             } for c in pod["spec"]["containers"]],
         })
 
-    def _play_pod(self, pod: dict[str, Any], outcome: Outcome, deadline: float | None) -> int | None:
+    def _play_pod(self, pod: dict[str, Any], outcome: Outcome, deadline: float | None,
+                  check_interrupted: Callable[[], None] = lambda: None) -> int | None:
         """Drive one pod to its end; returns the exit code, None if the deadline killed it."""
         kind = outcome.kind
         if kind == "unschedulable":
@@ -501,7 +569,7 @@ class Kubelet:
                 self._pod_waiting(pod, "CreateContainerConfigError", str(e))
                 raise _PodStuck(pod["metadata"]["name"])
             self._pod_running(pod)
-            exit_code, message, oom = self._run_container(pod, env, deadline)
+            exit_code, message, oom = self._run_container(pod, env, deadline, check_interrupted)
             if exit_code is None:
                 self._pod_terminated(pod, 137, "Error", "", started)
                 return None
@@ -581,7 +649,8 @@ class Kubelet:
         return data[key]
 
     def _run_container(self, pod: Mapping[str, Any], container_env: Mapping[str, str],
-                       deadline: float | None) -> tuple[int | None, str, bool]:
+                       deadline: float | None,
+                       check_interrupted: Callable[[], None] = lambda: None) -> tuple[int | None, str, bool]:
         container = pod["spec"]["containers"][0]
         name = pod["metadata"]["name"]
         argv = [_expand(str(a), container_env) for a in
@@ -610,13 +679,22 @@ class Kubelet:
                 return 128, f"failed to start the container process: {e}", False
             with self._lock:
                 self._procs[name] = proc
+            ends = time.monotonic() + limit
+            code: int | None = None
             try:
-                code: int | None = proc.wait(timeout=limit)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                code = None
+                while True:
+                    try:
+                        code = proc.wait(timeout=0.2)
+                        break
+                    except subprocess.TimeoutExpired:
+                        if time.monotonic() > ends:
+                            code = None
+                            break
+                        check_interrupted()   # a suspended or deleted Job stops its pods
             finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
                 with self._lock:
                     self._procs.pop(name, None)
         with open(log_path, "rb") as f:
@@ -761,7 +839,10 @@ class JobRunner:
             decision = self.policy(job)
             if decision == "skip":
                 return
-            self.kubelet.run_job(job, outcome=decision)
+            after = self.kubelet.run_job(job, outcome=decision)
+            if after and (after.get("spec") or {}).get("suspend"):
+                self._seen.discard(job["metadata"]["uid"])   # play the rest once unsuspended
+                return
             self.handled.append(job["metadata"]["name"])
         except _JobGone:
             pass

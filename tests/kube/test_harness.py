@@ -574,3 +574,34 @@ def test_merge_patch_laws(a, b):
             assert key not in once
         elif not isinstance(value, dict):
             assert once[key] == value
+
+
+def test_job_suspended_mid_run_stops_its_pods_and_resumes_the_rest(kube, tmp_path):
+    flag = tmp_path / "go"
+    script = ("import os,time; i=os.environ['JOB_COMPLETION_INDEX']\n"
+              f"while i == '1' and not os.path.exists({str(flag)!r}): time.sleep(0.05)")
+    job = _job("pausable", command=["python", "-c", script], completions=2)
+    job["spec"]["parallelism"] = 1
+    job["spec"]["template"]["spec"]["containers"][0]["env"] = []
+    kube.create(job)
+    index_of = lambda p: p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]  # noqa: E731
+    with JobRunner(kube, namespace="ns1", venv_programs=["python"]) as runner:
+        # index 0 finishes, index 1 blocks on the flag: suspend the Job under it.
+        kube.wait_for(lambda: [p for p in kube.objects("v1", "pods", "ns1", label_selector="job-name=pausable")
+                               if index_of(p) == "1" and p["status"]["phase"] == "Running"])
+        kube.patch("batch/v1", "jobs", "pausable", {"spec": {"suspend": True}}, "ns1")
+        suspended = kube.wait_for(lambda: job_condition(kube.get("batch/v1", "jobs", "pausable", "ns1"), "Suspended"))
+        assert suspended["reason"] == "JobSuspended"
+        paused = kube.get("batch/v1", "jobs", "pausable", "ns1")
+        assert paused["status"]["completedIndexes"] == "0" and paused["status"]["active"] == 0
+        assert [index_of(p) for p in kube.objects("v1", "pods", "ns1", label_selector="job-name=pausable")] == ["0"]
+        flag.write_text("go")
+        kube.patch("batch/v1", "jobs", "pausable", {"spec": {"suspend": False}}, "ns1")
+        done = kube.wait_for(lambda: (j := kube.get("batch/v1", "jobs", "pausable", "ns1"))
+                             and job_condition(j, "Complete") and j, timeout=30)
+    assert runner.errors == [] and runner.handled == ["pausable"]
+    assert done["status"]["completedIndexes"] == "0-1" and done["status"]["succeeded"] == 2
+    resumed = [c for c in done["status"]["conditions"] if c["type"] == "Suspended"]
+    assert [(c["status"], c["reason"]) for c in resumed] == [("False", "JobResumed")]
+    pods = kube.objects("v1", "pods", "ns1", label_selector="job-name=pausable")
+    assert sorted(index_of(p) for p in pods) == ["0", "1"]      # index 0 did not run again
