@@ -268,7 +268,7 @@ def test_single_replica_recreates(chart):
     ("peering-2", "KopfPeering", {"team-a", "team-b"}),
     ("cluster-peering-2", "ClusterKopfPeering", {None}),
 ])
-def test_peering(chart, mode, kind, namespaces):
+def test_peering(chart, mode, kind, namespaces, monkeypatch):
     docs = render(chart, MODES[mode])
     dep, c = operator_container(docs)
     assert dep["spec"]["replicas"] == 2
@@ -276,6 +276,9 @@ def test_peering(chart, mode, kind, namespaces):
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["SELFREWARD_PEERING"] == "sr-selfreward"
+    # the CLI reads the peering name from that variable
+    monkeypatch.setenv("SELFREWARD_PEERING", env["SELFREWARD_PEERING"])
+    assert build_parser().parse_args(["operator", *c["args"]]).peering == "sr-selfreward"
     peerings = of_kind(docs, kind)
     assert {p["metadata"].get("namespace") for p in peerings} == namespaces
     assert all(p["apiVersion"] == "kopf.dev/v1" and p["metadata"]["name"] == "sr-selfreward" for p in peerings)
