@@ -101,6 +101,9 @@ def test_few_shot_request_and_extraction():
     assert extract_prompt("\n\nFirst line\nsecond line\n\nrest") == "First line\nsecond line"
     assert extract_prompt("   \n  ") is None
     assert extract_prompt("Task 5:") is None
+    assert extract_prompt("Sure! Here is a new task:\n\nTask 9: Plan a three-day trip to Rome.") == \
+        "Plan a three-day trip to Rome."
+    assert extract_prompt("Here is one:\nName two rivers in Africa.\nTask 10: more") == "Name two rivers in Africa."
 
 
 def test_similarity_measures():

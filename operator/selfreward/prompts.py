@@ -128,9 +128,14 @@ _NEXT_TASK = re.compile(r"^\s*(?:task\s*\d+|instruction)\s*:", re.IGNORECASE)
 
 
 def extract_prompt(completion: str) -> Optional[str]:
-    """The new task in a completion: a leading label ("Task 9:") is dropped, and the text
-    ends at the next "Task N:" line or blank line. None when nothing is left."""
+    """The new task in a completion: a leading label ("Task 9:") or a one-line preamble
+    ending in a colon is dropped, and the text ends at the next "Task N:" line or blank
+    line. None when nothing is left."""
     text = _LABEL.sub("", completion.lstrip(), count=1)
+    first, _, rest = text.partition("\n")
+    if first.rstrip().endswith(":") and rest.strip() and not _NEXT_TASK.match(first):
+        # a chat model's preamble ("Here is a new task:") before the task itself
+        text = _LABEL.sub("", rest.lstrip(), count=1)
     lines: list[str] = []
     for line in text.splitlines():
         if _NEXT_TASK.match(line) or (not line.strip() and lines):
