@@ -26,10 +26,11 @@ A pytest fixture is one line: ``yield from cluster_fixture()`` (see :func:`clust
     ``.create_namespace(name)``, ``.objects(gv, plural, namespace=None, label_selector=None)``,
     ``.get(gv, plural, name, namespace=None)``, ``.create(obj)``, ``.patch(gv, plural, name, patch,
     namespace=None, subresource=None)``, ``.delete(gv, plural, name, namespace=None)``,
-    ``.wait_for(predicate, timeout=10)``, ``.fail_next(method, path_regex, code=500)``, ``.kopf_login()`` (a kopf ``ConnectionInfo`` for a
-    ``@kopf.on.login`` handler of a custom registry), ``.activated()`` (context manager that points
-    ``$KUBECONFIG`` and the kubernetes client's default location at this cluster),
-    ``.emulator`` (the ``Emulator``), ``.stop()``.
+    ``.wait_for(predicate, timeout=10)``, ``.fail_next(method, path_regex, code=500)``,
+    ``.kopf_login()`` (a kopf ``ConnectionInfo`` for a ``@kopf.on.login`` handler of a custom
+    registry), ``.activated()`` (context manager that points ``$KUBECONFIG`` and the kubernetes
+    client's default location at this cluster), ``.emulator`` (the ``Emulator``), ``.stop()``.
+    The kubelet and Job controller live in ``kube.kubelet`` (``Kubelet``, ``JobRunner``).
 
 What the emulator does beyond kmock 0.8 (each as a real API server does it):
   * server-set ``metadata.resourceVersion`` (one global counter), ``uid``, ``creationTimestamp``,
@@ -50,8 +51,8 @@ What the emulator does beyond kmock 0.8 (each as a real API server does it):
   * label selectors (``a=b``, ``a==b``, ``a!=b``, ``a``, ``!a``, ``a in (x,y)``, ``a notin (x)``)
     and field selectors (any dotted path, ``=``/``==``/``!=``, e.g. ``metadata.name``) on list,
     watch and deletecollection.
-  * watch: honours ``resourceVersion`` (replays only newer events from the history), ``timeoutSeconds``,
-    ``sendInitialEvents=true`` (ADDED for what exists, then a BOOKMARK annotated
+  * watch: honours ``resourceVersion`` (replays only newer events from the history),
+    ``timeoutSeconds``, ``sendInitialEvents=true`` (ADDED for what exists, then a BOOKMARK annotated
     ``k8s.io/initial-events-end``), label/field selectors (an object leaving a selector is sent
     as DELETED), ``Content-Type: application/json``; list responses carry kind/apiVersion.
   * deletion: ``metadata.finalizers`` hold an object with ``deletionTimestamp`` until the last
@@ -70,7 +71,8 @@ What the emulator does beyond kmock 0.8 (each as a real API server does it):
   * CRDs: ``declare_crd(manifest, validate=...)`` or creating an
     ``apiextensions.k8s.io/v1 CustomResourceDefinition`` through the API (kubectl apply)
     declares the resource (every served version; scope; status subresource; names) and stores
-    the CRD object with Established/NamesAccepted conditions.  With ``validate=True`` (the
+    the CRD object with Established/NamesAccepted conditions (deleting it deletes its
+    objects).  With ``validate=True`` (the
     default for CRDs created through the API) objects are pruned of unknown fields, defaulted
     and validated against ``openAPIV3Schema`` with ``jsonschema`` (CEL rules are not evaluated).
   * ``load_bundled()`` built-ins plus kopf's peering CRDs (``kopf.dev/v1`` ``kopfpeerings``
