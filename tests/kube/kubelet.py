@@ -44,8 +44,9 @@ What it does, as the real components would:
     resumed, only the indexes not yet completed run again (Suspended=False, JobResumed) and
     startTime is reset.  A Job deleted while it runs has its processes killed.
 
-Local processes inherit this process's environment (overlaid with the container's), run in a
-per-pod temp directory (or ``workdir``), and their output is kept in ``Kubelet.logs[pod_name]``
+Local processes inherit this process's environment (overlaid with the container's), run in
+``workdir`` if given, else the container's ``workingDir`` if it exists here, else a per-pod temp
+directory, and their output is kept in ``Kubelet.logs[pod_name]``
 and served as the Pod's log (``kubectl logs``, ``read_namespaced_pod_log``).
 Volumes, images, resources and probes are not emulated.
 """
@@ -671,8 +672,10 @@ class Kubelet:
         log_path = os.path.join(poddir, "log")
         limit = self.process_timeout if deadline is None else min(self.process_timeout, deadline)
         with open(log_path, "wb") as log:
+            cwd = self.workdir or (container.get("workingDir") if os.path.isdir(container.get("workingDir") or "")
+                                   else poddir)
             try:
-                proc = subprocess.Popen(argv, cwd=self.workdir or poddir, env=env, stdout=log,
+                proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             except OSError as e:
                 self.logs[name] = str(e)

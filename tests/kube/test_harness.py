@@ -15,7 +15,7 @@ from hypothesis import given, settings as hsettings, strategies as st
 
 from kube.emulator import ResKey, cluster, json_patch, match_labels, merge_patch, parse_label_selector
 from kube.kubelet import (DeadlineExceeded, Fail, ImagePullBackOff, JobRunner, Kubelet, OOMKilled,
-                          Succeed, Unschedulable, compress_indexes, job_condition)
+                          Succeed, Unschedulable, _expand, compress_indexes, job_condition, parse_indexes)
 
 GROUP, VERSION, PLURAL = "example.dev", "v1", "things"
 JSON_PATCH = "application/json-patch+json"
@@ -473,9 +473,13 @@ def test_job_runner_plays_new_jobs_and_waits_for_unsuspend(kube):
     assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"] == "done:held"
 
 
-def test_compress_indexes():
+def test_compress_indexes_and_env_expansion():
     assert compress_indexes([0, 1, 2, 4, 6, 7]) == "0-2,4,6-7"
     assert compress_indexes([]) == ""
+    assert parse_indexes("0-2,4,6-7") == {0, 1, 2, 4, 6, 7} and parse_indexes("") == set()
+    # The kubelet's $(VAR) rules: defined references expand, $$ escapes, the rest stays.
+    env = {"A": "x", "B": "$(A)"}
+    assert _expand("$(A)-$$(A)-$(C)-$$-$A-$(B)", env) == "x-$(A)-$(C)-$-$A-$(A)"
 
 
 # ------------------------------------------------------------------------- test controls, patch types
