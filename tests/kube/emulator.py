@@ -82,7 +82,10 @@ Not emulated: authentication/RBAC, admission webhooks, field managers and manage
 protobuf (``kubectl create job`` fails), OpenAPI documents (use ``--validate=false``),
 pagination (``limit`` is ignored: everything comes in one page), the TTL-after-finished and
 other controllers (only the garbage collector and the namespace controller are emulated here;
-the Job controller and kubelet are in ``kubelet.py``).
+the Job controller and kubelet are in ``kubelet.py``).  kmock's DSL reactions
+(``emulator[...] << ...``) and ``emulator.requests`` see only the paths that are not resource
+endpoints (discovery, /version); ``emulator.log`` records every request and ``fail_next``
+injects errors into resource endpoints.
 
 Thread-safety: the state lives behind one ``threading.RLock``; the ``Cluster`` helpers and
 ``Emulator.api_*`` methods may be called from any thread (the kubelet emulation does).
