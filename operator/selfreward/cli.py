@@ -42,7 +42,7 @@ def cmd_run(args) -> int:
 
     spec, meta = load_spec_file(args.spec)
     return run_local(spec, name=meta.get("name") or os.path.splitext(os.path.basename(args.spec))[0],
-                     quiet=args.quiet, python=sys.executable)
+                     quiet=args.quiet, python=sys.executable, parallel=args.parallel, state_dir=args.state_dir)
 
 
 def cmd_make_tiny_model(args) -> int:
@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a whole run on this machine (phases as local processes)")
     r.add_argument("spec", help="run spec YAML (a bare spec or a SelfRewardRun manifest)")
     r.add_argument("--quiet", action="store_true", help="no live progress display")
+    r.add_argument("--parallel", type=int, default=1, help="shards of a phase run at once (default 1)")
+    r.add_argument("--state-dir", default=None, help="spec, worker logs and results; default: a temp dir per run")
     r.set_defaults(func=cmd_run)
 
     w = sub.add_parser("worker", help="run one phase (the Job containers' entrypoint)")

@@ -1,0 +1,527 @@
+"""`selfreward run SPEC.yaml`: a whole run on this machine.
+
+The local runner plans with the operator's planner (``layout.steps``) and runs every
+step the way a Job container does: as a subprocess of ``python -m selfreward worker
+<phase> --spec FILE --iteration t [--shard i --num-shards n]``. It reads each worker's
+result the way the operator reads a termination message: the worker writes its compact
+summary (or ``{"error": ...}``) to ``$SELFREWARD_TERMINATION_LOG``, a per-shard file in
+the run's state directory. Live progress comes through ``$SELFREWARD_PROGRESS_FILE``
+(the worker keeps its latest progress report there as JSON).
+
+Resuming: a step whose ``summary.json`` exists is shown as done and not run; a shard
+whose shard summary exists is not run again. Re-running the same command after a
+failure, Ctrl-C or a crash continues where the run stopped, and the workers themselves
+skip committed output, so nothing is produced twice.
+
+run.json: the first run writes the spec to ``run.json`` at the root of the artifact
+store. A later ``selfreward run`` against the same store must carry the same recipe;
+only the fields in :data:`MUTABLE_FIELDS` may differ (more or fewer iterations, how
+fast or where the phases run, Kubernetes-only settings). Anything else, such as another
+model, other prompts or judge settings, is refused with the fields named, since the
+artifacts already in the store were made with the old values. When only mutable fields
+changed, run.json is rewritten with the new spec.
+
+At the end the runner prints per-iteration figures read from the phase summaries and
+writes them to ``iterations.json`` in the store.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from . import layout
+from .layout import Step
+from .spec import RunSpec, parse_spec
+from .status import IterationRecord
+from .storage import Store
+
+RUN_JSON = "run.json"
+ITERATIONS_JSON = "iterations.json"
+
+# Dotted spec paths that may change between invocations of the same run. Everything
+# else is the recipe that produced the artifacts already in the store.
+MUTABLE_FIELDS = (
+    "iterations",
+    "suspend",
+    "generation.backend",
+    "generation.batchSize",
+    "judge.backend",
+    "judge.batchSize",
+    "storage.endpoint",
+    "storage.region",
+    "storage.credentialsSecret",
+    "storage.deleteOnRunDeletion",
+    "image",
+    "imagePullPolicy",
+    "imagePullSecrets",
+    "serviceAccountName",
+    "resources",
+    "retry",
+    "kueue",
+    "ttlSecondsAfterFinished",
+)
+
+TERM_GRACE_SECONDS = 5.0
+POLL_SECONDS = 0.2
+
+
+class RunError(RuntimeError):
+    """The run cannot go on; the message is meant for the user."""
+
+
+# --- run.json ---------------------------------------------------------------------
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict) and obj:
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: obj}
+
+
+def _mutable(path: str) -> bool:
+    return any(path == m or path.startswith(m + ".") for m in MUTABLE_FIELDS)
+
+
+def spec_differences(old: RunSpec, new: RunSpec) -> list[str]:
+    """Dotted paths of the recipe fields that differ between two specs (mutable fields
+    are left out)."""
+    a = _flatten(old.model_dump(mode="json"))
+    b = _flatten(new.model_dump(mode="json"))
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not _mutable(k))
+
+
+def check_run_json(store: Store, spec: RunSpec) -> str:
+    """Write run.json, or check the one in the store against spec. Returns "new",
+    "same" or "updated"; raises RunError for a different recipe."""
+    doc = spec.model_dump(mode="json", exclude_none=True)
+    if not store.exists(RUN_JSON):
+        store.write_json(RUN_JSON, doc)
+        return "new"
+    try:
+        old = parse_spec(store.read_json(RUN_JSON), store.url(RUN_JSON))
+    except ValueError as e:
+        raise RunError(f"{store.url(RUN_JSON)} is not a valid run spec ({e}); this store holds something else") from None
+    diffs = spec_differences(old, spec)
+    if diffs:
+        shown = ", ".join(diffs[:8]) + (f" and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+        raise RunError(
+            f"{store.url('')} already holds a run with a different spec ({shown}). Its artifacts were made "
+            f"with the old values, so this spec cannot continue it: use another storage.uri, or restore the "
+            f"old values (only {', '.join(MUTABLE_FIELDS[:6])}, and Kubernetes settings may change)."
+        )
+    if old.model_dump(mode="json", exclude_none=True) == doc:
+        return "same"
+    store.write_json(RUN_JSON, doc)
+    return "updated"
+
+
+# --- per-iteration figures --------------------------------------------------------
+
+def _num(v: Any) -> Any:
+    return None if isinstance(v, bool) or not isinstance(v, (int, float)) else v
+
+
+def _first(summary: dict, *names: str) -> Any:
+    for n in names:
+        v = _num(summary.get(n))
+        if v is not None:
+            return v
+    return None
+
+
+def iteration_records(spec: RunSpec, store: Store) -> list[IterationRecord]:
+    """One record per iteration (0 = SFT) from the phase summaries found in the store."""
+    def summary(t: int, phase: str) -> dict:
+        rel = layout.summary_path(t, phase)
+        return store.read_json(rel) if store.exists(rel) else {}
+
+    out = []
+    if spec.sft_enabled:
+        s = summary(0, "sft")
+        rec = IterationRecord(iteration=0)
+        if s:
+            rec.checkpoint = s.get("checkpoint") or store.url(layout.checkpoint_dir(0, "sft"))
+        out.append(rec)
+    for t in range(1, spec.iterations + 1):
+        g, j, p, tr = (summary(t, ph) for ph in ("generate", "judge", "pairs", "train"))
+        rec = IterationRecord(iteration=t)
+        rec.prompts = _first(g, "prompts")
+        rec.responses = _first(g, "responses")
+        rec.judged = _first(j, "judgedResponses", "judged")
+        rec.parseFailures = _first(j, "parseFailures")
+        rec.meanScore = _first(j, "scoreMean", "meanScore")
+        rec.scoreStd = _first(j, "scoreStd")
+        rec.pairs = _first(p, "pairs")
+        rec.pairsDropped = _first(p, "pairsDropped")
+        rec.margin = _first(p, "meanMargin", "margin")
+        rec.dpoLoss = _first(tr, "dpoLoss", "finalTrainLoss")
+        rec.rewardAccuracy = _first(tr, "rewardAccuracy")
+        if tr:
+            rec.checkpoint = tr.get("checkpoint") or store.url(layout.checkpoint_dir(t, "train"))
+        out.append(rec)
+    return out
+
+
+def sft_loss(store: Store) -> Optional[float]:
+    rel = layout.summary_path(0, "sft")
+    return _first(store.read_json(rel), "trainLoss", "finalTrainLoss") if store.exists(rel) else None
+
+
+# --- display ----------------------------------------------------------------------
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _figures(summary: dict) -> str:
+    keys = (("prompts", "prompts"), ("responses", "responses"), ("judgedResponses", "judged"),
+            ("parseFailures", "parse failures"), ("scoreMean", "mean score"), ("pairs", "pairs"),
+            ("trainLoss", "loss"), ("dpoLoss", "DPO loss"), ("rewardAccuracy", "reward acc"),
+            ("tokensPerSecond", "tok/s"), ("durationSeconds", "s"))
+    parts = [f"{label}={_fmt(summary[k], 2)}" for k, label in keys if _num(summary.get(k)) is not None]
+    return ", ".join(parts)
+
+
+class Display:
+    """Plain lines (quiet, or not a terminal) or a rich live progress bar per task."""
+
+    def __init__(self, quiet: bool, title: str = "run"):
+        from rich.console import Console
+
+        self.title = title
+        self.console = Console(stderr=False)
+        self.live = not quiet and self.console.is_terminal
+        self.t0 = time.time()
+        self.progress = None
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(
+                SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), TextColumn("{task.fields[rate]}"), console=self.console, transient=False,
+            )
+            self.progress.start()
+
+    def line(self, text: str) -> None:
+        stamp = f"[{time.time() - self.t0:7.1f}s]"
+        if self.progress is not None:
+            self.progress.console.print(f"{stamp} {text}", markup=False, highlight=False)
+        else:
+            print(f"{stamp} {text}", flush=True)
+
+    def start(self, label: str) -> Any:
+        if self.progress is None:
+            self.line(f"{label}: started")
+            return None
+        return self.progress.add_task(label, total=None, rate="")
+
+    def update(self, task: Any, report: dict) -> None:
+        if self.progress is None or task is None:
+            return
+        done = _num(report.get("done", report.get("step")))
+        total = _num(report.get("total", report.get("totalSteps")))
+        rate = _num(report.get("tokensPerSecond"))
+        loss = _num(report.get("loss"))
+        extra = f"{rate:,.0f} tok/s" if rate is not None else (f"loss {loss:.4f}" if loss is not None else "")
+        self.progress.update(task, completed=done or 0, total=total, rate=extra)
+
+    def finish(self, task: Any, label: str, text: str) -> None:
+        if self.progress is not None and task is not None:
+            self.progress.remove_task(task)
+        self.line(f"{label}: {text}")
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def table(self, spec: RunSpec, store: Store, records: list[IterationRecord]) -> None:
+        from rich.table import Table
+
+        def rel(uri: Optional[str]) -> str:
+            root = store.url("") + "/"
+            return uri[len(root):] if uri and uri.startswith(root) else (uri or "-")
+
+        t = Table(title=f"run {self.title}: {store.url('')}")
+        for col in ("iter", "prompts", "responses", "parse failures", "pairs", "mean score", "DPO loss",
+                    "reward acc", "checkpoint"):
+            t.add_column(col, justify="left" if col == "checkpoint" else "right")
+        for r in records:
+            if r.iteration == 0:
+                loss = sft_loss(store)
+                t.add_row("0 (sft)", "-", "-", "-", "-", "-", f"sft loss {_fmt(loss)}", "-",
+                          rel(r.checkpoint))
+                continue
+            t.add_row(str(r.iteration), _fmt(r.prompts), _fmt(r.responses), _fmt(r.parseFailures), _fmt(r.pairs),
+                      _fmt(r.meanScore), _fmt(r.dpoLoss, 4), _fmt(r.rewardAccuracy), rel(r.checkpoint))
+        if self.progress is not None:
+            self.progress.console.print(t)
+        else:
+            from rich.console import Console
+
+            Console(width=max(140, self.console.width), force_terminal=False, no_color=True).print(t)
+
+
+# --- running workers --------------------------------------------------------------
+
+@dataclass
+class Task:
+    step: Step
+    shard: Optional[int]  # None for unsharded phases
+    label: str
+    files: Path
+    proc: Optional[subprocess.Popen] = None
+    started: float = 0.0
+    handle: Any = None
+    log_path: Optional[Path] = None
+    log_file: Any = None
+    result: dict = field(default_factory=dict)
+
+    @property
+    def termination_log(self) -> Path:
+        return self.files.with_suffix(".result.json")
+
+    @property
+    def progress_file(self) -> Path:
+        return self.files.with_suffix(".progress.json")
+
+
+def _child_setup() -> None:  # pragma: no cover - runs in the forked child
+    """The worker gets its own process group (so the runner can stop it and whatever it
+    started), and on Linux dies with the runner even when the runner is SIGKILLed."""
+    os.setpgid(0, 0)
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            PR_SET_PDEATHSIG = 1
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except Exception:
+            pass
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the worker's process group, SIGKILL it after a grace period."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, TERM_GRACE_SECONDS), (signal.SIGKILL, 30.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _last_error_line(log_path: Optional[Path]) -> str:
+    if log_path is None or not log_path.exists():
+        return ""
+    lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "failed:" in ln or "Error" in ln:
+            return ln
+    return lines[-1] if lines else ""
+
+
+class Runner:
+    def __init__(self, spec: RunSpec, name: str, quiet: bool, python: str, parallel: int, state_dir: Path):
+        self.spec = spec
+        self.name = name
+        self.python = python
+        self.parallel = max(1, parallel)
+        self.state = state_dir
+        self.store = Store.for_spec(spec)
+        self.display = Display(quiet, name)
+        self.spec_file = state_dir / "spec.json"
+        self.logs = state_dir / "logs"
+
+    # one subprocess per shard
+    def _start(self, task: Task) -> None:
+        step = task.step
+        cmd = [self.python, "-m", "selfreward", "worker", step.phase, "--spec", str(self.spec_file),
+               "--iteration", str(step.iteration)]
+        if task.shard is not None:
+            cmd += ["--shard", str(task.shard), "--num-shards", str(step.shards)]
+        for p in (task.termination_log, task.progress_file):
+            p.unlink(missing_ok=True)
+        env = dict(os.environ)
+        env.update({
+            "SELFREWARD_TERMINATION_LOG": str(task.termination_log),
+            "SELFREWARD_PROGRESS_FILE": str(task.progress_file),
+            "PYTHONUNBUFFERED": "1",
+        })
+        env.pop("SELFREWARD_PROGRESS_PORT", None)  # one exporter port cannot serve parallel shards
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        task.log_path = self.logs / f"{task.files.name}.{stamp}.{os.getpid()}.{time.time_ns() % 10**6}.log"
+        task.log_file = open(task.log_path, "wb")
+        task.started = time.time()
+        task.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=task.log_file,
+                                     stderr=subprocess.STDOUT, preexec_fn=_child_setup)
+        task.handle = self.display.start(task.label)
+
+    def _finish(self, task: Task) -> Optional[str]:
+        """Collect a finished worker; return an error line, or None on success."""
+        rc = task.proc.returncode
+        task.log_file.close()
+        result: dict = {}
+        if task.termination_log.exists():
+            try:
+                result = json.loads(task.termination_log.read_text() or "{}")
+            except ValueError:
+                result = {}
+        task.result = result
+        elapsed = time.time() - task.started
+        if rc == 0 and "error" not in result:
+            how = "already committed" if result.get("skipped") else "done"
+            figures = _figures(result)
+            self.display.finish(task.handle, task.label,
+                                f"{how} in {elapsed:.1f}s" + (f" ({figures})" if figures else ""))
+            return None
+        if result.get("error"):
+            why = str(result["error"])
+        elif rc < 0:
+            why = f"killed by {signal.Signals(-rc).name}" + (" (out of memory?)" if rc == -signal.SIGKILL else "")
+        else:
+            why = _last_error_line(task.log_path) or f"exit status {rc}"
+        self.display.finish(task.handle, task.label, f"FAILED after {elapsed:.1f}s")
+        return f"{task.label} failed: {why}\n  worker log: {task.log_path}"
+
+    def _run_tasks(self, tasks: list[Task]) -> None:
+        pending = list(tasks)
+        running: list[Task] = []
+        error: Optional[str] = None
+        try:
+            while pending or running:
+                while pending and len(running) < self.parallel and error is None:
+                    t = pending.pop(0)
+                    self._start(t)
+                    running.append(t)
+                if not running:
+                    break
+                time.sleep(POLL_SECONDS)
+                for t in list(running):
+                    if t.progress_file.exists():
+                        try:
+                            self.display.update(t.handle, json.loads(t.progress_file.read_text()))
+                        except (OSError, ValueError):
+                            pass
+                    if t.proc.poll() is not None:
+                        running.remove(t)
+                        err = self._finish(t)
+                        if err and error is None:
+                            error = err
+                if error is not None:
+                    pending.clear()  # let running shards finish: their work commits and is kept
+        except BaseException:
+            for t in running:
+                _stop(t.proc)
+                if t.log_file and not t.log_file.closed:
+                    t.log_file.close()
+            raise
+        if error is not None:
+            raise RunError(error)
+
+    def _tasks(self, step: Step) -> list[Task]:
+        base = f"iter-{step.iteration}-{step.phase}"
+        if not step.sharded:
+            return [Task(step, None, f"iter-{step.iteration}/{step.phase}", self.state / base)]
+        out = []
+        for i in range(step.shards):
+            label = f"iter-{step.iteration}/{step.phase} shard {i + 1}/{step.shards}"
+            files = self.state / f"{base}-{layout.shard_name(i, step.shards)}"
+            if self.store.exists(layout.shard_summary_path(step.iteration, step.phase, i, step.shards)):
+                self.display.line(f"{label}: already committed")
+                continue
+            out.append(Task(step, i, label, files))
+        if not out:
+            # every shard committed but the phase summary is missing (stopped in between):
+            # any shard's worker skips its shard and writes the phase summary
+            out.append(Task(step, step.shards - 1, f"iter-{step.iteration}/{step.phase} (finalize)",
+                            self.state / f"{base}-{layout.shard_name(step.shards - 1, step.shards)}"))
+        return out
+
+    def run(self) -> int:
+        spec, store = self.spec, self.store
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.spec_file.write_text(json.dumps(spec.model_dump(mode="json", exclude_none=True), indent=2))
+        state = check_run_json(store, spec)
+        steps = layout.steps(spec)
+        d = self.display
+        d.line(f"run {self.name}: {spec.iterations} iterations{' + sft' if spec.sft_enabled else ''}, "
+               f"{len(steps)} steps, artifacts in {store.url('')}"
+               + (" (continuing)" if state != "new" else "") + f"; worker logs in {self.logs}")
+        t0 = time.time()
+        for step in steps:
+            if store.exists(layout.summary_path(step.iteration, step.phase)):
+                d.line(f"{step.key}: done")
+                continue
+            self._run_tasks(self._tasks(step))
+            if not store.exists(layout.summary_path(step.iteration, step.phase)):
+                raise RunError(f"{step.key}: every worker succeeded but {store.url(layout.summary_path(step.iteration, step.phase))} "
+                               "was not written")
+        records = iteration_records(spec, store)
+        doc = {"run": self.name, "storage": store.url(""), "finalCheckpoint": store.url(layout.final_checkpoint(spec)),
+               "sftLoss": sft_loss(store), "iterations": [r.model_dump(exclude_none=True) for r in records]}
+        store.write_json(ITERATIONS_JSON, doc)
+        d.line(f"run {self.name} complete in {time.time() - t0:.1f}s; final checkpoint "
+               f"{store.url(layout.final_checkpoint(spec))}")
+        d.table(spec, store, records)
+        d.line(f"figures written to {store.url(ITERATIONS_JSON)}")
+        return 0
+
+
+def default_state_dir(spec: RunSpec, name: str) -> Path:
+    """Where spec.json, worker logs and result files go: one directory per (name, store)."""
+    key = hashlib.sha1(spec.storage.uri.encode()).hexdigest()[:10]
+    root = Path(os.environ.get("SELFREWARD_STATE_DIR") or Path(tempfile.gettempdir()) / "selfreward-runs")
+    return root / f"{name}-{key}"
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+def run_local(spec: RunSpec, name: str = "run", quiet: bool = False, python: Optional[str] = None,
+              parallel: int = 1, state_dir: Optional[str | Path] = None) -> int:
+    """Run every unfinished step of spec on this machine; 0 when the run is complete."""
+    state = Path(state_dir) if state_dir else default_state_dir(spec, name)
+    state.mkdir(parents=True, exist_ok=True)
+    runner = Runner(spec, name, quiet, python or sys.executable, parallel, state)
+    old_term = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return runner.run()
+    except RunError as e:
+        runner.display.stop()
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        print("Re-run the same command to continue from the last committed step.", file=sys.stderr, flush=True)
+        return 1
+    except (KeyboardInterrupt, _Terminated):
+        runner.display.stop()
+        print("interrupted: workers stopped; re-run the same command to continue from the last committed step",
+              file=sys.stderr, flush=True)
+        return 130
+    finally:
+        runner.display.stop()
+        signal.signal(signal.SIGTERM, old_term)
