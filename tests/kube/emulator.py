@@ -79,7 +79,7 @@ What the emulator does beyond kmock 0.8 (each as a real API server does it):
     namespaced, ``clusterkopfpeerings`` cluster-wide) are declared by default.
 
 Not emulated: authentication/RBAC, admission webhooks, field managers and managedFields,
-protobuf (``kubectl create job`` fails), OpenAPI documents (use ``--validate=false``),
+protobuf (answered 415, so ``kubectl create job/configmap ...`` fail), OpenAPI documents (use ``--validate=false``),
 pagination (``limit`` is ignored: everything comes in one page), the TTL-after-finished and
 other controllers (only the garbage collector and the namespace controller are emulated here;
 the Job controller and kubelet are in ``kubelet.py``).  kmock's DSL reactions
@@ -1238,6 +1238,12 @@ class Emulator(kmock.KubernetesEmulator):
                                        field_selector=q.get("fieldSelector")))
         if method == "GET":
             return _json(self.api_get(res, namespace, name))
+        ctype = raw.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if ctype in ("application/vnd.kubernetes.protobuf", "application/cbor"):
+            await raw.read()   # client-go falls back to JSON on a 415 (kubectl create ... does)
+            raise KubeError(415, "UnsupportedMediaType",
+                            f'the body of the request was in an unknown format - accepted media types '
+                            f'include: application/json, application/yaml')
         body = await _read_body(raw)
         if method == "POST" and name is None:
             return _json(self.api_create(res, namespace, body, dry_run=dry_run), 201)
