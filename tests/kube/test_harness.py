@@ -372,8 +372,14 @@ def test_kubelet_runs_an_indexed_job_locally(kube):
     kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds", "namespace": "ns1"},
                  "stringData": {"token": "s3cr3t"}})
     script = ("import os,json; print('working on', os.environ['JOB_COMPLETION_INDEX']); open(os.environ['SELFREWARD_TERMINATION_LOG'],'w').write(json.dumps("
-              "{'index': os.environ['JOB_COMPLETION_INDEX'], 'greeting': os.environ['GREETING']}))")
-    kube.create(_job("gen", command=["python", "-c", script], completions=3))
+              "{'index': os.environ['JOB_COMPLETION_INDEX'], 'greeting': os.environ['GREETING'],"
+              " 'idx': os.environ['IDX'], 'pod': os.environ['POD']}))")
+    job = _job("gen", command=["python", "-c", script], completions=3)
+    job["spec"]["template"]["spec"]["containers"][0]["env"] += [
+        {"name": "IDX", "valueFrom": {"fieldRef": {
+            "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
+        {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
+    kube.create(job)
     kubelet = Kubelet(kube, venv_programs=["python"])
     try:
         job = kubelet.run_job("gen", "ns1")
@@ -391,10 +397,12 @@ def test_kubelet_runs_an_indexed_job_locally(kube):
         term = pod["status"]["containerStatuses"][0]["state"]["terminated"]
         assert pod["status"]["phase"] == "Succeeded" and term["reason"] == "Completed" and term["exitCode"] == 0
         assert pod["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
-        by_index[index] = json.loads(term["message"])
+        message = json.loads(term["message"])
+        assert message.pop("pod") == pod["metadata"]["name"] and pod["metadata"]["name"].startswith(f"gen-{index}-")
+        by_index[index] = message
         log = kubernetes.client.CoreV1Api(kube.api_client()).read_namespaced_pod_log(pod["metadata"]["name"], "ns1")
         assert log == f"working on {index}\n"
-    assert by_index == {str(i): {"index": str(i), "greeting": "hi-s3cr3t"} for i in range(3)}
+    assert by_index == {str(i): {"index": str(i), "greeting": "hi-s3cr3t", "idx": str(i)} for i in range(3)}
 
 
 def test_kubelet_failures_and_retries(kube):
