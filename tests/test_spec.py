@@ -1,0 +1,201 @@
+"""The run spec rejects bad values with the field named, and loads the shipped manifests."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from selfreward.spec import SpecError, load_spec_file, parse_spec, spec_from_document
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BASE = {
+    "model": {"uri": "/models/base"},
+    "prompts": {"uri": "/data/prompts.jsonl"},
+    "storage": {"uri": "s3://bucket/run"},
+}
+
+
+def with_(path: str, value) -> dict:
+    """BASE with the dotted path set to value."""
+    doc = copy.deepcopy(BASE)
+    *parents, last = path.split(".")
+    node = doc
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[last] = value
+    return doc
+
+
+def rejected(doc, source: str = "spec") -> SpecError:
+    with pytest.raises(SpecError) as info:
+        spec_from_document(doc, source)
+    return info.value
+
+
+def fields(err: SpecError) -> dict[str, str]:
+    return dict(err.errors)
+
+
+@pytest.mark.parametrize(
+    "path, value, field, words",
+    [
+        ("iterations", -1, "iterations", "greater than or equal to 1"),
+        ("iterations", 0, "iterations", "greater than or equal to 1"),
+        ("generation.responsesPerPrompt", 1, "generation.responsesPerPrompt", "greater than or equal to 2"),
+        ("generation.topP", 0, "generation.topP", "greater than 0"),
+        ("judge.topP", 0.0, "judge.topP", "greater than 0"),
+        ("judge.scorePattern", r"Score:\s*[0-9]+", "judge.scorePattern", "capturing group"),
+        ("judge.scorePattern", r"Score: ([0-9]", "judge.scorePattern", "not a valid regular expression"),
+        ("judge.template", "Rate {prompt} out of 5.", "judge.template", "{response}"),
+        ("judge.template", "Rate {prompt} {response} {extra}", "judge.template", "placeholder other than"),
+        ("storage.uri", "http://example.com/run", "storage.uri", "unsupported scheme"),
+        ("generation.backend", "tensorrt", "generation.backend", "transformers"),
+        ("training.beta", 0, "training.beta", "greater than 0"),
+    ],
+)
+def test_bad_value_is_rejected_with_its_field(path, value, field, words):
+    err = rejected(with_(path, value))
+    assert field in fields(err), err
+    assert words in fields(err)[field]
+    assert field in str(err)  # the message a user reads names the field too
+
+
+def test_unknown_field_typo_is_named():
+    doc = with_("generation.maxNewToken", 32)  # missing the final s
+    err = rejected(doc)
+    assert fields(err) == {"generation.maxNewToken": "unknown field"}
+
+
+def test_min_score_must_be_below_max_score():
+    for lo, hi in ((5, 5), (6, 5)):
+        doc = with_("judge.minScore", lo)
+        doc["judge"]["maxScore"] = hi
+        err = rejected(doc)
+        (loc, msg), = err.errors
+        assert loc == "judge" and "minScore" in msg and "maxScore" in msg
+
+
+def test_every_bad_field_is_reported_at_once():
+    doc = with_("iterations", 0)
+    doc["generation"] = {"responsesPerPrompt": 1, "topP": 0}
+    err = rejected(doc)
+    assert {"iterations", "generation.responsesPerPrompt", "generation.topP"} <= set(fields(err))
+
+
+def test_missing_required_sections_are_named():
+    err = rejected({"model": {"uri": "m"}})
+    assert {"prompts", "storage"} <= set(fields(err))
+
+
+def test_kind_and_api_version_are_checked():
+    manifest = {"apiVersion": "selfreward.dev/v1alpha1", "kind": "Other", "spec": BASE}
+    assert "kind" in fields(rejected(manifest))
+    manifest = {"apiVersion": "batch/v1", "kind": "SelfRewardRun", "spec": BASE}
+    err = rejected(manifest)
+    assert "apiVersion" in fields(err) and "batch/v1" in fields(err)["apiVersion"]
+    spec, meta = spec_from_document({"apiVersion": "selfreward.dev/v1alpha1", "kind": "SelfRewardRun",
+                                     "metadata": {"name": "ok"}, "spec": BASE})
+    assert meta["name"] == "ok" and spec.iterations == 3
+
+
+def test_not_a_mapping():
+    assert "spec" in fields(rejected(["a", "list"]))
+
+
+def test_valid_spec_gets_the_paper_defaults():
+    spec = parse_spec(BASE)
+    assert spec.generation.responsesPerPrompt == 4
+    assert spec.judge.samplesPerResponse == 3
+    assert spec.training.beta == 0.1
+    assert not spec.sft_enabled and not spec.instruct_enabled
+
+
+def test_quickstart_loads_and_resolves_relative_uris_against_its_file():
+    spec, meta = load_spec_file(ROOT / "examples" / "quickstart.yaml")
+    assert meta["name"] == "quickstart"
+    examples = (ROOT / "examples").resolve()
+    assert spec.model.uri == str(ROOT.resolve() / ".quickstart" / "tiny-model")
+    assert spec.storage.uri == str(ROOT.resolve() / ".quickstart" / "artifacts")
+    assert spec.prompts.uri == str(examples / "data" / "prompts.jsonl")
+    assert spec.sft.instructionDataUri == str(examples / "data" / "ift.jsonl")
+    assert spec.sft.judgeDataUri == str(examples / "data" / "eft.jsonl")
+    for uri in (spec.prompts.uri, spec.sft.instructionDataUri, spec.sft.judgeDataUri):
+        assert Path(uri).is_file(), uri
+    assert spec.iterations == 2 and spec.sft_enabled
+
+
+def test_quickstart_eft_data_uses_the_quickstart_judge_template():
+    """data/eft.jsonl must be rendered from the template the quickstart judges with."""
+    import json
+
+    from selfreward.judging import render_judge_prompt
+
+    spec, _ = load_spec_file(ROOT / "examples" / "quickstart.yaml")
+    head, _, _ = spec.judge.prompt_template.partition("{prompt}")
+    rows = [json.loads(line) for line in (ROOT / "examples" / "data" / "eft.jsonl").read_text().splitlines()]
+    assert len(rows) >= 20
+    for row in rows:
+        assert row["prompt"].startswith(head)
+        assert row["response"].rstrip().splitlines()[-1].startswith("Score: ")
+    scores = {row["response"].rsplit("Score: ", 1)[1].strip() for row in rows}
+    assert scores == {"0", "1", "2", "3", "4", "5"}  # the whole scale is taught
+    assert rows[0]["prompt"] == render_judge_prompt(spec.judge, "What is two plus three?", "Two plus three is five.")
+
+
+def test_relative_uris_resolve_against_the_file_not_the_cwd(tmp_path, monkeypatch):
+    d = tmp_path / "runs" / "a"
+    d.mkdir(parents=True)
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    manifest = {
+        "apiVersion": "selfreward.dev/v1alpha1", "kind": "SelfRewardRun", "metadata": {"name": "r"},
+        "spec": {
+            "model": {"uri": "../../models/m"},
+            "prompts": {"uri": "p.jsonl"},
+            "storage": {"uri": "out"},
+        },
+    }
+    (d / "run.yaml").write_text(yaml.safe_dump(manifest))
+    monkeypatch.chdir(tmp_path)
+    spec, _ = load_spec_file("runs/a/run.yaml")
+    assert spec.model.uri == str((tmp_path / "models" / "m").resolve())
+    assert spec.prompts.uri == str((d / "p.jsonl").resolve())
+    assert spec.storage.uri == str((d / "out").resolve())
+
+
+def test_hub_ids_and_remote_uris_stay_as_written(tmp_path):
+    manifest = {"kind": "SelfRewardRun", "apiVersion": "selfreward.dev/v1alpha1", "spec": {
+        "model": {"uri": "Qwen/Qwen2.5-0.5B-Instruct"},
+        "prompts": {"uri": "s3://bucket/prompts.jsonl"},
+        "storage": {"uri": "file:///srv/runs/x"},
+    }}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(manifest))
+    spec, _ = load_spec_file(tmp_path / "m.yaml")
+    assert spec.model.uri == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert spec.prompts.uri == "s3://bucket/prompts.jsonl"
+    assert spec.storage.uri == "file:///srv/runs/x"
+
+
+def test_bad_yaml_is_a_spec_error(tmp_path):
+    (tmp_path / "bad.yaml").write_text("spec: [unclosed\n")
+    with pytest.raises(SpecError) as info:
+        load_spec_file(tmp_path / "bad.yaml")
+    assert "yaml" in dict(info.value.errors)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_example_is_valid(path):
+    doc = yaml.safe_load(path.read_text())
+    if not (isinstance(doc, dict) and doc.get("kind") == "SelfRewardRun"):
+        pytest.skip("not a SelfRewardRun manifest")
+    load_spec_file(path)
+
+
+def test_validate_command_reports_the_field(tmp_path, capsys):
+    from selfreward.cli import main
+
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(with_("generation.responsesPerPrompt", 1)))
+    assert main(["validate", str(tmp_path / "bad.yaml")]) == 2
+    assert "generation.responsesPerPrompt" in capsys.readouterr().err
