@@ -128,6 +128,12 @@ def rss_kib(pid: int) -> tuple[int, int]:
     return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
 
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def scrape(port: int, name: str) -> float | None:
     try:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -147,7 +153,7 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[k]
 
 
-def bench(n_runs: int, iterations: int, timeout: float) -> dict:
+def bench(n_runs: int, iterations: int, timeout: float, profile: str = "") -> dict:
     em = TimedEmulator()
     c = Cluster(emulator=em)
     proc = None
@@ -157,7 +163,8 @@ def bench(n_runs: int, iterations: int, timeout: float) -> dict:
         c.declare_crd(crd_manifest(), validate=True)
         metrics_port = free_port()
         env = dict(os.environ, KUBECONFIG=c.kubeconfig)
-        proc = subprocess.Popen([sys.executable, "-m", "selfreward", "operator", "-n", NS,
+        prof = ["-m", "cProfile", "-o", profile] if profile else []
+        proc = subprocess.Popen([sys.executable, *prof, "-m", "selfreward", "operator", "-n", NS,
                                  "--metrics-port", str(metrics_port), "--health-port", "0"],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # wait until the operator watches runs
@@ -170,6 +177,7 @@ def bench(n_runs: int, iterations: int, timeout: float) -> dict:
         rss_idle, _ = rss_kib(proc.pid)
         player.start()
         log_start = len(em.log)
+        cpu0, own0 = cpu_seconds(proc.pid), time.process_time()
         t0 = time.monotonic()
         for i in range(n_runs):
             c.create({"apiVersion": "selfreward.dev/v1alpha1", "kind": "SelfRewardRun",
@@ -184,6 +192,8 @@ def bench(n_runs: int, iterations: int, timeout: float) -> dict:
                 raise RuntimeError(f"only {done}/{n_runs} runs succeeded in {timeout} s")
             time.sleep(0.2)
         wall = time.monotonic() - t0
+        cpu = cpu_seconds(proc.pid) - cpu0
+        own_cpu = time.process_time() - own0
         requests = list(em.log)[log_start:]
         rss_now, rss_peak = rss_kib(proc.pid)
         reconciles = scrape(metrics_port, "selfreward_reconcile_duration_seconds_count")
@@ -212,6 +222,7 @@ def bench(n_runs: int, iterations: int, timeout: float) -> dict:
             "requests": {"total": len(requests), "per_run_iteration": len(requests) / (n_runs * iterations),
                          "by_verb": dict(verbs), "top": kinds.most_common(8)},
             "reconciles": reconciles,
+            "cpu_s": {"operator": cpu, "emulator_and_player": own_cpu},
         }
     finally:
         player.stop.set()
@@ -229,9 +240,10 @@ def main() -> int:
     ap.add_argument("--runs", default="1,200", help="comma-separated numbers of concurrent runs")
     ap.add_argument("--iterations", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--profile", default="", help="write a cProfile of the operator process to this file")
     args = ap.parse_args()
     for n in [int(x) for x in args.runs.split(",")]:
-        r = bench(n, args.iterations, args.timeout)
+        r = bench(n, args.iterations, args.timeout, args.profile)
         lat, rss, req = r["latency_ms"], r["rss_mib"], r["requests"]
         print(f"== {n} concurrent run(s) x {args.iterations} iterations: all Succeeded in {r['wall_s']:.1f} s")
         print(f"   Job complete -> next Job created: median {lat['median']:.1f} ms, p99 {lat['p99']:.1f} ms, "
@@ -240,6 +252,9 @@ def main() -> int:
         print(f"   API requests: {req['total']} total, {req['per_run_iteration']:.1f} per run-iteration; "
               f"by verb {req['by_verb']}")
         print(f"   busiest: {req['top']}")
+        print(f"   CPU: operator {r['cpu_s']['operator']:.1f} s "
+              f"({1000 * r['cpu_s']['operator'] / (n * args.iterations * 4):.1f} ms per step), "
+              f"emulator+player {r['cpu_s']['emulator_and_player']:.1f} s")
         if r["reconciles"] is not None:
             print(f"   reconcile passes: {r['reconciles']:.0f} "
                   f"({r['reconciles'] / (n * args.iterations):.1f} per run-iteration)")

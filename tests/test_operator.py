@@ -254,6 +254,29 @@ def test_deleting_the_run_removes_its_jobs(kube, operator):
     assert run_obj(kube, "a", "gone") == {}
 
 
+def test_delete_on_run_deletion_runs_the_cleanup_job_then_lets_go(kube, operator, tmp_path):
+    store = tmp_path / "store"
+    (store / "iter-1" / "generate").mkdir(parents=True)
+    (store / "iter-1" / "generate" / "summary.json").write_text("{}")
+    kube.create(manifest("tidy", "e", storage={"uri": f"file://{store}", "deleteOnRunDeletion": True}))
+    kube.wait_for(lambda: "selfreward.dev/artifacts" in (run_obj(kube, "e", "tidy")["metadata"].get("finalizers") or []),
+                  WAIT)
+    JobPlayer(kube).wait_job("e", "tidy-i1-generate")
+
+    def policy(job):  # run the cleanup Job's real command; leave the step Jobs alone
+        return None if job["metadata"]["name"] == "tidy-cleanup" else "skip"
+
+    with JobRunner(kube, policy, namespace="e",
+                   programs={"selfreward": Kubelet.venv_program("selfreward")}) as runner:
+        kube.delete(*RUNS, "tidy", "e")
+        kube.wait_for(lambda: run_obj(kube, "e", "tidy") == {}, WAIT)
+    assert not runner.errors and runner.handled == ["tidy-cleanup"]
+    assert not store.exists()
+    reasons = [e[1] for e in events(kube, "e", "tidy")]
+    assert "CleanupStarted" in reasons and "CleanupDone" in reasons
+    kube.wait_for(lambda: step_jobs(kube, "e", "tidy") == [], WAIT)  # garbage-collected with the run
+
+
 def test_two_runs_of_the_same_name_in_two_namespaces(kube, operator):
     player = JobPlayer(kube)
     kube.create(manifest("same", "a"))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any, Optional, Union
 
 from . import conditions as cond
@@ -226,6 +227,15 @@ def _owned(job: dict, uid: Optional[str]) -> bool:
     return any(r.get("uid") == uid for r in refs)
 
 
+@lru_cache(maxsize=512)
+def _spec_from_env(raw: str) -> Optional[RunSpec]:
+    """Parsed once per distinct spec text (every pass reads the same Jobs' env)."""
+    try:
+        return parse_spec(json.loads(raw))
+    except (SpecError, ValueError):
+        return None
+
+
 def _iteration_spec(by_step: dict, iteration: int) -> Optional[RunSpec]:
     """The spec iteration ``iteration`` started with, from its Jobs' env."""
     for (it, _phase), attempts in sorted(by_step.items(), key=lambda kv: _pos(*kv[0])):
@@ -233,11 +243,9 @@ def _iteration_spec(by_step: dict, iteration: int) -> Optional[RunSpec]:
             continue
         for attempt in sorted(attempts):
             raw = J.job_spec_env(attempts[attempt])
-            if raw:
-                try:
-                    return parse_spec(json.loads(raw))
-                except (SpecError, ValueError):
-                    continue
+            spec = _spec_from_env(raw) if raw else None
+            if spec is not None:
+                return spec
     return None
 
 
