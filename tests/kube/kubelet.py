@@ -19,7 +19,9 @@ What it does, as the real components would:
     completion index with the ``batch.kubernetes.io/job-completion-index`` annotation and label
     and the ``JOB_COMPLETION_INDEX`` env variable; ``parallelism`` Pods at a time (bounded by
     ``max_parallel``); failed Pods are retried until ``backoffLimit`` is exceeded;
-    ``podFailurePolicy`` rules on exit codes (FailJob, Ignore, Count) are honoured.
+    ``podFailurePolicy`` rules (onExitCodes, onPodConditions; FailJob, Ignore, Count) are
+    honoured; ``ttlSecondsAfterFinished`` deletes a finished Job (Background) after its TTL, as
+    the TTL controller does (timers are cancelled by ``close()``).
   * ``Run()`` (the default) runs each container's ``command + args`` as a local process: ``$(VAR)``
     references expanded; env from ``value``, ``valueFrom.secretKeyRef``/``configMapKeyRef``
     (read from the emulator; a missing one leaves the Pod waiting in
@@ -33,7 +35,8 @@ What it does, as the real components would:
   * scripted outcomes run nothing: ``Succeed(message)``, ``Fail(exit_code, message)``,
     ``OOMKilled(message)`` (reason OOMKilled, exit 137), ``ImagePullBackOff()`` (container waiting,
     Job stays active), ``Unschedulable()`` (PodScheduled False, reason Unschedulable, Job stays
-    active), ``DeadlineExceeded()`` (Job Failed with reason DeadlineExceeded, Pods deleted).
+    active), ``DeadlineExceeded()`` (Job Failed with reason DeadlineExceeded, Pods deleted),
+    ``Disrupted(message)`` (evicted: exit 143 with condition DisruptionTarget=True).
   * the Job's status goes through the ``/status`` subresource as the Job controller writes it:
     startTime, active/ready/succeeded/failed, completedIndexes (e.g. ``"0-2,4"``), conditions
     SuccessCriteriaMet+Complete (reason CompletionsReached) or FailureTarget+Failed (reason
@@ -74,7 +77,7 @@ from .emulator import Cluster, KubeError, ResKey
 
 __all__ = [
     "Kubelet", "JobRunner", "Outcome", "Run", "Succeed", "Fail", "OOMKilled", "ImagePullBackOff",
-    "Unschedulable", "DeadlineExceeded", "job_condition", "compress_indexes", "parse_indexes",
+    "Unschedulable", "DeadlineExceeded", "Disrupted", "job_condition", "compress_indexes", "parse_indexes",
 ]
 
 JOBS = ResKey("batch", "v1", "jobs")
@@ -124,6 +127,11 @@ def Unschedulable(message: str = "0/1 nodes are available: 1 Insufficient nvidia
 
 def DeadlineExceeded() -> Outcome:  # noqa: N802
     return Outcome("deadline")
+
+
+def Disrupted(message: str = "Eviction API: evicting") -> Outcome:  # noqa: N802
+    """The pod is evicted/preempted: it fails (exit 143) with condition DisruptionTarget=True."""
+    return Outcome("disrupted", 143, message)
 
 
 OutcomeSpec = Union[None, Outcome, Callable[[int, int], Union[Outcome, None]]]
@@ -216,6 +224,7 @@ class Kubelet:
         self._lock = threading.Lock()
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._stopping = threading.Event()
+        self._timers: list[threading.Timer] = []
 
     @staticmethod
     def venv_program(name: str) -> list[str]:
@@ -229,6 +238,8 @@ class Kubelet:
 
     def close(self) -> None:
         self._stopping.set()
+        for timer in self._timers:
+            timer.cancel()
         with self._lock:
             procs = list(self._procs.values())
         for proc in procs:
@@ -326,7 +337,11 @@ class Kubelet:
                         state.succeeded.add(index)
                     self._update_counts(namespace, name, state)
                     return
-                action = _failure_policy_action(spec.get("podFailurePolicy"), pod, exit_code)
+                try:   # the rules look at the pod as it ended (exit code, conditions)
+                    ended = self.api.api_get(PODS, namespace, pod["metadata"]["name"])
+                except KubeError:
+                    ended = pod
+                action = _failure_policy_action(spec.get("podFailurePolicy"), ended, exit_code)
                 if action == "FailJob":
                     with state.lock:
                         state.failed += 1
@@ -382,7 +397,7 @@ class Kubelet:
         if failure is not None:
             self._delete_active_pods(namespace, current)
             now = _now()
-            return self._set_job_status(namespace, name, {
+            return self._finished(namespace, self._set_job_status(namespace, name, {
                 "active": 0, "ready": 0, "failed": state.failed, "succeeded": len(state.succeeded),
                 **({"completedIndexes": compress_indexes(state.succeeded)} if indexed and state.succeeded else {}),
                 "conditions": [
@@ -391,9 +406,9 @@ class Kubelet:
                     {"type": "Failed", "status": "True", "reason": failure.reason,
                      "message": failure.message, "lastProbeTime": now, "lastTransitionTime": now},
                 ],
-            })
+            }))
         now = _now()
-        return self._set_job_status(namespace, name, {
+        return self._finished(namespace, self._set_job_status(namespace, name, {
             "active": 0, "ready": 0, "failed": state.failed, "succeeded": len(state.succeeded),
             **({"completedIndexes": compress_indexes(state.succeeded)} if indexed else {}),
             "completionTime": now,
@@ -405,7 +420,30 @@ class Kubelet:
                  "message": "Reached expected number of succeeded pods",
                  "lastProbeTime": now, "lastTransitionTime": now},
             ],
-        })
+        }))
+
+    def _finished(self, namespace: str | None, job: dict[str, Any]) -> dict[str, Any]:
+        """The TTL-after-finished controller: delete a finished Job (Background) after its TTL."""
+        ttl = (job.get("spec") or {}).get("ttlSecondsAfterFinished")
+        if ttl is None or not job:
+            return job
+        uid, name = job["metadata"]["uid"], job["metadata"]["name"]
+
+        def expire() -> None:
+            try:
+                current = self.api.api_get(JOBS, namespace, name)
+                if current["metadata"]["uid"] == uid:
+                    self.api.api_delete(JOBS, namespace, name, {"propagationPolicy": "Background"})
+            except KubeError:
+                pass
+        if float(ttl) <= 0:
+            expire()
+            return job
+        timer = threading.Timer(float(ttl), expire)
+        timer.daemon = True
+        self._timers.append(timer)
+        timer.start()
+        return job
 
     def _update_counts(self, namespace: str | None, name: str, state: "_JobState") -> None:
         with state.lock:
@@ -507,7 +545,7 @@ class Kubelet:
         })
 
     def _pod_terminated(self, pod: Mapping[str, Any], exit_code: int, reason: str, message: str,
-                        started: str) -> dict[str, Any]:
+                        started: str, disruption: str | None = None) -> dict[str, Any]:
         now = _now()
         containers = pod["spec"]["containers"]
         terminated: dict[str, Any] = {"exitCode": exit_code, "reason": reason,
@@ -522,7 +560,8 @@ class Kubelet:
                 {"type": "Initialized", "status": "True", "lastTransitionTime": started},
                 {"type": "ContainersReady", "status": "False", "reason": "PodCompleted", "lastTransitionTime": now},
                 {"type": "Ready", "status": "False", "reason": "PodCompleted", "lastTransitionTime": now},
-            ],
+            ] + ([{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
+                   "message": disruption, "lastTransitionTime": now}] if disruption else []),
             "containerStatuses": [{
                 "name": c["name"], "image": c.get("image", ""), "imageID": "", "ready": False,
                 "started": False, "restartCount": 0,
@@ -588,6 +627,9 @@ class Kubelet:
         if kind == "oomkilled":
             self._pod_terminated(pod, 137, "OOMKilled", outcome.message, started)
             return 137
+        if kind == "disrupted":
+            self._pod_terminated(pod, 143, "Error", "", started, disruption=outcome.message)
+            return 143
         raise ValueError(f"unknown outcome {outcome!r}")
 
     # ------------------------------------------------------------ local processes
@@ -756,7 +798,14 @@ def _field_ref(pod: Mapping[str, Any], path: str) -> str | None:
 
 
 def _failure_policy_action(policy: Mapping[str, Any] | None, pod: Mapping[str, Any], exit_code: int) -> str | None:
+    """The first matching podFailurePolicy rule's action (onExitCodes or onPodConditions)."""
+    present = {(c.get("type"), c.get("status")) for c in (pod.get("status") or {}).get("conditions") or []}
     for rule in (policy or {}).get("rules") or []:
+        on_conditions = rule.get("onPodConditions")
+        if on_conditions:
+            if any((c.get("type"), c.get("status", "True")) in present for c in on_conditions):
+                return rule.get("action")
+            continue
         codes = rule.get("onExitCodes")
         if not codes:
             continue

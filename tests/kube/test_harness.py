@@ -14,7 +14,7 @@ import yaml
 from hypothesis import given, settings as hsettings, strategies as st
 
 from kube.emulator import ResKey, cluster, json_patch, match_labels, merge_patch, parse_label_selector
-from kube.kubelet import (DeadlineExceeded, Fail, ImagePullBackOff, JobRunner, Kubelet, OOMKilled,
+from kube.kubelet import (DeadlineExceeded, Disrupted, Fail, ImagePullBackOff, JobRunner, Kubelet, OOMKilled,
                           Succeed, Unschedulable, _expand, compress_indexes, job_condition, parse_indexes)
 
 GROUP, VERSION, PLURAL = "example.dev", "v1", "things"
@@ -436,6 +436,17 @@ def test_kubelet_failures_and_retries(kube):
         term = kube.objects("v1", "pods", "ns1", label_selector="job-name=oom")[0]["status"][
             "containerStatuses"][0]["state"]["terminated"]
         assert (term["exitCode"], term["reason"]) == (137, "OOMKilled")
+
+        # An evicted pod matching an Ignore rule is not counted and is replaced.
+        kube.create(_job("evicted", command=["true"], backoffLimit=0, podFailurePolicy={"rules": [
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]}))
+        job = kubelet.run_job("evicted", "ns1", outcome=lambda i, attempt: Disrupted() if attempt == 0 else Succeed())
+        assert job_condition(job, "Complete") and job["status"].get("failed", 0) == 0
+        # ttlSecondsAfterFinished: 0 -> the TTL controller deletes the finished Job and its pods.
+        kube.create(_job("shortlived", command=["true"], ttlSecondsAfterFinished=0))
+        kubelet.run_job("shortlived", "ns1", outcome=Succeed())
+        assert kube.get("batch/v1", "jobs", "shortlived", "ns1") is None
+        kube.wait_for(lambda: kube.objects("v1", "pods", "ns1", label_selector="job-name=shortlived") == [])
 
         # Stuck pods keep the Job active.
         kube.create(_job("pull", command=["true"]))
