@@ -1610,13 +1610,18 @@ class Cluster:
         """Point $KUBECONFIG (kopf, kubectl) and the kubernetes client's default at this cluster."""
         old_env = os.environ.get("KUBECONFIG")
         os.environ["KUBECONFIG"] = self.kubeconfig
-        import kubernetes.config.kube_config as kc
-        old_default = kc.KUBE_CONFIG_DEFAULT_LOCATION
-        kc.KUBE_CONFIG_DEFAULT_LOCATION = self.kubeconfig
+        try:
+            import kubernetes.config.kube_config as kc
+        except ImportError:  # no kubernetes client installed: $KUBECONFIG is all there is
+            kc = None
+        old_default = kc.KUBE_CONFIG_DEFAULT_LOCATION if kc else None
+        if kc:
+            kc.KUBE_CONFIG_DEFAULT_LOCATION = self.kubeconfig
         try:
             yield self
         finally:
-            kc.KUBE_CONFIG_DEFAULT_LOCATION = old_default
+            if kc:
+                kc.KUBE_CONFIG_DEFAULT_LOCATION = old_default
             if old_env is None:
                 os.environ.pop("KUBECONFIG", None)
             else:
