@@ -31,13 +31,13 @@ def now() -> str:
 
 @pytest.fixture(scope="module")
 def kube():
-    with cluster(namespaces=["a", "b", "c", "d", "e"], crds=[crd_manifest()], validate=True) as c:
+    with cluster(namespaces=["a", "b", "c", "d", "e", "f"], crds=[crd_manifest()], validate=True) as c:
         yield c
 
 
-def start_operator(kube, namespaces, log_path: Path) -> subprocess.Popen:
-    args = [sys.executable, "-m", "selfreward", "operator", "--metrics-port", "0", "--health-port", "0",
-            "--worker-image", "selfreward/worker:test"]
+def start_operator(kube, namespaces, log_path: Path, *extra: str, health_port: int = 0) -> subprocess.Popen:
+    args = [sys.executable, "-m", "selfreward", "operator", "--metrics-port", "0", "--health-port", str(health_port),
+            "--worker-image", "selfreward/worker:test", *extra]
     for ns in namespaces:
         args += ["-n", ns]
     env = dict(os.environ, KUBECONFIG=kube.kubeconfig, SELFREWARD_IMAGE_PULL_GRACE_SECONDS="1",
@@ -415,3 +415,56 @@ def test_the_jobs_real_commands_run_a_tiny_iteration(kube, tmp_path, tiny_model)
     finally:
         kubelet.close()
         stop_operator(proc)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_peered_replicas_act_once_and_report_health(kube, tmp_path):
+    import urllib.request
+
+    kube.create({"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "sr", "namespace": "f"}})
+    ports = [_free_port(), _free_port()]
+    procs = [start_operator(kube, ["f"], tmp_path / f"op{i}.log", "--peering", "sr", "--priority", str(p),
+                            health_port=port) for i, (p, port) in enumerate(zip((100, 200), ports))]
+    try:
+        for port in ports:
+            kube.wait_for(lambda: _healthy(urllib.request, port), WAIT)
+        # both replicas have announced themselves: the lower priority one is paused
+        kube.wait_for(lambda: len(kube.get("kopf.dev/v1", "kopfpeerings", "sr", "f").get("status") or {}) == 2, WAIT)
+        time.sleep(1.5)
+
+        def policy(job):
+            return Succeed(json.dumps(SUMMARIES[job["metadata"]["labels"][J.LABEL_PHASE]]))
+
+        with JobRunner(kube, policy, namespace="f") as runner:
+            kube.create(manifest("peer", "f"))
+            wait_status(kube, "f", "peer", lambda s: s.get("phase") == "Succeeded")
+        assert not runner.errors
+        time.sleep(1)
+        reasons = [e[1] for e in events(kube, "f", "peer")]
+        assert reasons.count("StepCompleted") == 4 and reasons.count("RunStarted") == 1  # one replica acted
+        # the active replica goes: the other takes over once its record is gone
+        stop_operator(procs[1])
+        kube.wait_for(lambda: len(kube.get("kopf.dev/v1", "kopfpeerings", "sr", "f").get("status") or {}) == 1, WAIT)
+        with JobRunner(kube, policy, namespace="f") as runner:
+            kube.create(manifest("peer2", "f"))
+            wait_status(kube, "f", "peer2", lambda s: s.get("phase") == "Succeeded")
+        assert not runner.errors
+    finally:
+        for proc in procs:
+            stop_operator(proc)
+    log = (tmp_path / "op0.log").read_text()
+    assert "paused" in log.lower()
+
+
+def _healthy(urllib_request, port) -> bool:
+    try:
+        return urllib_request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).status == 200
+    except OSError:
+        return False

@@ -181,6 +181,53 @@ def status_patch(old: dict, new: dict) -> dict:
     return patch
 
 
+class PeeringGate:
+    """Whether this replica may act, mirroring kopf's rule: pause while a live peer with
+    a higher priority is listed in the peering object(s). kopf freezes its own handlers
+    then, but this controller also acts from timers and resyncs, which kopf does not see;
+    this gate holds those too. Read every ``interval`` seconds (and before the first pass)."""
+
+    def __init__(self, kube: "Kube", name: str, priority: int, namespaces: list[str], interval: float = 1.0):
+        self.kube = kube
+        self.priority = priority
+        self.interval = interval
+        if namespaces:
+            self.paths = [f"/apis/kopf.dev/v1/namespaces/{ns}/kopfpeerings/{quote(name)}" for ns in namespaces]
+        else:
+            self.paths = [f"/apis/kopf.dev/v1/clusterkopfpeerings/{quote(name)}"]
+        self.paused = False
+
+    def check(self) -> bool:
+        now = datetime.now(timezone.utc)
+        higher = False
+        for path in self.paths:
+            try:
+                obj = self.kube.request("GET", path, ok404=True) or {}
+            except Exception as e:  # keep the last verdict on a transient error
+                log.warning("peering check failed: %s", e)
+                return self.paused
+            for peer in (obj.get("status") or {}).values():
+                if not isinstance(peer, dict):
+                    continue
+                seen = J.parse_time(peer.get("lastseen"))
+                alive = seen is not None and (now - seen).total_seconds() < float(peer.get("lifetime", 60))
+                if alive and int(peer.get("priority", 0)) > self.priority:
+                    higher = True
+        if higher != self.paused:
+            log.info("peering: %s", "paused, a replica with a higher priority is active" if higher else "active")
+        self.paused = higher
+        return higher
+
+    async def run(self, ctl: "Controller") -> None:
+        while True:
+            was = self.paused
+            await asyncio.to_thread(self.check)
+            if was and not self.paused:
+                for key in list(ctl.runs):
+                    ctl.enqueue(key)
+            await asyncio.sleep(self.interval)
+
+
 def _run_of(obj: dict) -> Optional[str]:
     meta = obj.get("metadata") or {}
     name = (meta.get("annotations") or {}).get(J.ANN_RUN_NAME)
@@ -213,6 +260,7 @@ class Controller:
         self.fetched: set = set()
         self.tasks: list[asyncio.Task] = []
         self.reconciles = 0
+        self.gate: Optional[PeeringGate] = None
 
     # --- lifecycle ---
     async def start(self, namespaces: list[str]) -> None:
@@ -222,6 +270,9 @@ class Controller:
         asyncio.get_running_loop().set_default_executor(
             concurrent.futures.ThreadPoolExecutor(max_workers=2 * self.workers + 4, thread_name_prefix="kube"))
         await self.warm(namespaces)
+        if self.gate is not None:
+            await asyncio.to_thread(self.gate.check)
+            self.tasks.append(asyncio.create_task(self.gate.run(self)))
         for _ in range(self.workers):
             self.tasks.append(asyncio.create_task(self._worker()))
         self.tasks.append(asyncio.create_task(self._resync()))
@@ -414,6 +465,8 @@ class Controller:
         run = self.runs.get(key)
         if run is None:
             return None
+        if self.gate is not None and self.gate.paused:
+            return None  # another replica acts; the gate re-enqueues every run on resuming
         ns, name = key
         self.reconciles += 1
         old_status = dict(run.get("status") or {})
@@ -552,7 +605,7 @@ def peering_priority(explicit: Optional[int]) -> int:
     value, else one drawn from the pod name (plus randomness, so two replicas never tie)."""
     if explicit is not None:
         return explicit
-    seed = os.environ.get("POD_NAME") or socket.gethostname()
+    seed = os.environ.get("POD_ID") or os.environ.get("POD_NAME") or socket.gethostname()
     return (abs(hash(seed)) % 1000) * 1000 + random.randint(0, 999)
 
 
@@ -588,7 +641,10 @@ def run_operator(args) -> int:
     settings.peering.name = args.peering or "default"
     settings.peering.priority = peering_priority(args.priority)
 
-    ctl = Controller(Kube(), operator_settings(args.worker_image))
+    kube = Kube()
+    ctl = Controller(kube, operator_settings(args.worker_image))
+    if args.peering:
+        ctl.gate = PeeringGate(kube, args.peering, settings.peering.priority, namespaces)
     registry = build_registry(ctl, namespaces)
 
     if _metrics is not None and args.metrics_port:
