@@ -251,7 +251,8 @@ class Kubelet:
 
     def run_job(self, job: Mapping[str, Any] | str, namespace: str | None = None, *,
                 outcome: OutcomeSpec = None) -> dict[str, Any]:
-        """Play a Job to its end (or until a Pod is stuck); returns the Job as stored afterwards."""
+        """Play a Job to its end (or until a Pod is stuck or the Job is suspended); returns the
+        Job as stored afterwards, or ``{}`` if the Job was deleted meanwhile."""
         if isinstance(job, str):
             name = job
         else:
@@ -280,8 +281,11 @@ class Kubelet:
         resumed = ([{"type": "Suspended", "status": "False", "reason": "JobResumed",
                      "message": "Job resumed", "lastProbeTime": _now(), "lastTransitionTime": _now()}]
                    if job_condition(current, "Suspended") else [])
-        self._set_job_status(namespace, name, {"startTime": _now(), "active": 0, "ready": 0,
-                                               **({"conditions": resumed} if resumed else {})})
+        try:
+            self._set_job_status(namespace, name, {"startTime": _now(), "active": 0, "ready": 0,
+                                                   **({"conditions": resumed} if resumed else {})})
+        except _JobGone:
+            return {}
 
         def interrupted() -> str | None:
             try:
