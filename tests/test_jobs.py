@@ -129,7 +129,7 @@ def test_resources_scheduling_and_security():
     js = job["spec"]
     assert js["backoffLimit"] == 3 and js["activeDeadlineSeconds"] == 3600 and js["ttlSecondsAfterFinished"] == 600
     rules = js["podFailurePolicy"]["rules"]
-    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     assert rules[1]["action"] == "FailJob" and rules[1]["onExitCodes"]["values"] == [J.EXIT_INVALID_SPEC]
     # generate does not inherit train's GPUs
     gen = J.build_job(META, spec, Step(2, "generate"), 1)
@@ -202,3 +202,26 @@ def test_summary_prefers_the_aggregate_then_adds_up_shards():
     whole = shards + [_pod("a-2", terminated=term({"responses": 10, "meanScore": 3.5, "numShards": 2}))]
     assert J.job_summary({"pods": whole})["meanScore"] == 3.5
     assert J.job_summary({"pods": []}) is None
+
+
+def test_manifests_validate_against_the_kubernetes_schemas():
+    """Every field the operator writes exists, with the right type, in batch/v1 Job of
+    the oldest and newest Kubernetes versions the schemas cover here (strict: no unknown
+    fields)."""
+    import kubernetes_validate
+
+    spec = _spec(
+        imagePullSecrets=["regcred"], serviceAccountName="trainer", kueue={"queueName": "q"},
+        resources={"default": {"cpu": "2", "memory": "8Gi", "env": [{"name": "X", "value": "1"}]},
+                   "train": {"gpus": 1, "shmSize": "8Gi", "nodeSelector": {"gpu": "a100"},
+                             "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                             "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                                 "nodeSelectorTerms": [{"matchExpressions": [
+                                     {"key": "zone", "operator": "In", "values": ["a"]}]}]}}},
+                             "priorityClassName": "high", "activeDeadlineSeconds": 600}},
+    )
+    manifests = [J.build_job(META, spec, Step(1, "judge", 4), 2), J.build_job(META, spec, Step(1, "train"), 1),
+                 J.build_cleanup_job(META, spec)]
+    for version in ("1.30.0", "1.37.0"):
+        for m in manifests:
+            kubernetes_validate.validate(m, version, strict=True)

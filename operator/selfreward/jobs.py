@@ -265,7 +265,7 @@ def _job_shell(
         "podFailurePolicy": {
             "rules": [
                 # node drains, preemption, evictions: not the worker's fault, not counted
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
                 # an invalid spec fails the same way on every retry
                 {"action": "FailJob",
                  "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_INVALID_SPEC]}},
