@@ -832,7 +832,8 @@ class JobRunner:
     ``policy(job) -> Outcome | callable(index, attempt) | None`` decides how each Job's pods end
     (None: run the commands); return the string ``"skip"`` to leave a Job alone.  Suspended Jobs
     are picked up once unsuspended.  Use as a context manager or with ``start()``/``stop()``;
-    ``handled`` lists the names of the Jobs played, ``errors`` any exception raised doing it.
+    ``handled`` lists the names of the Jobs played to an end (not those deleted meanwhile),
+    ``errors`` any exception raised doing it.
     """
 
     def __init__(self, cluster: Cluster, policy: Callable[[dict[str, Any]], Any] | None = None, *,
@@ -896,7 +897,9 @@ class JobRunner:
             if decision == "skip":
                 return
             after = self.kubelet.run_job(job, outcome=decision)
-            if after and (after.get("spec") or {}).get("suspend"):
+            if not after:   # deleted while it ran
+                return
+            if (after.get("spec") or {}).get("suspend"):
                 self._seen.discard(job["metadata"]["uid"])   # play the rest once unsuspended
                 return
             self.handled.append(job["metadata"]["name"])

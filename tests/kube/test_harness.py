@@ -628,3 +628,26 @@ def test_job_suspended_mid_run_stops_its_pods_and_resumes_the_rest(kube, tmp_pat
     assert [(c["status"], c["reason"]) for c in resumed] == [("False", "JobResumed")]
     pods = kube.objects("v1", "pods", "ns1", label_selector="job-name=pausable")
     assert sorted(index_of(p) for p in pods) == ["0", "1"]      # index 0 did not run again
+
+
+def test_deleting_a_running_job_kills_its_process(kube, tmp_path):
+    import os
+    pidfile = tmp_path / "pid"
+    script = f"import os,time; open({str(pidfile)!r},'w').write(str(os.getpid())); time.sleep(60)"
+    job = _job("doomed", command=["python", "-c", script])
+    job["spec"]["template"]["spec"]["containers"][0]["env"] = []
+    kube.create(job)
+    with JobRunner(kube, namespace="ns1", venv_programs=["python"]) as runner:
+        kube.wait_for(lambda: pidfile.exists() and pidfile.read_text())
+        pid = int(pidfile.read_text())
+        kube.delete("batch/v1", "jobs", "doomed", "ns1")
+
+        def dead():
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+        kube.wait_for(dead, timeout=10)
+        kube.wait_for(lambda: kube.objects("v1", "pods", "ns1", label_selector="job-name=doomed") == [])
+    assert runner.errors == [] and runner.handled == []
