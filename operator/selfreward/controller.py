@@ -239,6 +239,31 @@ def _run_of(obj: dict) -> Optional[str]:
     return (meta.get("labels") or {}).get(J.LABEL_RUN)
 
 
+_META_KEEP = ("name", "namespace", "uid", "resourceVersion", "generation", "labels", "annotations",
+              "ownerReferences", "creationTimestamp", "deletionTimestamp", "finalizers")
+
+
+def slim_job(job: dict) -> dict:
+    """What reconcile reads of a Job: metadata, status, a few spec fields and the
+    container env that carries the iteration's spec (the rest of the pod template,
+    repeated in every Job, is dropped from the cache)."""
+    meta = job.get("metadata") or {}
+    spec = job.get("spec") or {}
+    containers = (((spec.get("template") or {}).get("spec") or {}).get("containers") or [])
+    env = [e for c in containers[:1] for e in (c.get("env") or []) if e.get("name") == "SELFREWARD_SPEC"]
+    return {
+        "metadata": {k: meta[k] for k in _META_KEEP if k in meta},
+        "spec": {**{k: spec[k] for k in ("suspend", "completions", "parallelism", "completionMode") if k in spec},
+                 "template": {"spec": {"containers": [{"name": J.CONTAINER, "env": env}]}}},
+        "status": job.get("status") or {},
+    }
+
+
+def slim_pod(pod: dict) -> dict:
+    meta = pod.get("metadata") or {}
+    return {"metadata": {k: meta[k] for k in _META_KEEP if k in meta}, "status": pod.get("status") or {}}
+
+
 class Controller:
     """The operator's state: indexes fed by watch events, the work queue, the actions."""
 
@@ -327,7 +352,7 @@ class Controller:
             if _newer(obj, old):
                 if _metrics is not None and J.job_complete(obj) and not (old and J.job_complete(old)):
                     self._phase_finished(obj)
-                bucket[name] = obj
+                bucket[name] = slim_job(obj)
         self.enqueue(key)
 
     def pod_event(self, etype: Optional[str], obj: dict) -> None:
@@ -341,7 +366,7 @@ class Controller:
         if etype == "DELETED":
             bucket.pop(meta.get("name"), None)
         elif _newer(obj, bucket.get(meta.get("name"))):
-            bucket[meta.get("name")] = obj
+            bucket[meta.get("name")] = slim_pod(obj)
         run = _run_of(obj)
         if run:
             self.enqueue((ns, run))
