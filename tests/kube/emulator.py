@@ -35,7 +35,7 @@ A pytest fixture is one line: ``yield from cluster_fixture()`` (see :func:`clust
 What the emulator does beyond kmock 0.8 (each as a real API server does it):
   * server-set ``metadata.resourceVersion`` (one global counter), ``uid``, ``creationTimestamp``,
     ``generation`` (+1 only when something outside metadata/status changes, and on deletion
-    with finalizers); ``generateName``; names and label keys/values are validated (422).
+    with finalizers; absent on ConfigMaps, Secrets, Namespaces, Events, Leases...); ``generateName``; names and label keys/values are validated (422).
   * create (POST), get, list, watch, PUT, PATCH (merge, JSON patch, strategic merge for
     built-in kinds only -- 415 on custom resources like a real server --, and server-side apply,
     which creates when missing and otherwise merges like a merge patch), DELETE and
@@ -760,7 +760,9 @@ class Emulator(kmock.KubernetesEmulator):
             meta.pop(field, None)
         meta["uid"] = str(uuid.uuid4())
         meta["creationTimestamp"] = _now()
-        meta["generation"] = 1
+        meta.pop("generation", None)
+        if (res.group, res.plural) not in _NO_GENERATION:
+            meta["generation"] = 1
         self._builtin_defaults(res, obj, create=True)
         self._validate(res, obj)
         if (res.group, res.version, res.plural) == APIEXT:
@@ -843,7 +845,8 @@ class Emulator(kmock.KubernetesEmulator):
                     _check_crd(new)
                 self._validate(res, new)
                 if _spec_part(new) != _spec_part(old):
-                    meta["generation"] = int(old["metadata"].get("generation", 1)) + 1
+                    if "generation" in old["metadata"]:
+                        meta["generation"] = int(old["metadata"]["generation"]) + 1
             if STATUS_SUB == subresource:
                 self._validate(res, new)
             if new == old or dry_run:
@@ -958,7 +961,8 @@ class Emulator(kmock.KubernetesEmulator):
                 new["metadata"]["deletionTimestamp"] = _now()
                 new["metadata"]["deletionGracePeriodSeconds"] = 0
                 new["metadata"]["finalizers"] = finalizers
-                new["metadata"]["generation"] = int(old["metadata"].get("generation", 1)) + 1
+                if "generation" in old["metadata"]:
+                    new["metadata"]["generation"] = int(old["metadata"]["generation"]) + 1
                 if res == ResKey("", "v1", "namespaces"):
                     new.setdefault("status", {})["phase"] = "Terminating"
                 new["metadata"]["resourceVersion"] = self._next_rv()
@@ -1440,6 +1444,12 @@ def _immutable_causes_raise(res: ResKey, old: Obj, new: Obj) -> None:
                            "existing tolerations), `spec.terminationGracePeriodSeconds`"))
     if causes:
         raise _invalid(old["kind"], res, old["metadata"]["name"], causes)
+
+
+# Kinds whose objects carry no metadata.generation on a real server.
+_NO_GENERATION = {("", "configmaps"), ("", "secrets"), ("", "namespaces"), ("", "events"),
+                  ("", "serviceaccounts"), ("", "endpoints"), ("coordination.k8s.io", "leases"),
+                  ("events.k8s.io", "events")}
 
 
 def _spec_part(obj: Obj) -> Obj:

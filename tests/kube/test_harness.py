@@ -187,6 +187,7 @@ def test_finalizers_owner_gc_and_namespace_deletion(kube):
            "uid": owner["metadata"]["uid"], "controller": True}
     core.create_namespaced_config_map("ns1", {"metadata": {"name": "dep", "ownerReferences": [ref]}})
     core.create_namespaced_config_map("ns1", {"metadata": {"name": "free"}})
+    assert "generation" not in kube.get("v1", "configmaps", "free", "ns1")["metadata"]   # as on a real server
 
     deleting = api.delete_namespaced_custom_object(GROUP, VERSION, "ns1", PLURAL, "owner")
     assert deleting["metadata"]["deletionTimestamp"]
