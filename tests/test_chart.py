@@ -47,8 +47,8 @@ ALLOWED = {
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "pods"): {"list", "watch"},
     ("", "events"): {"create"},
-    ("kopf.dev", "kopfpeerings"): {"list", "watch", "patch"},
-    ("kopf.dev", "clusterkopfpeerings"): {"list", "watch", "patch"},
+    ("kopf.dev", "kopfpeerings"): {"get", "list", "watch", "patch"},
+    ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch", "patch"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
 }
 # What it cannot work without.
@@ -283,7 +283,7 @@ def test_peering(chart, mode, kind, namespaces, monkeypatch):
     assert {p["metadata"].get("namespace") for p in peerings} == namespaces
     assert all(p["apiVersion"] == "kopf.dev/v1" and p["metadata"]["name"] == "sr-selfreward" for p in peerings)
     plural = kind.lower() + "s"
-    assert rbac_grants(docs)[("kopf.dev", plural)] == {"list", "watch", "patch"}
+    assert rbac_grants(docs)[("kopf.dev", plural)] == {"get", "list", "watch", "patch"}
 
 
 # --- values.schema.json ------------------------------------------------------------
