@@ -277,6 +277,17 @@ def test_delete_on_run_deletion_runs_the_cleanup_job_then_lets_go(kube, operator
     kube.wait_for(lambda: step_jobs(kube, "e", "tidy") == [], WAIT)  # garbage-collected with the run
 
 
+def test_refused_api_calls_are_reported_and_retried(kube, operator):
+    kube.fail_next("POST", r"/namespaces/b/jobs$", code=403, reason="Forbidden",
+                   message='jobs "quota-i1-generate" is forbidden: exceeded quota: compute')
+    kube.fail_next("POST", r"/namespaces/b/jobs$", code=500, reason="InternalError", message="etcd timeout")
+    kube.create(manifest("quota", "b"))
+    JobPlayer(kube).wait_job("b", "quota-i1-generate")  # created once the server accepts it
+    evs = [e for e in events(kube, "b", "quota") if e[1] == "ApiError"]
+    assert len(evs) == 1 and evs[0][0] == "Warning" and "exceeded quota" in evs[0][2]
+    wait_status(kube, "b", "quota", lambda s: s.get("activeJob") == "quota-i1-generate")
+
+
 def test_two_runs_of_the_same_name_in_two_namespaces(kube, operator):
     player = JobPlayer(kube)
     kube.create(manifest("same", "a"))

@@ -286,6 +286,7 @@ class Controller:
         self.tasks: list[asyncio.Task] = []
         self.reconciles = 0
         self.gate: Optional[PeeringGate] = None
+        self.reported: dict[tuple[str, str], str] = {}
 
     # --- lifecycle ---
     async def start(self, namespaces: list[str]) -> None:
@@ -415,6 +416,7 @@ class Controller:
             try:
                 await self.reconcile_one(key)
                 self.errors.pop(key, None)
+                self.reported.pop(key, None)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # keep serving other runs; retry this one with backoff
@@ -424,6 +426,7 @@ class Controller:
                 delay = ERROR_BACKOFF[min(n, len(ERROR_BACKOFF) - 1)]
                 log.warning("reconcile of %s/%s failed (%s); again in %ss", key[0], key[1], e, delay)
                 self.enqueue_after(key, delay)
+                await self.report_error(key, e)
             finally:
                 self.processing.discard(key)
                 if _metrics is not None:
@@ -511,6 +514,25 @@ class Controller:
         if result.requeue_after is not None:
             self.enqueue_after(key, result.requeue_after + 0.05)
         return result
+
+    async def report_error(self, key: tuple[str, str], err: Exception) -> None:
+        """An API call the server refused (a Job it finds invalid, a quota): say so once
+        per distinct message, as a Warning Event and in status.message."""
+        if not isinstance(err, KubeError) or err.status in (409, 429) or err.status >= 500:
+            return
+        message = f"the API server refused a request: {err}"[:1000]
+        if self.reported.get(key) == message:
+            return
+        self.reported[key] = message
+        run = self.runs.get(key)
+        if run is None:
+            return
+        try:
+            await asyncio.to_thread(self.kube.post_event, key[0], run, Event("Warning", "ApiError", message),
+                                    datetime.now(timezone.utc))
+            await asyncio.to_thread(self.kube.patch_run, key[0], key[1], {"status": {"message": message}}, True)
+        except Exception as e:
+            log.warning("could not report the error on %s/%s: %s", key[0], key[1], e)
 
     async def write_status(self, key: tuple[str, str], old: dict, new: dict) -> None:
         patch = status_patch(old, new)
