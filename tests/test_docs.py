@@ -20,7 +20,7 @@ from selfreward.spec import PHASES, RunSpec
 from selfreward.status import IterationRecord, RunStatus
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "images" / "README.md"]
+DOCS = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "images" / "README.md", ROOT / "charts" / "selfreward" / "README.md"]
 CHART = ROOT / "charts" / "selfreward"
 CRD = yaml.safe_load((ROOT / "crds" / "selfreward.dev_selfrewardruns.yaml").read_text())
 SOURCE = "\n".join(p.read_text() for p in sorted((ROOT / "operator" / "selfreward").rglob("*.py")))
