@@ -19,6 +19,8 @@ from kube.emulator import cluster
 from kube.kubelet import DeadlineExceeded, ImagePullBackOff, JobRunner, Kubelet, Succeed, Unschedulable
 from selfreward import jobs as J
 from selfreward.crd import crd_manifest
+from selfreward.layout import Step
+from selfreward.spec import parse_spec
 
 RUNS = ("selfreward.dev/v1alpha1", "selfrewardruns")
 VENV_BIN = str(Path(sys.executable).parent)
@@ -275,6 +277,21 @@ def test_delete_on_run_deletion_runs_the_cleanup_job_then_lets_go(kube, operator
     reasons = [e[1] for e in events(kube, "e", "tidy")]
     assert "CleanupStarted" in reasons and "CleanupDone" in reasons
     kube.wait_for(lambda: step_jobs(kube, "e", "tidy") == [], WAIT)  # garbage-collected with the run
+
+
+def test_kube_client_adopts_on_409(kube):
+    from selfreward.controller import Kube
+
+    client = Kube(kube.api_client())
+    m = J.build_job({"name": "adopt", "namespace": "d", "uid": "u-1"}, parse_spec(manifest("adopt", "d")["spec"]),
+                    Step(1, "pairs"), 1)
+    first, created = client.create_job("d", m)
+    again, created_again = client.create_job("d", m)
+    assert created and not created_again
+    assert again["metadata"]["uid"] == first["metadata"]["uid"]
+    assert [j["metadata"]["name"] for j in kube.objects("batch/v1", "jobs", "d")].count("adopt-i1-pairs") == 1
+    client.delete_job("d", "adopt-i1-pairs")
+    client.delete_job("d", "adopt-i1-pairs")  # a 404 is fine
 
 
 def test_refused_api_calls_are_reported_and_retried(kube, operator):
