@@ -37,8 +37,10 @@ def kube():
         yield c
 
 
-def start_operator(kube, namespaces, log_path: Path, *extra: str, health_port: int = 0) -> subprocess.Popen:
-    args = [sys.executable, "-m", "selfreward", "operator", "--metrics-port", "0", "--health-port", str(health_port),
+def start_operator(kube, namespaces, log_path: Path, *extra: str, health_port: int = 0,
+                   metrics_port: int = 0) -> subprocess.Popen:
+    args = [sys.executable, "-m", "selfreward", "operator", "--metrics-port", str(metrics_port),
+            "--health-port", str(health_port),
             "--worker-image", "selfreward/worker:test", *extra]
     for ns in namespaces:
         args += ["-n", ns]
@@ -61,7 +63,9 @@ def stop_operator(proc: subprocess.Popen, kill: bool = False) -> None:
 @pytest.fixture(scope="module")
 def operator(kube, tmp_path_factory):
     log = tmp_path_factory.mktemp("operator") / "operator.log"
-    proc = start_operator(kube, ["a", "b", "e"], log)
+    port = _free_port()
+    proc = start_operator(kube, ["a", "b", "e"], log, metrics_port=port)
+    proc.metrics_port = port
     yield proc
     stop_operator(proc)
     assert proc.returncode in (0, -signal.SIGTERM), log.read_text()[-3000:]
@@ -201,6 +205,14 @@ def test_failed_job_is_retried_then_the_run_fails_with_oomkilled(kube, operator)
     assert ("Warning", "OOMKilled") in [(e[0], e[1]) for e in evs]
     time.sleep(1)
     assert step_jobs(kube, "a", "oom") == ["oom-i1-generate", "oom-i1-generate-r2"]  # no third attempt
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics", timeout=5).read().decode()
+    figures = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("selfreward_jobs_") and 'run="oom"' in line}
+    assert figures['selfreward_jobs_created_total{namespace="a",run="oom"}'] == 2
+    assert figures['selfreward_jobs_failed_total{namespace="a",run="oom"}'] == 2
+    assert figures['selfreward_jobs_retried_total{namespace="a",run="oom"}'] == 1
 
 
 def test_worker_error_line_becomes_the_reason(kube, operator):

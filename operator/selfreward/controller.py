@@ -580,8 +580,10 @@ class Controller:
             (log.warning if action.type == "Warning" else log.info)("%s/%s %s: %s", ns, name, action.reason,
                                                                     action.message)
             if _metrics is not None:
-                if action.reason == "JobFailed" or (action.type == "Warning" and action.reason not in
-                                                    ("JobRetried", "InvalidSpec", "JobFailed")):
+                # a failed attempt is announced once: JobFailed when a retry follows, else the
+                # run's final Warning, whose reason is the failure's (OOMKilled, WorkerError, ...)
+                not_a_job = ("JobRetried", "InvalidSpec", "CleanupSkipped", "ApiError")
+                if action.type == "Warning" and action.reason not in not_a_job:
                     _metrics.job_failed(ns, name)
                 elif action.reason == "JobRetried":
                     _metrics.job_retried(ns, name)
