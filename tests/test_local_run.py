@@ -268,3 +268,32 @@ def test_failing_worker_surfaces_its_error_then_the_fixed_run_continues(env, tin
         assert len(worker_logs(state, f"iter-1-{phase}*.log")) == 1
     assert len(worker_logs(state, "iter-2-generate*.log")) == 2  # the failed attempt and the fixed one
     assert checkpoint.is_committed(store, layout.final_checkpoint(spec))
+
+
+# --- Ctrl-C -----------------------------------------------------------------------------
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_stops_the_worker_and_exits_130(env, tiny_model, tmp_path):
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    spec = make_spec(tiny_model, prompts, f"file://{tmp_path}/store")
+    spec_yaml = tmp_path / "run.yaml"
+    spec_yaml.write_text(json.dumps(spec.model_dump(mode="json", exclude_none=True)))
+    state = tmp_path / "state"
+    proc = subprocess.Popen([sys.executable, "-m", "selfreward", "run", str(spec_yaml), "--quiet",
+                             "--state-dir", str(state)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not _workers_of(state) and time.time() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        assert _workers_of(state), "no worker started"
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the runner
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "re-run the same command" in err
+    assert _workers_of(state) == []  # the runner stopped its worker's process group before exiting
+    assert not Store.for_spec(spec).exists(layout.summary_path(1, "generate"))

@@ -269,8 +269,9 @@ class Display:
                 continue
             t.add_row(str(r.iteration), _fmt(r.prompts), _fmt(r.responses), _fmt(r.parseFailures), _fmt(r.pairs),
                       _fmt(r.meanScore), _fmt(r.dpoLoss, 4), _fmt(r.rewardAccuracy), rel(r.checkpoint))
-        if self.progress is not None:
-            self.progress.console.print(t)
+        self.stop()
+        if self.live:
+            self.console.print(t)
         else:
             from rich.console import Console
 
