@@ -1537,7 +1537,7 @@ class Cluster:
     """A running emulator with clients wired to it; see the module docstring."""
 
     def __init__(self, emulator: Emulator | None = None, *, host: str = "127.0.0.1"):
-        self.emulator = emulator or Emulator()
+        self.emulator = emulator if emulator is not None else Emulator()
         self._tmp = tempfile.mkdtemp(prefix="kube-emulator-")
         self._ready = threading.Event()
         self._stop_requested: asyncio.Event | None = None
