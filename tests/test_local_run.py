@@ -297,3 +297,20 @@ def test_ctrl_c_stops_the_worker_and_exits_130(env, tiny_model, tmp_path):
     assert "interrupted" in err and "re-run the same command" in err
     assert _workers_of(state) == []  # the runner stopped its worker's process group before exiting
     assert not Store.for_spec(spec).exists(layout.summary_path(1, "generate"))
+
+
+def test_progress_file_keeps_the_latest_report_and_passes_it_on(tmp_path):
+    """The worker's side of the live-progress channel the runner reads."""
+    from selfreward.worker.common import progress_file
+
+    seen = []
+    path = tmp_path / "p.json"
+    report = progress_file(str(path), seen.append)
+    report({"phase": "generate", "done": 1, "total": 4, "tokensPerSecond": 12.5})
+    report({"phase": "generate", "done": 2, "total": 4, "tokensPerSecond": 13.0})
+    latest = json.loads(path.read_text())
+    assert latest["done"] == 2 and latest["tokensPerSecond"] == 13.0 and "time" in latest
+    assert [r["done"] for r in seen] == [1, 2]
+    assert progress_file("", seen.append) == seen.append  # no path: the inner callback alone
+    report({"phase": "generate", "bad": object()})  # not JSON: dropped, never raised
+    assert json.loads(path.read_text())["done"] == 2
