@@ -314,3 +314,21 @@ def test_progress_file_keeps_the_latest_report_and_passes_it_on(tmp_path):
     assert progress_file("", seen.append) == seen.append  # no path: the inner callback alone
     report({"phase": "generate", "bad": object()})  # not JSON: dropped, never raised
     assert json.loads(path.read_text())["done"] == 2
+
+
+def test_pairs_never_hand_the_train_phase_an_empty_response():
+    """The contract between two phases: a tiny model sometimes answers with nothing at
+    all; such a response scores but is no DPO completion, so pairs leave it out."""
+    from selfreward.training import preference_rows
+    from selfreward.worker.pairs import build_pairs
+
+    records = [
+        {"promptId": "a", "prompt": "Q1", "responses": [
+            {"text": "", "score": 0.0}, {"text": "ok", "score": 3.0}, {"text": "better", "score": 4.0}]},
+        {"promptId": "b", "prompt": "Q2", "responses": [
+            {"text": "   ", "score": 5.0}, {"text": "only one", "score": 1.0}]},
+    ]
+    pairs, summary = build_pairs(records)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("better", "ok")]
+    assert summary["droppedTooFewScored"] == 1
+    assert len(preference_rows(pairs, conversational=True, where="pairs")) == 1

@@ -26,7 +26,9 @@ def pairs_path(iteration: int) -> str:
 
 def build_pair(record: dict, min_margin: float = 0.0) -> tuple[Optional[dict], Optional[str]]:
     """(pair, None) or (None, the reason the prompt gives no pair)."""
-    scored = [r for r in record.get("responses", []) if r.get("score") is not None]
+    # an empty response cannot be a DPO completion (the train phase refuses it): not a candidate
+    scored = [r for r in record.get("responses", [])
+              if r.get("score") is not None and isinstance(r.get("text"), str) and r["text"].strip()]
     if len(scored) < 2:
         return None, TOO_FEW
     # first of equals wins, so the result does not depend on sort stability
