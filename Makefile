@@ -40,7 +40,7 @@ crd: $(STAMP_RUN)
 	$(BIN)/selfreward crd -o crds/selfreward.dev_selfrewardruns.yaml
 
 bench: $(STAMP_TEST)
-	$(BIN)/python -P bench/pipeline.py
+	$(BIN)/python bench/pipeline.py
 
 clean:
 	rm -rf .quickstart

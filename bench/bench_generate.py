@@ -10,6 +10,13 @@ measures the GPU (models.device() picks cuda when there is one).
 """
 from __future__ import annotations
 
+import sys
+
+# Run as a script, bench/ comes first on sys.path, where bench/operator.py (the operator
+# benchmark) would shadow the standard library's `operator` module: drop it first.
+if sys.path and sys.path[0] and __file__.startswith(sys.path[0].rstrip("/") + "/"):
+    del sys.path[0]
+
 import argparse
 import json
 import tempfile

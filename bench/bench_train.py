@@ -7,6 +7,13 @@ real S3 server (SeaweedFS on loopback, from tests/s3server.py).
 Prints one line per figure; nothing is asserted (speed belongs here, not in tests)."""
 from __future__ import annotations
 
+import sys
+
+# Run as a script, bench/ comes first on sys.path, where bench/operator.py (the operator
+# benchmark) would shadow the standard library's `operator` module: drop it first.
+if sys.path and sys.path[0] and __file__.startswith(sys.path[0].rstrip("/") + "/"):
+    del sys.path[0]
+
 import argparse
 import os
 import sys

@@ -15,6 +15,13 @@ embedding/logits cost of a real 0.5B model. Prints figures; asserts nothing.
 """
 from __future__ import annotations
 
+import sys
+
+# Run as a script, bench/ comes first on sys.path, where bench/operator.py (the operator
+# benchmark) would shadow the standard library's `operator` module: drop it first.
+if sys.path and sys.path[0] and __file__.startswith(sys.path[0].rstrip("/") + "/"):
+    del sys.path[0]
+
 import argparse
 import contextlib
 import json
