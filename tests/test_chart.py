@@ -547,7 +547,6 @@ def test_rbac_allows_every_request_the_operator_sends(chart, mode, tmp_path):
     import os
     import signal
     import sys
-    import time
 
     from kube.emulator import cluster
     from kube.kubelet import Fail, JobRunner, Succeed

@@ -1,5 +1,4 @@
 """Building preference pairs from judged records (pure, no storage)."""
-import pytest
 from hypothesis import given, settings, strategies as st
 
 from selfreward.worker.pairs import MARGIN, TIE, TOO_FEW, build_pair, build_pairs

@@ -314,7 +314,7 @@ def test_spec_change_mid_iteration_applies_from_the_next_iteration():
     sim.step()
     sim.run = make_run(gen=2, generation={"shards": 3}, iterations=3)
     sim.complete("r-i1-generate")
-    res = sim.step()
+    sim.step()
     assert sim.status["observedGeneration"] == 2
     judge = sim.jobs["r-i1-judge"]
     env = {e["name"]: e.get("value") for e in judge["spec"]["template"]["spec"]["containers"][0]["env"]}
@@ -322,7 +322,7 @@ def test_spec_change_mid_iteration_applies_from_the_next_iteration():
     assert json.loads(env["SELFREWARD_SPEC"])["iterations"] == 2
     for phase in ("judge", "pairs", "train"):
         sim.complete(f"r-i1-{phase}")
-        res = sim.step()
+        sim.step()
     gen2 = sim.jobs["r-i2-generate"]
     assert gen2["spec"]["completions"] == 3 and gen2["spec"]["completionMode"] == "Indexed"
     assert sim.status["progress"] == "1/3"

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Optional
 
-from .spec import PHASES, SpecError, load_spec_file, parse_spec, spec_from_document
+from .spec import PHASES, SpecError, load_spec_file, spec_from_document
 
 
 def _load_worker_spec(path: Optional[str]):

@@ -424,6 +424,20 @@ def scratch_dir() -> Iterator[str]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def kept_examples(trainer, total: int, where: str, what: str, limit_field: str, limit: int) -> int:
+    """How many examples the trainer kept after tokenizing; the ones whose prompt alone
+    fills the length limit are dropped by TRL. None left is an error; some dropped is logged."""
+    from .worker.common import PhaseError, log
+
+    kept = len(trainer.train_dataset)
+    if kept == 0:
+        raise PhaseError(f"{where}: every prompt fills {limit_field}={limit} tokens; no {what} is left "
+                         f"to train on (raise {limit_field})")
+    if kept < total:
+        log(f"{where}: {total - kept} of {total} {what}s dropped: their prompt alone fills {limit_field}={limit} tokens")
+    return kept
+
+
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     t0 = time.perf_counter()
     out = fn()

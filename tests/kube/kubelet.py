@@ -61,10 +61,8 @@ import copy
 import dataclasses
 import datetime
 import os
-import random
 import re
 import shutil
-import string
 import subprocess
 import sys
 import tempfile
@@ -496,7 +494,6 @@ class Kubelet:
         tmeta = template.get("metadata") or {}
         labels = dict(tmeta.get("labels") or {})
         annotations = dict(tmeta.get("annotations") or {})
-        suffix = "".join(random.choices(string.ascii_lowercase + string.digits, k=5))
         pod_spec = template.get("spec") or {}
         if index is not None:
             labels[INDEX_KEY] = str(index)

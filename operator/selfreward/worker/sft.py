@@ -90,13 +90,7 @@ def run(ctx: PhaseContext) -> dict:
             callbacks=[training.progress_callback(ctx.report)],
         )
         training.quiet_trainer(trainer)
-        kept = len(trainer.train_dataset)
-        if kept == 0:
-            raise PhaseError(f"sft: every example's prompt fills sft.maxLength={sft.maxLength} tokens; nothing is left "
-                             "to train on (raise sft.maxLength)")
-        if kept < len(rows):
-            log(f"iter-0/sft: {len(rows) - kept} of {len(rows)} examples dropped: their prompt alone fills "
-                f"sft.maxLength={sft.maxLength} tokens")
+        kept = training.kept_examples(trainer, len(rows), "iter-0/sft", "example", "sft.maxLength", sft.maxLength)
         log(f"iter-0/sft: {len(ift)} instruction + {len(eft)} judge examples ({tr.mode}, bf16={bf16}, "
             f"device={models.device()})")
         result, seconds = training.timed(trainer.train)

@@ -132,13 +132,7 @@ def run(ctx: PhaseContext) -> dict:
             callbacks=[training.progress_callback(ctx.report)],
         )
         training.quiet_trainer(trainer)
-        kept = len(trainer.train_dataset)
-        if kept == 0:
-            raise PhaseError(f"iteration {t}: every prompt fills training.maxLength={tr.maxLength} tokens; "
-                             "no pair is left to train on (raise training.maxLength)")
-        if kept < len(rows):
-            log(f"iter-{t}/train: {len(rows) - kept} of {len(rows)} pairs dropped: their prompt alone fills "
-                f"training.maxLength={tr.maxLength} tokens")
+        kept = training.kept_examples(trainer, len(rows), f"iter-{t}/train", "pair", "training.maxLength", tr.maxLength)
         log(f"iter-{t}/train: DPO on {kept} pairs ({'lora' if peft_config else 'full'}, reference={tr.reference}, "
             f"bf16={bf16}, device={models.device()})")
         result, seconds = training.timed(trainer.train)
