@@ -95,7 +95,7 @@ def test_resources_scheduling_and_security():
         resources={
             "default": {"cpu": "2", "memory": "8Gi", "nodeSelector": {"pool": "cpu"},
                         "env": [{"name": "EXTRA", "value": "1"}, {"name": "SELFREWARD_SPEC", "value": "evil"}]},
-            "train": {"gpus": 2, "gpuResourceName": "amd.com/gpu", "memory": "64Gi", "shmSize": "16Gi",
+            "train": {"gpus": 1, "gpuResourceName": "amd.com/gpu", "memory": "64Gi", "shmSize": "16Gi",
                       "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
                       "affinity": {"nodeAffinity": {}}, "priorityClassName": "high", "activeDeadlineSeconds": 3600},
         },
@@ -107,7 +107,7 @@ def test_resources_scheduling_and_security():
     pod = job["spec"]["template"]["spec"]
     assert c["image"] == "registry.local/worker:1" and c["imagePullPolicy"] == "IfNotPresent"
     assert c["resources"]["requests"] == {"cpu": "2", "memory": "64Gi"}
-    assert c["resources"]["limits"] == {"cpu": "2", "memory": "64Gi", "amd.com/gpu": "2"}
+    assert c["resources"]["limits"] == {"cpu": "2", "memory": "64Gi", "amd.com/gpu": "1"}
     assert pod["nodeSelector"] == {"pool": "cpu"}
     assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert pod["affinity"] == {"nodeAffinity": {}} and pod["priorityClassName"] == "high"

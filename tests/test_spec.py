@@ -199,3 +199,16 @@ def test_validate_command_reports_the_field(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(with_("generation.responsesPerPrompt", 1)))
     assert main(["validate", str(tmp_path / "bad.yaml")]) == 2
     assert "generation.responsesPerPrompt" in capsys.readouterr().err
+
+
+def test_training_phases_take_at_most_one_gpu():
+    from selfreward.spec import SpecError, parse_spec
+
+    base = {"model": {"uri": "/m"}, "prompts": {"uri": "/p.jsonl"}, "storage": {"uri": "/s"}}
+    with pytest.raises(SpecError, match=r"resources.train.gpus is 8"):
+        parse_spec({**base, "resources": {"train": {"gpus": 8}}})
+    # inherited from the default: generation may use 4 GPUs, training still needs its own 1
+    with pytest.raises(SpecError, match=r"resources.sft.gpus is 4"):
+        parse_spec({**base, "resources": {"default": {"gpus": 4}}})
+    ok = parse_spec({**base, "resources": {"default": {"gpus": 4}, "train": {"gpus": 1}, "sft": {"gpus": 1}}})
+    assert ok.resources.for_phase("generate").gpus == 4 and ok.resources.for_phase("train").gpus == 1

@@ -339,6 +339,20 @@ class RunSpec(_Model):
     kueue: Optional[KueueSpec] = None
     ttlSecondsAfterFinished: Optional[int] = Field(86400, ge=0)
 
+    @model_validator(mode="after")
+    def _one_gpu_for_training(self) -> "RunSpec":
+        # The sft and train phases run one training process per pod (no distributed
+        # launcher), and one process drives one GPU: refuse more at load time rather
+        # than in a pod that has already been scheduled on a multi-GPU node.
+        for phase in ("sft", "train"):
+            gpus = self.resources.for_phase(phase).gpus
+            if gpus is not None and gpus > 1:
+                raise ValueError(
+                    f"resources.{phase}.gpus is {gpus} (or inherited from resources.default): the {phase} phase "
+                    "trains in one process on one GPU; set resources.train.gpus (and resources.sft.gpus) to 1"
+                )
+        return self
+
     # --- derived facts used by planning ---
     @property
     def sft_enabled(self) -> bool:
