@@ -272,6 +272,16 @@ def _progress(spec: RunSpec, done: tuple[int, int]) -> str:
     return f"{max(0, min(finished, spec.iterations))}/{spec.iterations}"
 
 
+
+def _working(p, st: RunStatus, where: str, step: Step, queue: Optional[str], note: str = "") -> None:
+    """Status of a step whose Job exists: waiting for Kueue admission in `queue`, or running."""
+    if queue is not None:
+        st.phase = "Pending" if st.completedStep is None else "Running"
+        p.state("working", "WaitingForAdmission", f"{where}: {step.phase} queued in {queue} (Job {st.activeJob}){note}")
+    else:
+        st.phase = "Running"
+        p.state("working", "JobRunning", f"{where}: {step.phase} running (Job {st.activeJob}){note}")
+
 def reconcile(run: dict, status: Any, jobs: list[dict], now: datetime,
               settings: Optional[J.Settings] = None) -> Result:
     settings = settings or J.Settings()
@@ -431,26 +441,15 @@ def reconcile(run: dict, status: Any, jobs: list[dict], now: datetime,
                 p.event("Normal", "JobCreated", f"{key}: created Job {manifest['metadata']['name']}")
             attempts[key] = n
             st.activeJob = manifest["metadata"]["name"]
-            if spec.kueue is not None and it_spec.kueue is not None:
-                st.phase = "Pending" if st.completedStep is None else "Running"
-                p.state("working", "WaitingForAdmission",
-                        f"{where}: {step.phase} queued in {it_spec.kueue.queueName} (Job {st.activeJob})")
-            else:
-                st.phase = "Running"
-                p.state("working", "JobRunning", f"{where}: {step.phase} running (Job {st.activeJob})")
+            queue = it_spec.kueue.queueName if spec.kueue is not None and it_spec.kueue is not None else None
+            _working(p, st, where, step, queue)
             break
 
         # the step's Job is active
         st.activeJob = job["metadata"]["name"]
         attempts[key] = attempt
         queued = bool((job.get("spec") or {}).get("suspend")) and spec.kueue is not None
-        if queued:
-            st.phase = "Pending" if st.completedStep is None else "Running"
-            p.state("working", "WaitingForAdmission",
-                    f"{where}: {step.phase} queued in {spec.kueue.queueName} (Job {st.activeJob}){problem_note}")
-        else:
-            st.phase = "Running"
-            p.state("working", "JobRunning", f"{where}: {step.phase} running (Job {st.activeJob}){problem_note}")
+        _working(p, st, where, step, spec.kueue.queueName if queued else None, problem_note)
         break
 
     st.attempts = attempts or None
