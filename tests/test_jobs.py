@@ -59,7 +59,8 @@ def test_sharded_step_is_an_indexed_job_with_labels_owner_and_command():
                                       "uid": "uid-1", "controller": True, "blockOwnerDeletion": True}]
     spec = job["spec"]
     assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == 3
-    assert _container(job)["command"] == ["selfreward", "worker", "judge", "--iteration", "1", "--num-shards", "3"]
+    assert _container(job)["command"] == ["selfreward", "worker", "judge", "--iteration", "1", "--spec", J.SPEC_FILE,
+                                          "--num-shards", "3"]
     pod_labels = spec["template"]["metadata"]["labels"]
     assert pod_labels[J.LABEL_JOB] == "demo-i1-judge" and pod_labels[J.LABEL_RUN] == "demo"
     single = J.build_job(META, _spec(), Step(1, "pairs"), 2)
@@ -67,21 +68,40 @@ def test_sharded_step_is_an_indexed_job_with_labels_owner_and_command():
     assert single["metadata"]["name"] == "demo-i1-pairs-r2"
 
 
-def test_spec_travels_as_json_and_credentials_only_as_secret_refs():
+def _document(job):
+    return job["spec"]["template"]["metadata"]["annotations"][J.ANN_DOCUMENT]
+
+
+def test_the_run_travels_as_a_file_from_an_annotation_and_credentials_only_as_secret_refs():
     spec = _spec()
     job = J.build_job(META, spec, Step(1, "generate"), 1)
     env = _env(job)
-    assert parse_spec(json.loads(J.env_unescape(env["SELFREWARD_SPEC"]["value"]))) == spec
+    doc = json.loads(_document(job))
+    assert doc["kind"] == "SelfRewardRun" and doc["metadata"] == {"name": "demo", "namespace": "ml", "uid": "uid-1"}
+    assert parse_spec(doc["spec"]) == spec
+    assert J.job_document(job) == _document(job)
+    assert J.ANN_DOCUMENT not in job["metadata"]["annotations"]  # once, in the pod template only
+    # a downwardAPI volume shows the annotation as the file the command names
+    pod = job["spec"]["template"]["spec"]
+    vol = next(v for v in pod["volumes"] if v["name"] == "run")
+    assert vol["downwardAPI"]["items"] == [{"path": "run.json", "fieldRef": {
+        "fieldPath": f"metadata.annotations['{J.ANN_DOCUMENT}']"}}]
+    assert {"name": "run", "mountPath": J.SPEC_DIR, "readOnly": True} in _container(job)["volumeMounts"]
+    assert J.SPEC_FILE == f"{J.SPEC_DIR}/run.json" and J.SPEC_FILE in _container(job)["command"]
+    assert not any(len(e.get("value", "")) > 4096 for e in _container(job)["env"])  # no payload in env
     assert env["AWS_ENDPOINT_URL_S3"]["value"] == "http://s3.local:8333"
     assert env["AWS_REGION"]["value"] == "eu-1"
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         assert "value" not in env[key]
         assert env[key]["valueFrom"] == {"secretKeyRef": {"name": "s3-creds", "key": key}}
     assert env["HOME"]["value"] == "/tmp"
+    # annotations are not expanded by the kubelet: $(VAR) and $ arrive as written
     dollars = _spec(judge={"scorePattern": r"Score: ([0-9])$", "template": "$(HOME) {prompt} {response}"})
-    raw = _env(J.build_job(META, dollars, Step(1, "judge"), 1))["SELFREWARD_SPEC"]["value"]
-    assert "$(HOME)" not in raw.replace("$$", "")  # nothing left for the kubelet to expand
-    assert parse_spec(json.loads(J.job_spec_env(J.build_job(META, dollars, Step(1, "judge"), 1)))) == dollars
+    assert parse_spec(json.loads(J.job_document(J.build_job(META, dollars, Step(1, "judge"), 1)))["spec"]) == dollars
+    # a Job made by the previous operator version (spec in env, $ doubled) still reads back
+    legacy = {"spec": {"template": {"spec": {"containers": [{"env": [
+        {"name": "SELFREWARD_SPEC", "value": json.dumps(dollars.model_dump(mode="json")).replace("$", "$$")}]}]}}}}
+    assert parse_spec(json.loads(J.job_document(legacy))) == dollars
     no_creds = J.build_job(META, _spec(storage={"uri": "file:///data/run"}), Step(1, "generate"), 1)
     assert not any("AWS" in k for k in _env(no_creds))
 
@@ -94,7 +114,7 @@ def test_resources_scheduling_and_security():
         serviceAccountName="trainer",
         resources={
             "default": {"cpu": "2", "memory": "8Gi", "nodeSelector": {"pool": "cpu"},
-                        "env": [{"name": "EXTRA", "value": "1"}, {"name": "SELFREWARD_SPEC", "value": "evil"}]},
+                        "env": [{"name": "EXTRA", "value": "1"}, {"name": "SELFREWARD_RUN", "value": "evil"}]},
             "train": {"gpus": 1, "gpuResourceName": "amd.com/gpu", "memory": "64Gi", "shmSize": "16Gi",
                       "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
                       "affinity": {"nodeAffinity": {}}, "priorityClassName": "high", "activeDeadlineSeconds": 3600},
@@ -118,7 +138,7 @@ def test_resources_scheduling_and_security():
     assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
     env = _env(job)
     assert env["EXTRA"]["value"] == "1"
-    assert env["SELFREWARD_SPEC"]["value"] != "evil"  # user env cannot override the spec
+    assert env["SELFREWARD_RUN"]["value"] == "demo"  # user env cannot override the product's
     assert pod["restartPolicy"] == "Never"
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1000
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -127,7 +147,8 @@ def test_resources_scheduling_and_security():
     assert csc["seccompProfile"] == {"type": "RuntimeDefault"} and csc["runAsNonRoot"] is True
     assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
     js = job["spec"]
-    assert js["backoffLimit"] == 3 and js["activeDeadlineSeconds"] == 3600 and js["ttlSecondsAfterFinished"] == 600
+    assert js["backoffLimit"] == 3 and js["activeDeadlineSeconds"] == 3600
+    assert "ttlSecondsAfterFinished" not in js  # set by reconcile once the outcome is recorded
     rules = js["podFailurePolicy"]["rules"]
     assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     assert rules[1]["action"] == "FailJob" and rules[1]["onExitCodes"]["values"] == [J.EXIT_INVALID_SPEC]
@@ -148,7 +169,9 @@ def test_kueue_jobs_are_created_suspended_with_the_queue_label():
 def test_cleanup_job_carries_the_secret_refs_and_the_cleanup_command():
     job = J.build_cleanup_job(META, _spec(kueue={"queueName": "q"}))
     assert job["metadata"]["name"] == "demo-cleanup"
-    assert _container(job)["command"] == ["selfreward", "cleanup"]
+    assert _container(job)["command"] == ["selfreward", "cleanup", "--spec", J.SPEC_FILE]
+    assert json.loads(J.job_document(job))["metadata"]["uid"] == "uid-1"  # the cleanup proves ownership with it
+    assert "ttlSecondsAfterFinished" not in job["spec"]  # goes with the run
     assert _env(job)["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3-creds"
     assert "suspend" not in job["spec"] and J.KUEUE_QUEUE_LABEL not in job["metadata"]["labels"]
     assert J.job_step_of(job) is None

@@ -5,7 +5,8 @@ import json
 from datetime import datetime, timedelta, timezone
 
 from selfreward import jobs as J
-from selfreward.reconcile import (FINALIZER, CreateJob, DeleteJob, Event, SetFinalizer, SuspendJob, reconcile)
+from selfreward.reconcile import (FINALIZER, CreateJob, DeleteJob, Event, SetFinalizer, SetJobTTL, SuspendJob,
+                                  reconcile)
 from selfreward.status import HISTORY_LIMIT, RunStatus
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
@@ -66,6 +67,8 @@ class Sim:
                 self.jobs.setdefault(a.name, running(a.manifest))
             elif isinstance(a, DeleteJob):
                 self.jobs.pop(a.name, None)
+            elif isinstance(a, SetJobTTL):
+                self.jobs[a.name]["spec"]["ttlSecondsAfterFinished"] = a.seconds
             elif isinstance(a, Event):
                 self.events.append(a)
         self.status = res.status
@@ -139,7 +142,9 @@ def test_two_iterations_to_succeeded_next_job_in_the_same_pass():
     assert h[0]["responses"] == 32 and h[0]["meanScore"] == 3.25 and h[0]["pairs"] == 6 and h[0]["dpoLoss"] == 0.69
     assert h[0]["checkpoint"] == "s3://bucket/r/iter-1/train/checkpoint" and st["lastPairs"] == 6
     assert "Succeeded" in [e.reason for e in sim.events]
-    # a succeeded run stays put
+    # the last Job gets its TTL once its completion is recorded, then a succeeded run stays put
+    assert sim.step(100).actions == [SetJobTTL("r-i2-train", 86400)]
+    assert all(j["spec"]["ttlSecondsAfterFinished"] == 86400 for j in sim.jobs.values())
     again = sim.step(100)
     assert again.actions == [] and again.status["phase"] == "Succeeded"
 
@@ -205,7 +210,10 @@ def test_failure_backs_off_exponentially_then_fails_with_the_reason():
     assert stalled["status"] == "True" and stalled["reason"] == "OOMKilled" and ready["status"] == "False"
     assert "3 attempt" in failed["message"] and "memory" in failed["message"]
     assert any(e.type == "Warning" and e.reason == "OOMKilled" for e in res.of(Event))
-    # terminal: nothing more happens
+    # terminal: the last recorded failure gets its TTL (the replaced attempts got theirs
+    # once the retry was recorded), then nothing more happens
+    assert sim.step(1000).actions == [SetJobTTL("r-i1-generate-r3", 86400)]
+    assert all(j["spec"]["ttlSecondsAfterFinished"] == 86400 for j in sim.jobs.values())
     assert sim.step(1000).actions == []
 
 
@@ -316,10 +324,9 @@ def test_spec_change_mid_iteration_applies_from_the_next_iteration():
     sim.complete("r-i1-generate")
     sim.step()
     assert sim.status["observedGeneration"] == 2
-    judge = sim.jobs["r-i1-judge"]
-    env = {e["name"]: e.get("value") for e in judge["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert json.loads(env["SELFREWARD_SPEC"])["generation"]["shards"] == 1  # iteration 1 keeps its spec
-    assert json.loads(env["SELFREWARD_SPEC"])["iterations"] == 2
+    judge = json.loads(J.job_document(sim.jobs["r-i1-judge"]))["spec"]
+    assert judge["generation"]["shards"] == 1  # iteration 1 keeps its spec
+    assert judge["iterations"] == 2
     for phase in ("judge", "pairs", "train"):
         sim.complete(f"r-i1-{phase}")
         sim.step()

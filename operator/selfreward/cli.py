@@ -2,38 +2,39 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Optional
 
-from .spec import PHASES, SpecError, load_spec_file, spec_from_document
-
-
-def _load_worker_spec(path: Optional[str]):
-    """The worker's spec: --spec FILE (YAML/JSON, bare or a manifest) or $SELFREWARD_SPEC (JSON)."""
-    if path:
-        return load_spec_file(path)[0]
-    raw = os.environ.get("SELFREWARD_SPEC")
-    if not raw:
-        raise SpecError([("spec", "give --spec FILE or set SELFREWARD_SPEC")], "worker")
-    return spec_from_document(json.loads(raw), "$SELFREWARD_SPEC")[0]
+from .spec import PHASES, SpecError, load_spec_file
 
 
 def cmd_worker(args) -> int:
+    from .ownership import owner_of
     from .worker import main_phase
 
-    spec = _load_worker_spec(args.spec)
-    return main_phase(spec, args.phase, args.iteration, args.shard, args.num_shards, args.termination_log)
+    spec, meta = load_spec_file(args.spec)
+    # a Job's run document names the run: its workers claim the store for it (ownership)
+    return main_phase(spec, args.phase, args.iteration, args.shard, args.num_shards, args.termination_log,
+                      owner=owner_of(meta))
 
 
 def cmd_cleanup(args) -> int:
-    """Delete a run's whole artifact store (the operator's cleanup Job, deleteOnRunDeletion)."""
+    """Delete what the run wrote to its store, if the store's owner marker proves it is
+    the run's (the operator's cleanup Job, deleteOnRunDeletion). Exit 0 also when it
+    refuses: retrying cannot change the proof; the summary says why."""
+    from .ownership import cleanup, owner_of
     from .storage import Store
+    from .worker.common import write_termination_log
 
-    spec = _load_worker_spec(args.spec)
-    Store.for_spec(spec).delete("")
-    print(f"deleted {spec.storage.uri}")
+    spec, meta = load_spec_file(args.spec)
+    summary = cleanup(Store.for_spec(spec), owner_of(meta))
+    write_termination_log(summary)
+    if "refused" in summary:
+        print(f"refused to delete anything: {summary['refused']}", file=sys.stderr)
+    else:
+        print(f"deleted {summary['deleted']} object(s) under {spec.storage.uri}; kept {summary['kept']} "
+              "not written by the run")
     return 0
 
 
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="run one phase (the Job containers' entrypoint)")
     w.add_argument("phase", choices=PHASES)
-    w.add_argument("--spec", help="run spec file; default: $SELFREWARD_SPEC (JSON)")
+    w.add_argument("--spec", required=True, help="run spec file (YAML/JSON, bare spec or SelfRewardRun manifest)")
     w.add_argument("--iteration", type=int, default=int(os.environ.get("SELFREWARD_ITERATION", "1")))
     w.add_argument("--shard", type=int, default=None, help="default: $JOB_COMPLETION_INDEX, else 0")
     w.add_argument("--num-shards", type=int, default=None, help="default: the spec's shards for the phase")
@@ -98,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(func=cmd_worker)
 
     cl = sub.add_parser("cleanup", help="delete a run's artifacts (the operator's cleanup Job)")
-    cl.add_argument("--spec", help="run spec file; default: $SELFREWARD_SPEC (JSON)")
+    cl.add_argument("--spec", required=True,
+                    help="the run's manifest (as the Job mounts it): its metadata.uid must match the store's owner")
     cl.set_defaults(func=cmd_cleanup)
 
     t = sub.add_parser("make-tiny-model", help="build a tiny random Llama and an offline tokenizer")

@@ -42,7 +42,8 @@ from typing import Any, Optional
 from urllib.parse import quote
 
 from . import jobs as J
-from .reconcile import CreateJob, DeleteJob, Event, Result, SetFinalizer, SuspendJob, reconcile
+from .reconcile import (PERMANENT_API_STATUS, CreateJob, DeleteJob, Event, Result, SetFinalizer, SetJobTTL,
+                        SuspendJob, api_refused, reconcile, reconcile_error)
 
 try:  # Prometheus metrics (selfreward.metrics); optional so the operator runs without it
     from . import metrics as _metrics
@@ -55,6 +56,12 @@ RUNS_PATH = f"/apis/{J.GROUP}/{J.VERSION}"
 RESYNC_SECONDS = 300.0
 RECONCILE_WORKERS = int(os.environ.get("SELFREWARD_RECONCILE_WORKERS", "8"))
 ERROR_BACKOFF = (1, 2, 5, 10, 30, 60)
+
+
+def api_threads(workers: int) -> int:
+    """Threads that call the API at once: every reconcile worker plus the Events it
+    posts side by side. The client's connection pool is sized to match."""
+    return 2 * workers + 4
 
 
 class KubeError(RuntimeError):
@@ -70,15 +77,19 @@ class Kube:
     in-cluster configuration, auth and connection pool). Synchronous: call it in a
     thread. Counts its requests."""
 
-    def __init__(self, api_client=None):
+    def __init__(self, api_client=None, pool_size: Optional[int] = None):
         if api_client is None:
             from kubernetes import client, config
 
+            configuration = client.Configuration()
             try:
-                config.load_incluster_config()
+                config.load_incluster_config(client_configuration=configuration)
             except config.ConfigException:
-                config.load_kube_config()
-            api_client = client.ApiClient()
+                config.load_kube_config(client_configuration=configuration)
+            # one connection per API thread: a smaller pool makes urllib3 drop connections
+            # ("Connection pool is full") and open new ones under load
+            configuration.connection_pool_maxsize = pool_size or api_threads(RECONCILE_WORKERS)
+            api_client = client.ApiClient(configuration)
         self.api = api_client
         self.requests = 0
 
@@ -142,7 +153,7 @@ class Kube:
         body = {
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": {"name": f"{meta.get('name', 'run')}.{time.time_ns():x}", "namespace": ns},
+            "metadata": {"name": J.event_name(meta.get("name") or "run", time.time_ns()), "namespace": ns},
             "involvedObject": {"apiVersion": J.API_VERSION, "kind": J.KIND, "name": meta.get("name"),
                                "namespace": ns, "uid": meta.get("uid")},
             "reason": ev.reason,
@@ -244,17 +255,23 @@ _META_KEEP = ("name", "namespace", "uid", "resourceVersion", "generation", "labe
 
 
 def slim_job(job: dict) -> dict:
-    """What reconcile reads of a Job: metadata, status, a few spec fields and the
-    container env that carries the iteration's spec (the rest of the pod template,
-    repeated in every Job, is dropped from the cache)."""
+    """What reconcile reads of a Job: metadata, status, a few spec fields and the run
+    document the iteration's pods read (the rest of the pod template, repeated in every
+    Job, is dropped from the cache)."""
     meta = job.get("metadata") or {}
     spec = job.get("spec") or {}
-    containers = (((spec.get("template") or {}).get("spec") or {}).get("containers") or [])
+    template = spec.get("template") or {}
+    annotations = {k: v for k, v in ((template.get("metadata") or {}).get("annotations") or {}).items()
+                   if k == J.ANN_DOCUMENT}
+    containers = (template.get("spec") or {}).get("containers") or []
+    # a Job of an operator version that passed the spec as an env variable
     env = [e for c in containers[:1] for e in (c.get("env") or []) if e.get("name") == "SELFREWARD_SPEC"]
+    kept = ("suspend", "completions", "parallelism", "completionMode", "ttlSecondsAfterFinished")
     return {
         "metadata": {k: meta[k] for k in _META_KEEP if k in meta},
-        "spec": {**{k: spec[k] for k in ("suspend", "completions", "parallelism", "completionMode") if k in spec},
-                 "template": {"spec": {"containers": [{"name": J.CONTAINER, "env": env}]}}},
+        "spec": {**{k: spec[k] for k in kept if k in spec},
+                 "template": {"metadata": {"annotations": annotations},
+                              "spec": {"containers": [{"name": J.CONTAINER, "env": env}]}}},
         "status": job.get("status") or {},
     }
 
@@ -294,7 +311,7 @@ class Controller:
         # API calls run in threads (the kubernetes client is synchronous): enough of them
         # for every reconcile worker plus the Events it posts side by side
         asyncio.get_running_loop().set_default_executor(
-            concurrent.futures.ThreadPoolExecutor(max_workers=2 * self.workers + 4, thread_name_prefix="kube"))
+            concurrent.futures.ThreadPoolExecutor(max_workers=api_threads(self.workers), thread_name_prefix="kube"))
         await self.warm(namespaces)
         if self.gate is not None:
             await asyncio.to_thread(self.gate.check)
@@ -351,7 +368,8 @@ class Controller:
         else:
             old = bucket.get(name)
             if _newer(obj, old):
-                if _metrics is not None and J.job_complete(obj) and not (old and J.job_complete(old)):
+                if (_metrics is not None and J.job_step_of(obj) is not None and J.job_complete(obj)
+                        and not (old and J.job_complete(old))):  # a step's phase, not the cleanup
                     self._phase_finished(obj)
                 bucket[name] = slim_job(obj)
         self.enqueue(key)
@@ -502,13 +520,26 @@ class Controller:
         now = datetime.now(timezone.utc)
         inner = {k: v for k, v in old_status.items() if k != "kopf"}
         result = reconcile(run, inner, jobs, now, self.settings)
-        for action in result.actions:  # Job and finalizer changes first, in order
-            if not isinstance(action, Event):
-                await self.apply(key, run, action, now)
+        released = [a for a in result.actions if isinstance(a, SetFinalizer) and not a.present]
+        try:
+            for action in result.actions:  # Job and finalizer changes first, in order
+                if not isinstance(action, Event) and action not in released:
+                    await self.apply(key, run, action, now)
+        except KubeError as e:
+            if e.status not in PERMANENT_API_STATUS or not isinstance(action, (CreateJob, SuspendJob, SetJobTTL)):
+                raise
+            # refused for good: fail the run with the server's reason instead of retrying
+            what = (f"create Job {action.name}" if isinstance(action, CreateJob) else f"update Job {action.name}")
+            body_message = e.body.get("message") if isinstance(e.body, dict) else str(e.body)[:500]
+            result = api_refused(run, inner, what, e.status, str(body_message or e), now)
+            released = []
         # then the Events (side by side), then the status: a crash in between repeats an
-        # Event rather than losing it
+        # Event rather than losing it; a finalizer goes last, once its Events are out (the
+        # run may vanish with it)
         await asyncio.gather(*(self.apply(key, run, a, now) for a in result.actions if isinstance(a, Event)))
         await self.write_status(key, old_status, result.status)
+        for action in released:
+            await self.apply(key, run, action, now)
         if _metrics is not None:
             _metrics.observe_status(ns, name, result.status)
         if result.requeue_after is not None:
@@ -516,9 +547,25 @@ class Controller:
         return result
 
     async def report_error(self, key: tuple[str, str], err: Exception) -> None:
-        """An API call the server refused (a Job it finds invalid, a quota): say so once
-        per distinct message, as a Warning Event and in status.message."""
-        if not isinstance(err, KubeError) or err.status in (409, 429) or err.status >= 500:
+        """A pass that failed outside reconcile. An API call the server refused (a quota,
+        RBAC): say so once per distinct message, as a Warning Event and in status.message.
+        Anything else (an adopted Job of another owner, a bug): a ReconcileError on the
+        run. Transient server trouble (409, 429, 5xx) is only retried."""
+        if not isinstance(err, KubeError):
+            run = self.runs.get(key)
+            if run is None:
+                return
+            old = dict(run.get("status") or {})
+            result = reconcile_error(run, {k: v for k, v in old.items() if k != "kopf"}, err,
+                                     datetime.now(timezone.utc))
+            try:
+                for ev in result.of(Event):
+                    await asyncio.to_thread(self.kube.post_event, key[0], run, ev, datetime.now(timezone.utc))
+                await self.write_status(key, old, result.status)
+            except Exception as e:
+                log.warning("could not report the error on %s/%s: %s", key[0], key[1], e)
+            return
+        if err.status in (409, 429) or err.status >= 500:
             return
         message = f"the API server refused a request: {err}"[:1000]
         if self.reported.get(key) == message:
@@ -567,7 +614,13 @@ class Controller:
             obj = await asyncio.to_thread(self.kube.patch_job, ns, action.name, patch)
             if obj:
                 self.job_event("MODIFIED", obj)
+        elif isinstance(action, SetJobTTL):
+            obj = await asyncio.to_thread(self.kube.patch_job, ns, action.name,
+                                          {"spec": {"ttlSecondsAfterFinished": action.seconds}})
+            if obj:
+                self.job_event("MODIFIED", obj)
         elif isinstance(action, SetFinalizer):
+            run = self.runs.get(key) or run  # the status write of this pass may have moved it on
             current = list((run.get("metadata") or {}).get("finalizers") or [])
             want = ([f for f in current if f != action.name] + [action.name]) if action.present \
                 else [f for f in current if f != action.name]
@@ -582,7 +635,8 @@ class Controller:
             if _metrics is not None:
                 # a failed attempt is announced once: JobFailed when a retry follows, else the
                 # run's final Warning, whose reason is the failure's (OOMKilled, WorkerError, ...)
-                not_a_job = ("JobRetried", "InvalidSpec", "CleanupSkipped", "ApiError")
+                not_a_job = ("JobRetried", "InvalidSpec", "CleanupSkipped", "CleanupRefused", "ApiError",
+                             "ApiRejected", "ReconcileError")
                 if action.type == "Warning" and action.reason not in not_a_job:
                     _metrics.job_failed(ns, name)
                 elif action.reason == "JobRetried":

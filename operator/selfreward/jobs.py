@@ -2,10 +2,17 @@
 
 ``build_job`` is a pure function of the run's metadata, the spec the step runs with,
 the step and the attempt number; reconcile calls it and the controller only sends the
-result. Everything a pod needs is in the manifest: the spec as JSON in
-``SELFREWARD_SPEC`` (never a secret: credentials come only as ``secretKeyRef`` from
-``spec.storage.credentialsSecret``), the command ``selfreward worker <phase>``, and, for
-the sharded phases, an Indexed Job whose ``JOB_COMPLETION_INDEX`` is the shard.
+result. Everything a pod needs is in the manifest: the run (its name, namespace, uid and
+spec) as a JSON document in the pod template's ``selfreward.dev/run-document``
+annotation, which a downwardAPI volume shows the container as :data:`SPEC_FILE` (an
+environment variable could not carry it: Linux refuses one env string over 128 KiB at
+exec); the command ``selfreward worker <phase> --spec SPEC_FILE``; credentials only as
+``secretKeyRef`` from ``spec.storage.credentialsSecret``; and, for the sharded phases,
+an Indexed Job whose ``JOB_COMPLETION_INDEX`` is the shard.
+
+Names fit every limit Kubernetes puts on what is derived from them: a Job name is a
+DNS label short enough that the last pod hostname of an Indexed Job (``<job>-<index>``)
+is one too, label values stay within 63 characters, Event names within 253.
 
 Also here: reading facts back from observed Jobs and their pods (the step a Job runs,
 its attempt, whether it finished, why it failed, the summary its pods reported), so
@@ -21,7 +28,7 @@ from datetime import datetime, timezone
 from typing import Any, Optional
 
 from .layout import Step
-from .spec import RunSpec
+from .spec import GenerationSpec, JudgeSpec, RunSpec, SpecError
 
 GROUP = "selfreward.dev"
 VERSION = "v1alpha1"
@@ -38,12 +45,32 @@ LABEL_ROLE = "selfreward.dev/role"  # "step" or "cleanup"
 ANN_RUN_NAME = "selfreward.dev/run-name"
 ANN_GENERATION = "selfreward.dev/spec-generation"
 ANN_SUSPENDED = "selfreward.dev/suspended-by-operator"
+ANN_DOCUMENT = "selfreward.dev/run-document"  # pod template: the run as the worker reads it
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 CONTAINER = "worker"
 EXIT_INVALID_SPEC = 2  # `selfreward worker` exits 2 on a SpecError: retrying cannot help
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
-MAX_NAME = 63
+MAX_NAME = 63  # a DNS label, a label value, a pod hostname
+MAX_OBJECT_NAME = 253  # a DNS subdomain: the run's own name, an Event's
+
+
+def _max_shards() -> int:
+    """The most completions (pods) an Indexed Job of a run can have: the spec's bound."""
+    bounds = [m.le for f in (GenerationSpec.model_fields["shards"], JudgeSpec.model_fields["shards"])
+              for m in f.metadata if getattr(m, "le", None) is not None]
+    return max(bounds)
+
+
+MAX_SHARDS = _max_shards()
+# the Job controller names an Indexed Job's pod hostnames <job>-<index>, a DNS label too
+MAX_JOB_NAME = MAX_NAME - len(f"-{MAX_SHARDS - 1}")
+
+SPEC_DIR = "/etc/selfreward"
+SPEC_FILE = f"{SPEC_DIR}/run.json"
+# The run document rides in one pod-template annotation; the API server refuses more than
+# 256 KiB of annotations on an object. Leave room for ours and those other controllers add.
+MAX_DOCUMENT_BYTES = 256 * 1024 - 8 * 1024
 
 
 @dataclass(frozen=True)
@@ -91,13 +118,24 @@ def job_suffix(step: Step, attempt: int) -> str:
 
 def job_name(run_name: str, step: Step, attempt: int = 1) -> str:
     """Deterministic: the same run, step and attempt always give the same name, so a
-    second create answers 409 and the operator adopts the Job instead of duplicating it."""
+    second create answers 409 and the operator adopts the Job instead of duplicating it.
+    At most MAX_JOB_NAME characters whatever the shards, so a later shard count cannot
+    rename a step's Jobs; a long or dotted run name is cut and hashed. The step is read
+    back from the Job's labels (job_step_of), never parsed from the name."""
     suffix = job_suffix(step, attempt)
-    return _dns_label(run_name, MAX_NAME - len(suffix)) + suffix
+    return _dns_label(run_name, MAX_JOB_NAME - len(suffix)) + suffix
 
 
 def cleanup_job_name(run_name: str) -> str:
-    return _dns_label(run_name, MAX_NAME - len("-cleanup")) + "-cleanup"
+    return _dns_label(run_name, MAX_JOB_NAME - len("-cleanup")) + "-cleanup"
+
+
+def event_name(run_name: str, nanos: int) -> str:
+    """``<run>.<hex time>`` as client-go names Events, the run's part cut so that the
+    whole stays a DNS subdomain of at most 253 characters."""
+    stamp = f".{nanos:x}"
+    head = run_name[: MAX_OBJECT_NAME - len(stamp)].rstrip(".-") or "run"
+    return head + stamp
 
 
 def owner_reference(run_meta: dict) -> dict:
@@ -127,20 +165,24 @@ def base_labels(run_name: str) -> dict[str, str]:
 
 # --- the manifest -------------------------------------------------------------------
 
-def spec_json(spec: RunSpec) -> str:
-    """The spec as the worker reads it from SELFREWARD_SPEC (a full, lossless dump)."""
-    return json.dumps(spec.model_dump(mode="json"), separators=(",", ":"), sort_keys=True)
+def run_document(run_meta: dict, spec: RunSpec) -> str:
+    """The run as the worker reads it from SPEC_FILE: a SelfRewardRun manifest with the
+    run's identity (which the store's owner marker records) and the full, lossless spec."""
+    doc = {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {k: run_meta[k] for k in ("name", "namespace", "uid") if run_meta.get(k)},
+        "spec": spec.model_dump(mode="json"),
+    }
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True)
 
 
-def env_escape(text: str) -> str:
-    """The kubelet expands ``$(VAR)`` in env values and turns ``$$`` into ``$``; doubling
-    every ``$`` makes the value arrive exactly as written (a regex ending in ``$``, a judge
-    template with ``$(...)``)."""
-    return text.replace("$", "$$")
-
-
-def env_unescape(text: str) -> str:
-    return text.replace("$$", "$")
+def check_document_size(run_meta: dict, spec: RunSpec) -> None:
+    """Refuse a spec too large to travel in a Job (SpecError naming the limit)."""
+    size = len(run_document(run_meta, spec).encode())
+    if size > MAX_DOCUMENT_BYTES:
+        raise SpecError([("spec", f"is {size} bytes as JSON; a run's spec must stay under {MAX_DOCUMENT_BYTES} "
+                                  "bytes (it travels to the pods in an annotation, which Kubernetes caps at 256 KiB)")])
 
 
 def _storage_env(spec: RunSpec) -> list[dict]:
@@ -190,6 +232,8 @@ def _job_shell(
     completions: int = 1,
     backoff_limit: int = 1,
 ) -> dict:
+    check_document_size(run_meta, spec)
+    document = run_document(run_meta, spec)
     res = spec.resources.for_phase(phase_for_resources)
     requests: dict[str, str] = {}
     limits: dict[str, str] = {}
@@ -200,8 +244,13 @@ def _job_shell(
     if res.gpus:
         limits[res.gpuResourceName or DEFAULT_GPU_RESOURCE] = str(res.gpus)
 
-    volumes = [{"name": "tmp", "emptyDir": {"sizeLimit": settings.tmp_size_limit}}]
-    mounts = [{"name": "tmp", "mountPath": "/tmp"}]
+    volumes = [
+        {"name": "tmp", "emptyDir": {"sizeLimit": settings.tmp_size_limit}},
+        {"name": "run", "downwardAPI": {"items": [
+            {"path": SPEC_FILE[len(SPEC_DIR) + 1:],
+             "fieldRef": {"fieldPath": f"metadata.annotations['{ANN_DOCUMENT}']"}}]}},
+    ]
+    mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "run", "mountPath": SPEC_DIR, "readOnly": True}]
     if res.shmSize:
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shmSize}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
@@ -235,6 +284,8 @@ def _job_shell(
 
     pod_labels = dict(labels)
     pod_labels[LABEL_JOB] = name
+    pod_annotations = dict(annotations)
+    pod_annotations[ANN_DOCUMENT] = document
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "containers": [container],
@@ -271,14 +322,14 @@ def _job_shell(
                  "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": [EXIT_INVALID_SPEC]}},
             ]
         },
-        "template": {"metadata": {"labels": pod_labels, "annotations": dict(annotations)}, "spec": pod_spec},
+        "template": {"metadata": {"labels": pod_labels, "annotations": pod_annotations}, "spec": pod_spec},
     }
     if completions > 1:
         job_spec["completionMode"] = "Indexed"
     if res.activeDeadlineSeconds:
         job_spec["activeDeadlineSeconds"] = res.activeDeadlineSeconds
-    if spec.ttlSecondsAfterFinished is not None:
-        job_spec["ttlSecondsAfterFinished"] = spec.ttlSecondsAfterFinished
+    # no ttlSecondsAfterFinished here: reconcile sets it once the Job's outcome is in the
+    # run's status, so a Job finishing while the operator is down is not lost to its TTL
     if spec.kueue is not None:
         labels = dict(labels)
         labels[KUEUE_QUEUE_LABEL] = spec.kueue.queueName
@@ -313,11 +364,10 @@ def build_job(run_meta: dict, spec: RunSpec, step: Step, attempt: int, settings:
     annotations = {ANN_RUN_NAME: run_name}
     if run_meta.get("generation") is not None:
         annotations[ANN_GENERATION] = str(run_meta["generation"])
-    command = ["selfreward", "worker", step.phase, "--iteration", str(step.iteration)]
+    command = ["selfreward", "worker", step.phase, "--iteration", str(step.iteration), "--spec", SPEC_FILE]
     if step.sharded:
         command += ["--num-shards", str(step.shards)]
     env = [
-        {"name": "SELFREWARD_SPEC", "value": env_escape(spec_json(spec))},
         {"name": "SELFREWARD_RUN", "value": run_name},
         {"name": "SELFREWARD_ITERATION", "value": str(step.iteration)},
         {"name": "SELFREWARD_PHASE", "value": step.phase},
@@ -337,14 +387,12 @@ def build_cleanup_job(run_meta: dict, spec: RunSpec, settings: Optional[Settings
     labels = base_labels(run_name)
     labels.update({LABEL_ROLE: "cleanup", LABEL_PHASE: "cleanup"})
     annotations = {ANN_RUN_NAME: run_name}
-    env = [{"name": "SELFREWARD_SPEC", "value": env_escape(spec_json(spec))},
-           {"name": "SELFREWARD_RUN", "value": run_name}]
-    command = ["selfreward", "cleanup"]
+    env = [{"name": "SELFREWARD_RUN", "value": run_name}]
+    command = ["selfreward", "cleanup", "--spec", SPEC_FILE]
     job = _job_shell(run_meta, spec, name, labels, annotations, command, env, "pairs", settings,
                      backoff_limit=max(2, spec.retry.podBackoffLimit))
     job["spec"].pop("suspend", None)  # never queued behind training work
     job["metadata"]["labels"].pop(KUEUE_QUEUE_LABEL, None)
-    job["spec"]["ttlSecondsAfterFinished"] = 600
     return job
 
 
@@ -401,15 +449,18 @@ def job_finished_at(job: dict) -> Optional[datetime]:
     return parse_time((c or {}).get("lastTransitionTime") or st.get("completionTime"))
 
 
-def job_spec_env(job: dict, name: str = "SELFREWARD_SPEC") -> Optional[str]:
-    try:
-        containers = job["spec"]["template"]["spec"]["containers"]
-    except (KeyError, TypeError):
-        return None
-    for c in containers:
+def job_document(job: dict) -> Optional[str]:
+    """The run document (JSON) a Job's pods read, from its pod template; for a Job made
+    by an operator version that still passed the spec in ``SELFREWARD_SPEC``, that
+    variable's value as the container saw it."""
+    template = (job.get("spec") or {}).get("template") or {}
+    doc = ((template.get("metadata") or {}).get("annotations") or {}).get(ANN_DOCUMENT)
+    if doc:
+        return doc
+    for c in (template.get("spec") or {}).get("containers") or []:
         for e in c.get("env") or []:
-            if e.get("name") == name and "value" in e:
-                return env_unescape(e["value"])  # as the container sees it
+            if e.get("name") == "SELFREWARD_SPEC" and "value" in e:
+                return e["value"].replace("$$", "$")  # the kubelet's $$ -> $
     return None
 
 

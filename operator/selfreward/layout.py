@@ -5,6 +5,7 @@ agree on what "the next step" is and on what proves a step done.
 
 Layout under the run's storage root::
 
+    owner.json                             the run the store belongs to (operator runs)
     run.json                               the spec the run was started with
     iter-0/sft/checkpoint/...              M_1 when spec.sft is enabled
     iter-<t>/instruct/prompts.jsonl        self-instructed prompts (optional)
@@ -27,6 +28,7 @@ from .spec import RunSpec
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint"
 MANIFEST = "MANIFEST.json"
+OWNER = "owner.json"  # selfreward.ownership: written before anything else by the operator's workers
 
 
 @dataclass(frozen=True)

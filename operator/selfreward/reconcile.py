@@ -13,10 +13,16 @@ How progress is kept:
   When a Job completes, the next step's Job is created in the same pass.
 - Job names are deterministic per (run, step, attempt): a create that answers 409 is
   an adoption, never a duplicate.
-- The spec an iteration started with is read back from its Jobs' ``SELFREWARD_SPEC``
-  env, so a spec change mid-iteration applies from the next iteration on (``suspend``
-  and ``retry`` apply at once). With no Job of the iteration left, the current spec is
-  used.
+- The spec an iteration started with is read back from its Jobs' run document (the
+  pod-template annotation the pods read it from), so a spec change mid-iteration applies
+  from the next iteration on (``suspend`` and ``retry`` apply at once). With no Job of
+  the iteration left, the current spec is used.
+- A finished Job gets its ``ttlSecondsAfterFinished`` only once the status this pass
+  started from records its outcome, so a Job that finished while the operator was down
+  is still there to be read.
+- An exception anywhere in a pass ends as a ``ReconcileError`` (Stalled, a Warning
+  Event with the exception's text) and a retry with bounded backoff; a request the API
+  server refuses for good (:func:`api_refused`) fails the run with the server's message.
 - A failed attempt sets ``status.retryAfter`` (exponential backoff from
   ``retry.backoffSeconds``); after ``retry.maxRetries`` re-creations the run fails with
   the most specific reason found on the Job and its pods.
@@ -33,7 +39,8 @@ from . import conditions as cond
 from . import jobs as J
 from . import layout
 from .layout import Step
-from .spec import PHASES, RunSpec, SpecError, parse_spec
+from .spec import PHASES, RunSpec, SpecError, parse_spec, spec_from_document
+from .storage import storage_root_problem
 from .status import HISTORY_LIMIT, IterationRecord, RunStatus
 
 FINALIZER = "selfreward.dev/artifacts"
@@ -74,7 +81,21 @@ class SetFinalizer:
     name: str = FINALIZER
 
 
-Action = Union[CreateJob, DeleteJob, SuspendJob, Event, SetFinalizer]
+@dataclass(frozen=True)
+class SetJobTTL:
+    """Give a finished Job whose outcome is recorded its ttlSecondsAfterFinished."""
+    name: str
+    seconds: int
+
+
+Action = Union[CreateJob, DeleteJob, SuspendJob, Event, SetFinalizer, SetJobTTL]
+
+# A pass that raised is retried after this long, growing with how long the error has
+# lasted (the Stalled condition's age), between these bounds.
+ERROR_RETRY_MIN_SECONDS = 5.0
+ERROR_RETRY_MAX_SECONDS = 300.0
+# Failures a new spec may cure: the run resumes when its generation changes.
+CURABLE_FAILURES = ("InvalidSpec", "ApiRejected")
 
 
 @dataclass
@@ -228,22 +249,22 @@ def _owned(job: dict, uid: Optional[str]) -> bool:
 
 
 @lru_cache(maxsize=512)
-def _spec_from_env(raw: str) -> Optional[RunSpec]:
-    """Parsed once per distinct spec text (every pass reads the same Jobs' env)."""
+def _spec_from_document(raw: str) -> Optional[RunSpec]:
+    """Parsed once per distinct document (every pass reads the same Jobs' annotation)."""
     try:
-        return parse_spec(json.loads(raw))
+        return spec_from_document(json.loads(raw))[0]
     except (SpecError, ValueError):
         return None
 
 
 def _iteration_spec(by_step: dict, iteration: int) -> Optional[RunSpec]:
-    """The spec iteration ``iteration`` started with, from its Jobs' env."""
+    """The spec iteration ``iteration`` started with, from its Jobs' run document."""
     for (it, _phase), attempts in sorted(by_step.items(), key=lambda kv: _pos(*kv[0])):
         if it != iteration:
             continue
         for attempt in sorted(attempts):
-            raw = J.job_spec_env(attempts[attempt])
-            spec = _spec_from_env(raw) if raw else None
+            raw = J.job_document(attempts[attempt])
+            spec = _spec_from_document(raw) if raw else None
             if spec is not None:
                 return spec
     return None
@@ -284,15 +305,103 @@ def _working(p, st: RunStatus, where: str, step: Step, queue: Optional[str], not
 
 def reconcile(run: dict, status: Any, jobs: list[dict], now: datetime,
               settings: Optional[J.Settings] = None) -> Result:
-    settings = settings or J.Settings()
+    """One pass (see the module docstring). Never raises: an exception inside the pass
+    becomes a ReconcileError result (:func:`reconcile_error`)."""
+    try:
+        return _reconcile(run, status, jobs, now, settings or J.Settings())
+    except Exception as e:  # noqa: BLE001 - every failure must reach the run's status
+        return reconcile_error(run, status, e, now)
+
+
+def _error_text(err: BaseException) -> str:
+    """The exception's type and first lines, bounded: what the Event and status show.
+    Nothing in a pass holds a secret (credentials are only secretKeyRef names)."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {' '.join(text[:3])}"[:600] if text else type(err).__name__
+
+
+def reconcile_error(run: dict, status: Any, err: BaseException, now: datetime) -> Result:
+    """The result of a pass that raised: Stalled with reason ReconcileError and the
+    exception text, a Warning Event when the text is new, and a retry after a delay that
+    grows with the error's age (ERROR_RETRY_MIN_SECONDS..ERROR_RETRY_MAX_SECONDS). The
+    phase is left as it was (the run's work is not known to have failed)."""
+    try:
+        p = _Pass(run, status, now, J.Settings())
+    except Exception:  # noqa: BLE001 - an unreadable status: start from an empty one
+        p = _Pass(run, {}, now, J.Settings())
+    message = f"reconcile failed: {_error_text(err)}"[:1000]
+    was = cond.get(p.st.conditions, "Stalled")
+    repeated = bool(was and was.status == "True" and was.reason == "ReconcileError")
+    if not (repeated and was.message == message):
+        p.event("Warning", "ReconcileError", message)
+    p.state("failed", "ReconcileError", message)
+    # "failed" also sets Failed=True; the run has not failed, only this pass did
+    p.st.conditions = cond.set_condition(p.st.conditions, "Failed", "False", "NotFailed", "", now, p.gen)
+    since = J.parse_time(was.lastTransitionTime) if repeated else None
+    age = (now - since).total_seconds() if since else 0.0
+    p.requeue_in(min(ERROR_RETRY_MAX_SECONDS, max(ERROR_RETRY_MIN_SECONDS, age)))
+    return p.result()
+
+
+# What the API server refuses for good: a malformed (400) or invalid (422) object, or one
+# too large (413), fails the same way on every retry. 403 is retried instead: quotas free
+# up, and RBAC or an admission policy are fixed by an administrator, not by the run.
+PERMANENT_API_STATUS = (400, 413, 422)
+
+
+def api_refused(run: dict, status: Any, what: str, code: int, message: str, now: datetime) -> Result:
+    """The result when the API server refused ``what`` (e.g. "create Job x") with a
+    PERMANENT_API_STATUS: the run fails with reason ApiRejected and the server's message
+    (it resumes if its spec changes, since the spec makes the manifests)."""
+    p = _Pass(run, status, now, J.Settings())
+    text = f"the API server refused to {what} (HTTP {code}): {message}"[:1000]
+    p.st.phase = "Failed"
+    p.st.activeJob = None
+    p.st.retryAfter = None
+    p.st.completionTime = J.format_time(now)
+    p.state("failed", "ApiRejected", text)
+    p.event("Warning", "ApiRejected", text)
+    return p.result()
+
+
+def _expire_recorded(p: _Pass, spec: RunSpec, jobs: list[dict], recorded: RunStatus) -> None:
+    """SetJobTTL for the finished step Jobs whose outcome ``recorded`` (the status this
+    pass started from, hence already written) holds: completed steps up to
+    completedStep, failed attempts a later attempt replaced, everything of a failed run."""
+    ttl = spec.ttlSecondsAfterFinished
+    if ttl is None:
+        return
+    done = _pos_of_key(recorded.completedStep)
+    for job in jobs:
+        s = J.job_step_of(job)
+        if s is None or (job.get("spec") or {}).get("ttlSecondsAfterFinished") == ttl:
+            continue
+        if (job.get("metadata") or {}).get("deletionTimestamp"):
+            continue
+        it, phase, attempt = s
+        key = _key(it, phase)
+        if J.job_complete(job):
+            known = _pos(it, phase) <= done
+        elif J.job_failed(job):
+            known = recorded.phase == "Failed" or (recorded.attempts or {}).get(key, 0) > attempt
+        else:
+            known = False
+        if known:
+            p.actions.append(SetJobTTL(job["metadata"]["name"], ttl))
+
+
+def _reconcile(run: dict, status: Any, jobs: list[dict], now: datetime, settings: J.Settings) -> Result:
     p = _Pass(run, status, now, settings)
     st = p.st
+    recorded = st.model_copy(deep=True)
     uid = p.meta.get("uid")
     jobs = [j for j in jobs if _owned(j, uid)]
 
-    # 1. the spec: what pydantic rejects (and the CRD schema could not) stalls the run
+    # 1. the spec: what pydantic rejects (and the CRD schema could not) stalls the run;
+    # so does one too large to travel in a Job
     try:
         spec = parse_spec(run.get("spec"))
+        J.check_document_size(p.meta, spec)
     except SpecError as e:
         if p.meta.get("deletionTimestamp"):
             if FINALIZER in (p.meta.get("finalizers") or []):
@@ -320,8 +429,12 @@ def reconcile(run: dict, status: Any, jobs: list[dict], now: datetime,
     # 3. a failed run stays failed (an invalid spec that was fixed resumes)
     if st.phase == "Failed":
         failed = cond.get(st.conditions, "Failed")
-        if not (failed and failed.reason == "InvalidSpec" and failed.observedGeneration != p.gen):
+        if not (failed and failed.reason in CURABLE_FAILURES and failed.observedGeneration != p.gen):
+            _expire_recorded(p, spec, jobs, recorded)
             return p.result()
+    if cond.is_true(st.conditions, "Stalled") and (cond.get(st.conditions, "Stalled").reason == "ReconcileError"):
+        p.event("Normal", "Recovered", "reconcile works again")
+    _expire_recorded(p, spec, jobs, recorded)
 
     by_step: dict[tuple[int, str], dict[int, dict]] = {}
     for j in jobs:
@@ -480,21 +593,47 @@ def _deletion(p: _Pass, spec: RunSpec, jobs: list[dict], finalizers: list[str]) 
     finalizer goes when that Job has finished."""
     if FINALIZER not in finalizers:
         return p.result()
+    st = p.st
+    st.phase = "Terminating"
+    st.activeJob = None
+    st.retryAfter = None
+    st.currentPhase = None
     for j in jobs:
         if J.job_step_of(j) is not None and not (J.job_complete(j) or J.job_failed(j)):
             if not (j.get("metadata") or {}).get("deletionTimestamp"):
                 p.actions.append(DeleteJob(j["metadata"]["name"]))
+    uri = spec.storage.uri
+    problem = storage_root_problem(uri)
     cleanup = next((j for j in jobs if ((j.get("metadata") or {}).get("labels") or {}).get(J.LABEL_ROLE) == "cleanup"),
                    None)
-    if cleanup is None:
-        p.actions.append(CreateJob(J.build_cleanup_job(p.meta, spec, p.settings)))
-        p.event("Normal", "CleanupStarted", f"deleting artifacts under {spec.storage.uri}")
-        p.st.message = f"deleting artifacts under {spec.storage.uri}"
-    elif J.job_complete(cleanup):
+    if problem and cleanup is None:
         p.actions.append(SetFinalizer(False))
-        p.event("Normal", "CleanupDone", f"deleted artifacts under {spec.storage.uri}")
+        message = f"nothing was deleted: storage.uri {problem}; a run's store must be a prefix of its own"[:1000]
+        p.event("Warning", "CleanupRefused", message)
+        p.state("working", "CleanupRefused", message)
+    elif cleanup is None:
+        p.actions.append(CreateJob(J.build_cleanup_job(p.meta, spec, p.settings)))
+        p.event("Normal", "CleanupStarted", f"deleting the run's artifacts under {uri}")
+        p.state("working", "Deleting", f"deleting: the run's artifacts under {uri}")
+    elif J.job_complete(cleanup):
+        summary = J.job_summary(cleanup) or {}
+        p.actions.append(SetFinalizer(False))
+        if summary.get("refused"):
+            message = f"nothing was deleted under {uri}: {summary['refused']}"[:1000]
+            p.event("Warning", "CleanupRefused", message)
+            p.state("working", "CleanupRefused", message)
+        else:
+            kept = _num(summary.get("kept"))
+            message = (f"deleted the run's artifacts under {uri} ({summary.get('deleted', '?')} objects"
+                       + (f"; kept {kept} the run did not write" if kept else "") + ")")
+            p.event("Normal", "CleanupDone", message)
+            p.state("working", "CleanupDone", message)
     elif J.job_failed(cleanup):
         f = J.job_failure(cleanup)
         p.actions.append(SetFinalizer(False))
-        p.event("Warning", "CleanupFailed", f"artifacts under {spec.storage.uri} may remain: {f.reason}: {f.message}"[:1000])
+        message = f"artifacts under {uri} may remain: {f.reason}: {f.message}"[:1000]
+        p.event("Warning", "CleanupFailed", message)
+        p.state("working", "CleanupFailed", message)
+    else:
+        p.state("working", "Deleting", f"deleting: the run's artifacts under {uri} (Job {cleanup['metadata']['name']})")
     return p.result()

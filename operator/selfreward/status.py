@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 HISTORY_LIMIT = 20
-RUN_PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
+RUN_PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed", "Terminating")
 CONDITION_TYPES = ("Ready", "Reconciling", "Stalled", "Succeeded", "Failed", "Suspended")
 
 
@@ -51,7 +51,8 @@ class IterationRecord(_Model):
 
 class RunStatus(_Model):
     observedGeneration: Optional[int] = None
-    phase: Optional[Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"]] = None
+    phase: Optional[Literal["Pending", "Running", "Suspended", "Succeeded", "Failed", "Terminating"]] = Field(
+        None, description="Terminating: the run is being deleted (its Jobs stopped, its artifacts being deleted).")
     currentIteration: Optional[int] = Field(None, description="Iteration now running (0 = SFT).")
     currentPhase: Optional[str] = Field(None, description="Worker phase now running: sft, instruct, generate, judge, pairs, train.")
     progress: Optional[str] = Field(None, description="Completed iterations over total, as 2/3.")

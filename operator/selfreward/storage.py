@@ -39,6 +39,30 @@ def _split(uri: str) -> tuple[str, str]:
     return "file", os.path.abspath(uri).rstrip("/") or "/"
 
 
+def storage_root_problem(uri: str) -> Optional[str]:
+    """Why ``uri`` cannot be a run's own prefix, or None. A run's artifacts may be deleted
+    with it, so its store must be a prefix below a bucket (or below the filesystem root),
+    with no empty, ``.`` or ``..`` segment that would point somewhere else."""
+    if uri.startswith("s3://"):
+        rest = uri[len("s3://"):]
+        bucket, _, key = rest.partition("/")
+        if not bucket:
+            return f"{uri!r} names no bucket"
+        if not key.strip("/"):
+            return f"{uri!r} is a whole bucket, not a prefix of its own"
+        segments = key.rstrip("/").split("/")
+    else:
+        if "://" in uri and not uri.startswith("file://"):
+            return f"{uri!r} has a scheme the store does not support"
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        if os.path.abspath(path).rstrip("/") in ("",):
+            return f"{uri!r} is the filesystem root"
+        segments = [s for s in path.rstrip("/").split("/")][1:] if path.startswith("/") else path.rstrip("/").split("/")
+    if any(s in ("", ".", "..") for s in segments):
+        return f"{uri!r} has an empty, '.' or '..' segment"
+    return None
+
+
 def filesystem(protocol: str, endpoint: Optional[str] = None, region: Optional[str] = None):
     if protocol == "file":
         return fsspec.filesystem("file", auto_mkdir=True)
@@ -191,6 +215,22 @@ class Store:
         path = self.path(rel)
         if self.fs.exists(path):
             self.fs.rm(path, recursive=recursive)
+
+    def prune_empty_dirs(self, rels: Iterable[str]) -> None:
+        """Remove the directories under ``rels`` left empty, then the root if it is empty
+        (local stores; S3 has no directories)."""
+        if self.protocol != "file":
+            return
+        for rel in rels:
+            for here, _dirs, _files in os.walk(self.path(rel), topdown=False):
+                try:
+                    os.rmdir(here)  # fails, and is left alone, when not empty
+                except OSError:
+                    pass
+        try:
+            os.rmdir(self.root)
+        except OSError:
+            pass
 
 
 def read_uri_jsonl(uri: str, endpoint: Optional[str] = None) -> list[dict]:

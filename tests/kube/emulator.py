@@ -64,7 +64,9 @@ What the emulator does beyond kmock 0.8 (each as a real API server does it):
   * built-in defaulting for Pods (``status.phase: Pending``) and Jobs (completions,
     parallelism, backoffLimit, completionMode, suspend, selector and template labels) and a
     few validations a real server makes (Job ``restartPolicy`` Never/OnFailure, containers
-    with name and image, Indexed Jobs need completions; a Job's template, selector and
+    with name and image, Indexed Jobs need completions and a name leaving the last pod
+    hostname ``<job>-<completions-1>`` a DNS label, at most 256 KiB of annotations on an
+    object and on a Job's pod template; a Job's template, selector and
     completionMode are immutable -- except the scheduling directives of a suspended,
     never-started Job -- and so are its completions unless elastic Indexed; a Pod's spec is
     immutable but for images, activeDeadlineSeconds, tolerations).
@@ -1084,6 +1086,7 @@ class Emulator(kmock.KubernetesEmulator):
             causes.append(("metadata.name", f'Invalid value: "{meta["name"]}": a lowercase RFC 1123 subdomain '
                            "must consist of lower case alphanumeric characters, '-' or '.'"))
         causes += _label_causes(meta.get("labels"), "metadata.labels")
+        causes += _annotation_causes(meta.get("annotations"), "metadata.annotations")
         if res == ResKey("", "v1", "secrets"):
             string_data = obj.pop("stringData", None) or {}
             data = obj.setdefault("data", {}) if (string_data or "data" in obj) else {}
@@ -1104,6 +1107,13 @@ class Emulator(kmock.KubernetesEmulator):
             mode = spec.setdefault("completionMode", "NonIndexed")
             if mode == "Indexed" and spec.get("completions") is None:
                 causes.append(("spec.completions", "Required value: when completion mode is Indexed"))
+            completions = spec.get("completions")
+            if mode == "Indexed" and isinstance(completions, int) and completions > 0:
+                # the Job controller names the pods' hostnames <job>-<index>
+                host = f"{meta['name']}-{completions - 1}"
+                if len(host) > 63 or not _DNS_LABEL_RE.match(host):
+                    causes.append(("metadata.name", f'Invalid value: "{meta["name"]}": will not able to create '
+                                   f"pod with invalid DNS label: {host}"))
             spec.setdefault("completions", 1)
             spec.setdefault("parallelism", 1)
             spec.setdefault("backoffLimit", 6)
@@ -1119,6 +1129,8 @@ class Emulator(kmock.KubernetesEmulator):
                 tlabels.setdefault("job-name", meta["name"])
                 spec.setdefault("selector", {"matchLabels": {"batch.kubernetes.io/controller-uid": uid}})
                 causes += _label_causes(tlabels, "spec.template.metadata.labels")
+            causes += _annotation_causes((template.get("metadata") or {}).get("annotations"),
+                                         "spec.template.metadata.annotations")
             pspec = template.get("spec")
             causes += _pod_spec_causes(pspec, "spec.template.spec")
             restart = (pspec or {}).get("restartPolicy")
@@ -1469,6 +1481,16 @@ def _label_causes(labels: Any, field: str) -> list[tuple[str, str]]:
                            "string or consist of alphanumeric characters, '-', '_' or '.', "
                            "and must be no more than 63 characters"))
     return causes
+
+
+TOTAL_ANNOTATION_SIZE_LIMIT = 256 * 1024  # bytes of keys and values together, as the API server counts
+
+
+def _annotation_causes(annotations: Any, field: str) -> list[tuple[str, str]]:
+    total = sum(len(str(k)) + len(str(v)) for k, v in (annotations or {}).items())
+    if total > TOTAL_ANNOTATION_SIZE_LIMIT:
+        return [(field, f"Too long: must have at most {TOTAL_ANNOTATION_SIZE_LIMIT} bytes")]
+    return []
 
 
 def _pod_spec_causes(spec: Any, field: str) -> list[tuple[str, str]]:

@@ -51,7 +51,16 @@ Local processes inherit this process's environment (overlaid with the container'
 ``workdir`` if given, else the container's ``workingDir`` if it exists here, else a per-pod temp
 directory, and their output is kept in ``Kubelet.logs[pod_name]``
 and served as the Pod's log (``kubectl logs``, ``read_namespaced_pod_log``).
-Volumes, images, resources and probes are not emulated.
+
+Volumes with content -- ``downwardAPI`` (items by ``fieldRef``), ``configMap`` and ``secret``
+(all keys or the listed ``items``) -- are written, as the kubelet writes them, to a per-pod
+directory; a process has no mount namespace here, so a ``command``/``args`` word or env value
+at or under such a volume's ``mountPath`` is rewritten to that directory. A missing ConfigMap
+or Secret leaves the Pod waiting (CreateContainerConfigError). ``emptyDir`` mounts are the
+host's own path. Images, resources and probes are not emulated.
+
+``TTLController`` plays the TTL-after-finished controller for TTLs set on a Job after it
+finished (a patch of ``spec.ttlSecondsAfterFinished``), which the real one honours too.
 """
 from __future__ import annotations
 
@@ -74,7 +83,7 @@ from typing import Any, Union
 from .emulator import Cluster, KubeError, ResKey
 
 __all__ = [
-    "Kubelet", "JobRunner", "Outcome", "Run", "Succeed", "Fail", "OOMKilled", "ImagePullBackOff",
+    "Kubelet", "JobRunner", "TTLController", "Outcome", "Run", "Succeed", "Fail", "OOMKilled", "ImagePullBackOff",
     "Unschedulable", "DeadlineExceeded", "Disrupted", "job_condition", "compress_indexes", "parse_indexes",
 ]
 
@@ -606,6 +615,8 @@ class Kubelet:
         if kind == "run":
             try:
                 env = self._container_env(pod, pod["spec"]["containers"][0])
+                self._volumes(pod, pod["spec"]["containers"][0],
+                              os.path.join(self._tmp, pod["metadata"]["name"]))  # fails here, not in the process
             except _ConfigError as e:
                 self._pod_waiting(pod, "CreateContainerConfigError", str(e))
                 raise _PodStuck(pod["metadata"]["name"])
@@ -692,19 +703,62 @@ class Kubelet:
             raise _ConfigError(f"couldn't find key {key} in {what} {namespace}/{ref.get('name')}")
         return data[key]
 
+    def _volumes(self, pod: Mapping[str, Any], container: Mapping[str, Any], poddir: str) -> dict[str, str]:
+        """Write the content volumes the container mounts; return mountPath -> local dir."""
+        ns = pod["metadata"].get("namespace")
+        by_name = {v.get("name"): v for v in pod["spec"].get("volumes") or []}
+        out: dict[str, str] = {}
+        for mount in container.get("volumeMounts") or []:
+            vol = by_name.get(mount.get("name"))
+            if vol is None:
+                raise _ConfigError(f'volume "{mount.get("name")}" not found')
+            files: dict[str, str] = {}
+            if "downwardAPI" in vol:
+                for item in vol["downwardAPI"].get("items") or []:
+                    value = _field_ref(pod, (item.get("fieldRef") or {}).get("fieldPath", ""))
+                    if value is None:
+                        raise _ConfigError(f"unsupported downwardAPI item {item!r}")
+                    files[item["path"]] = value
+            elif "configMap" in vol or "secret" in vol:
+                res, ref = (CONFIGMAPS, vol["configMap"]) if "configMap" in vol else (SECRETS, vol["secret"])
+                ref = dict(ref, name=ref.get("name") or ref.get("secretName", ""))
+                data = self._lookup(res, ns, ref, None, decode=res == SECRETS) or {}
+                items = ref.get("items")
+                files = ({i["path"]: data[i["key"]] for i in items if i["key"] in data} if items else dict(data))
+            else:
+                continue  # emptyDir and the like: the host's path
+            root = os.path.join(poddir, "volumes", mount["name"])
+            for rel, value in files.items():
+                path = os.path.join(root, rel)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "w") as f:
+                    f.write(value)
+            os.makedirs(root, exist_ok=True)
+            out[mount["mountPath"].rstrip("/")] = root
+        return out
+
+    @staticmethod
+    def _remap(value: str, mounts: Mapping[str, str]) -> str:
+        for mount_path, local in mounts.items():
+            if value == mount_path or value.startswith(mount_path + "/"):
+                return local + value[len(mount_path):]
+        return value
+
     def _run_container(self, pod: Mapping[str, Any], container_env: Mapping[str, str],
                        deadline: float | None,
                        check_interrupted: Callable[[], None] = lambda: None) -> tuple[int | None, str, bool]:
         container = pod["spec"]["containers"][0]
         name = pod["metadata"]["name"]
-        argv = [_expand(str(a), container_env) for a in
+        poddir = os.path.join(self._tmp, name)
+        os.makedirs(poddir, exist_ok=True)
+        mounts = self._volumes(pod, container, poddir)
+        container_env = {k: self._remap(v, mounts) for k, v in container_env.items()}
+        argv = [self._remap(_expand(str(a), container_env), mounts) for a in
                 list(container.get("command") or []) + list(container.get("args") or [])]
         if not argv:
             return 128, "the emulated kubelet runs only containers with an explicit command", False
         if argv[0] in self.programs:
             argv = list(self.programs[argv[0]]) + argv[1:]
-        poddir = os.path.join(self._tmp, name)
-        os.makedirs(poddir, exist_ok=True)
         term_log = os.path.join(poddir, "termination-log")
         open(term_log, "w").close()
         env = dict(os.environ) if self.inherit_env else {"PATH": os.environ.get("PATH", "")}
@@ -822,6 +876,61 @@ def _failure_policy_action(policy: Mapping[str, Any] | None, pod: Mapping[str, A
 # --------------------------------------------------------------------------------------------
 # A background Job runner
 # --------------------------------------------------------------------------------------------
+
+class TTLController:
+    """Delete finished Jobs (Background) whose ``ttlSecondsAfterFinished`` has passed since
+    they finished, whenever the TTL was set: the part of the TTL-after-finished controller
+    that ``Kubelet`` (which starts a timer when it finishes a Job) does not cover. Polls one
+    namespace (or all) every ``interval`` seconds; ``deleted`` lists what it deleted."""
+
+    def __init__(self, cluster: Cluster, *, namespace: str | None = None, interval: float = 0.1):
+        self.cluster = cluster
+        self.namespace = namespace
+        self.interval = interval
+        self.deleted: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="ttl-controller", daemon=True)
+
+    def __enter__(self) -> "TTLController":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    @staticmethod
+    def _finished_at(job: Mapping[str, Any]) -> float | None:
+        cond = job_condition(job, "Complete") or job_condition(job, "Failed")
+        if cond is None:
+            return None
+        stamp = (job.get("status") or {}).get("completionTime") or cond.get("lastTransitionTime")
+        try:
+            return datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(
+                tzinfo=datetime.timezone.utc).timestamp()
+        except (TypeError, ValueError):
+            return time.time()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                jobs = self.cluster.objects("batch/v1", "jobs", self.namespace)
+            except Exception:  # the cluster is gone
+                return
+            for job in jobs:
+                ttl = (job.get("spec") or {}).get("ttlSecondsAfterFinished")
+                done = self._finished_at(job)
+                if ttl is None or done is None or job["metadata"].get("deletionTimestamp"):
+                    continue
+                if time.time() >= done + float(ttl):
+                    try:
+                        self.cluster.emulator.api_delete(JOBS, job["metadata"].get("namespace"),
+                                                         job["metadata"]["name"], {"propagationPolicy": "Background"})
+                        self.deleted.append(job["metadata"]["name"])
+                    except KubeError:
+                        pass
+            self._stop.wait(self.interval)
+
 
 class JobRunner:
     """Watch for Jobs (in one namespace or all) and play each to its end in the background.

@@ -107,15 +107,27 @@ def run_phase(
     return summary
 
 
+EXIT_STORE_NOT_OURS = 2  # as an invalid spec (jobs.EXIT_INVALID_SPEC): the Job fails at once
+
+
 def main_phase(spec: RunSpec, phase: str, iteration: int, shard: Optional[int], num_shards: Optional[int],
-               termination_log: str = "", progress=None) -> int:
-    """CLI body: run, write the termination message, map failures to exit codes."""
+               termination_log: str = "", progress=None, owner: Optional[dict] = None) -> int:
+    """CLI body: claim the store for ``owner`` (the operator's Jobs; see ownership), run,
+    write the termination message, map failures to exit codes."""
+    from ..ownership import OwnershipError, claim
+
     if progress is None:  # live progress for a PodMonitor when $SELFREWARD_PROGRESS_PORT is set (not 0)
         from .progress import progress_from_env
         progress = progress_from_env()
     progress = progress_file(os.environ.get("SELFREWARD_PROGRESS_FILE", ""), progress)  # for `selfreward run`
     try:
+        if owner is not None:
+            claim(Store.for_spec(spec), owner)
         summary = run_phase(spec, phase, iteration, shard, num_shards, progress=progress)
+    except OwnershipError as e:
+        log(f"iter-{iteration}/{phase} refused: {e}")
+        write_termination_log({"error": str(e)[:1500], "phase": phase, "iteration": iteration}, termination_log)
+        return EXIT_STORE_NOT_OURS
     except Exception as e:  # every failure leaves a readable line for the operator
         msg = f"{type(e).__name__}: {e}" if not isinstance(e, PhaseError) else str(e)
         log(f"iter-{iteration}/{phase} failed: {msg}")
