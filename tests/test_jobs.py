@@ -4,7 +4,7 @@ import re
 
 from selfreward import jobs as J
 from selfreward.layout import Step
-from selfreward.spec import parse_spec
+from selfreward.spec import SpecError, parse_spec
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 META = {"name": "demo", "namespace": "ml", "uid": "uid-1", "generation": 3}
@@ -248,3 +248,86 @@ def test_manifests_validate_against_the_kubernetes_schemas():
     for version in ("1.30.0", "1.37.0"):
         for m in manifests:
             kubernetes_validate.validate(m, version, strict=True)
+
+
+# --- every name the CRD accepts fits every limit ------------------------------------
+
+from hypothesis import example, given, settings, strategies as st  # noqa: E402
+
+from selfreward.spec import PHASES  # noqa: E402
+
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_label = st.from_regex(r"\A[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
+
+
+@st.composite
+def run_names(draw):
+    """Any metadata.name the API server accepts for a SelfRewardRun: a DNS subdomain of
+    at most 253 characters (often at or near the limit)."""
+    parts = draw(st.lists(_label, min_size=1, max_size=8))
+    name = ".".join(parts)
+    if draw(st.booleans()):  # pad towards the limit
+        name = (name + "-" + draw(_label) * 10)
+    name = name[:253].rstrip(".-")
+    while not DNS_SUBDOMAIN.match(name) or ".." in name or "-." in name or ".-" in name:
+        name = re.sub(r"\.-|-\.|\.\.", "a", name).rstrip(".-") or "a"
+    return name
+
+
+steps = st.builds(lambda it, ph, shards: Step(it, ph, shards), st.integers(0, 100), st.sampled_from(PHASES),
+                  st.integers(1, J.MAX_SHARDS))
+attempts = st.integers(1, 101)  # retry.maxRetries <= 100
+
+
+@settings(max_examples=300, deadline=None)
+@given(run_names(), steps, attempts, st.integers(0, 2 ** 64 - 1))
+def test_names_fit_kubernetes_limits_for_every_run_name(run, step, attempt, nanos):
+    assert DNS_SUBDOMAIN.match(run) and len(run) <= 253
+    name = J.job_name(run, step, attempt)
+    assert name == J.job_name(run, step, attempt)  # deterministic: a re-create is a 409, an adoption
+    assert DNS_LABEL.match(name) and len(name) <= J.MAX_JOB_NAME
+    host = f"{name}-{step.shards - 1}"  # the last pod hostname of an Indexed Job
+    assert DNS_LABEL.match(host) and len(host) <= 63
+    cleanup = J.cleanup_job_name(run)
+    assert DNS_LABEL.match(cleanup) and len(cleanup) <= J.MAX_JOB_NAME
+    label = J.run_label(run)
+    assert LABEL_VALUE.match(label) and len(label) <= 63
+    event = J.event_name(run, nanos)
+    assert DNS_SUBDOMAIN.match(event) and len(event) <= 253
+
+
+@settings(max_examples=200, deadline=None)
+@given(run_names(), steps, attempts, run_names(), steps, attempts)
+@example("a" * 253, Step(1, "judge", 8), 1, "a" * 252 + "b", Step(1, "judge", 8), 1)  # differ past the cut
+@example("my.run", Step(1, "pairs"), 1, "my-run", Step(1, "pairs"), 1)  # differ in a replaced character
+@example("r", Step(1, "generate"), 2, "r-i1-generate", Step(2, "generate"), 1)
+@example("r", Step(2, "judge", 3), 1, "r", Step(2, "judge", 1024), 1)  # shards do not rename
+def test_job_names_are_distinct_for_distinct_run_steps_and_attempts(run_a, step_a, att_a, run_b, step_b, att_b):
+    same = (run_a, step_a.iteration, step_a.phase, att_a) == (run_b, step_b.iteration, step_b.phase, att_b)
+    # (the shard count is not part of a name: a later spec with more shards keeps the step's Jobs)
+    assert (J.job_name(run_a, step_a, att_a) == J.job_name(run_b, step_b, att_b)) == same
+
+
+_SPEC_FOR_NAMES = _spec()
+
+
+@settings(max_examples=60, deadline=None)
+@given(run_names(), steps, attempts)
+def test_every_manifest_label_and_the_step_read_back(run, step, attempt):
+    job = J.build_job({"name": run, "namespace": "ml", "uid": "u"}, _SPEC_FOR_NAMES, step, attempt)
+    labels = dict(job["metadata"]["labels"], **job["spec"]["template"]["metadata"]["labels"])
+    for value in labels.values():
+        assert LABEL_VALUE.match(value) and len(value) <= 63, value
+    assert J.job_step_of(job) == (step.iteration, step.phase, attempt)  # from labels, not the name
+    assert job["metadata"]["annotations"][J.ANN_RUN_NAME] == run  # the full name, for the controller's index
+
+
+def test_a_document_over_the_bound_is_refused_with_the_limit_named():
+    import pytest
+
+    huge = _spec(resources={"default": {"env": [{"name": f"V{i}", "value": "x" * 1000} for i in range(300)]}})
+    with pytest.raises(SpecError, match=f"under {J.MAX_DOCUMENT_BYTES} bytes"):
+        J.build_job(META, huge, Step(1, "generate"), 1)
+    assert J.MAX_DOCUMENT_BYTES + 8 * 1024 == 256 * 1024  # the API server's annotation limit, less headroom
+    assert J.MAX_JOB_NAME == 63 - len(f"-{J.MAX_SHARDS - 1}")

@@ -418,3 +418,128 @@ def test_finalizer_and_cleanup_job_on_deletion():
     plain["metadata"]["deletionTimestamp"] = J.format_time(T0)
     plain["metadata"]["finalizers"] = []
     assert reconcile(plain, {}, [], T0, SETTINGS).actions == []
+
+
+def test_ttl_is_set_only_once_the_status_it_started_from_records_the_outcome():
+    sim = Sim(make_run(ttlSecondsAfterFinished=0))
+    sim.step()
+    sim.complete("r-i1-generate")  # finishes while the operator is away: no TTL on it yet
+    assert "ttlSecondsAfterFinished" not in sim.jobs["r-i1-generate"]["spec"]
+    res = sim.step()
+    assert sim.status["completedStep"] == "iter-1/generate" and created(res) == ["r-i1-judge"]
+    assert res.of(SetJobTTL) == []  # recorded in this pass's status, which is not written yet
+    res = sim.step()
+    assert res.of(SetJobTTL) == [SetJobTTL("r-i1-generate", 0)]
+    assert sim.step().of(SetJobTTL) == []  # once
+    # a lost status: the completed Job proves its step, but gets its TTL only once recorded again
+    sim.status = {}
+    sim.jobs["r-i1-generate"]["spec"].pop("ttlSecondsAfterFinished")
+    assert sim.step().of(SetJobTTL) == [] and sim.step().of(SetJobTTL) == [SetJobTTL("r-i1-generate", 0)]
+    # no TTL asked for: none set
+    plain = Sim(make_run(ttlSecondsAfterFinished=None))
+    plain.step()
+    plain.complete("r-i1-generate")
+    plain.step()
+    assert plain.step().of(SetJobTTL) == []
+
+
+def test_an_exception_in_a_pass_ends_as_a_condition_and_an_event(monkeypatch):
+    real = J.build_job
+    sim = Sim(make_run())
+
+    def boom(*a, **k):
+        raise MemoryError("cannot render the judge template")
+
+    monkeypatch.setattr(J, "build_job", boom)
+    res = sim.step()
+    stalled = sim.cond("Stalled")
+    assert stalled["status"] == "True" and stalled["reason"] == "ReconcileError"
+    assert "MemoryError: cannot render the judge template" in stalled["message"]
+    assert sim.cond("Failed")["status"] == "False" and sim.cond("Ready")["status"] == "False"
+    assert [(e.type, e.reason) for e in res.of(Event)] == [("Warning", "ReconcileError")]
+    assert created(res) == [] and res.requeue_after == 5.0
+    # the same error again: no second Event, a longer wait (bounded)
+    res = sim.step(60)
+    assert res.of(Event) == [] and res.requeue_after == 60.0
+    assert sim.step(3600).requeue_after == 300.0
+    # fixed (an upgrade, a transient cause gone): the run goes on and says so
+    monkeypatch.setattr(J, "build_job", real)
+    res = sim.step(1)
+    assert created(res) == ["r-i1-generate"] and sim.cond("Stalled")["status"] == "False"
+    assert "Recovered" in [e.reason for e in res.of(Event)]
+    # an unreadable status or spec type is no exception either
+    assert reconcile({"metadata": {"name": "x"}, "spec": {"storage": 3}}, {"phase": "Nonsense"}, [], T0).of(Event)
+
+
+def test_a_permanent_api_refusal_fails_the_run_and_a_new_spec_resumes_it():
+    from selfreward.reconcile import api_refused
+
+    run = make_run()
+    first = reconcile(run, {}, [], T0, SETTINGS)
+    res = api_refused(run, first.status, "create Job r-i1-generate", 422,
+                      'Job.batch "r-i1-generate" is invalid: metadata.name: Invalid value', T0)
+    st = RunStatus.model_validate(res.status)
+    failed = next(c for c in st.conditions if c.type == "Failed")
+    assert st.phase == "Failed" and failed.reason == "ApiRejected" and "HTTP 422" in failed.message
+    assert "metadata.name: Invalid value" in failed.message
+    assert [(e.type, e.reason) for e in res.of(Event)] == [("Warning", "ApiRejected")]
+    assert reconcile(run, res.status, [], T0, SETTINGS).actions == []  # stays failed, no retry loop
+    fixed = make_run(gen=2, resources={"default": {"cpu": "1"}})
+    assert created(reconcile(fixed, res.status, [], T0, SETTINGS)) == ["r-i1-generate"]
+
+
+def test_a_spec_too_large_for_a_job_is_refused_as_an_invalid_spec():
+    big = make_run(resources={"default": {"tolerations": [
+        {"key": f"example.com/taint-{i:05d}", "operator": "Equal", "value": "v" * 200, "effect": "NoSchedule"}
+        for i in range(1200)]}})
+    res = reconcile(big, {}, [], T0, SETTINGS)
+    assert created(res) == [] and res.status["phase"] == "Failed"
+    assert next(c for c in res.status["conditions"] if c["type"] == "Failed")["reason"] == "InvalidSpec"
+    assert f"under {J.MAX_DOCUMENT_BYTES} bytes" in res.status["message"]
+    # one over 128 KiB (too big for an env variable) but under the bound goes through
+    ok = make_run(resources={"default": {"tolerations": [
+        {"key": f"example.com/taint-{i:05d}", "operator": "Equal", "value": "v" * 60, "effect": "NoSchedule"}
+        for i in range(900)]}})
+    res = reconcile(ok, {}, [], T0, SETTINGS)
+    doc = J.job_document(res.of(CreateJob)[0].manifest)
+    assert 128 * 1024 < len(doc) <= J.MAX_DOCUMENT_BYTES
+
+
+def _deleting(run, status=None, jobs=()):
+    run["metadata"]["finalizers"] = [FINALIZER]
+    run["metadata"]["deletionTimestamp"] = J.format_time(T0)
+    return reconcile(run, status or {}, list(jobs), T0, SETTINGS)
+
+
+def test_deletion_shows_terminating_and_reports_what_the_cleanup_did():
+    run = make_run(storage={"uri": "s3://bucket/r", "deleteOnRunDeletion": True})
+    live = reconcile(run, {}, [], T0, SETTINGS)
+    active = running(live.of(CreateJob)[0].manifest)
+    assert live.status["activeJob"] == "r-i1-generate"
+    res = _deleting(run, live.status, [active])
+    assert res.status["phase"] == "Terminating" and "activeJob" not in res.status
+    assert "r-i1-generate" not in res.status["message"] and "deleting" in res.status["message"]
+    cleanup_manifest = res.of(CreateJob)[0].manifest
+    done = finish(cleanup_manifest, {"deleted": 12, "kept": 2, "uri": "s3://bucket/r"})
+    res = _deleting(run, res.status, [done])
+    assert res.of(SetFinalizer) == [SetFinalizer(False)]
+    [ev] = res.of(Event)
+    assert (ev.type, ev.reason) == ("Normal", "CleanupDone") and "12 objects" in ev.message and "kept 2" in ev.message
+    refused = finish(cleanup_manifest, {"refused": "s3://bucket/r/owner.json is missing", "uri": "s3://bucket/r"})
+    res = _deleting(run, {}, [refused])
+    [ev] = res.of(Event)
+    assert (ev.type, ev.reason) == ("Warning", "CleanupRefused") and "owner.json is missing" in ev.message
+    assert res.of(SetFinalizer) == [SetFinalizer(False)]
+
+
+def test_a_store_at_a_root_is_never_cleaned_up():
+    for uri in ("s3://bucket", "s3://bucket/", "file:///", "/"):
+        run = make_run(storage={"uri": uri, "deleteOnRunDeletion": True})
+        res = _deleting(run)
+        if res.status.get("phase") == "Failed":  # the spec itself refuses such a URI: no cleanup either
+            assert not res.of(CreateJob)
+            continue
+        assert not res.of(CreateJob), uri
+        assert res.of(SetFinalizer) == [SetFinalizer(False)]
+        [ev] = res.of(Event)
+        assert (ev.type, ev.reason) == ("Warning", "CleanupRefused") and "nothing was deleted" in ev.message

@@ -88,7 +88,8 @@ def _foreign_dirs(files: list[str]) -> set[str]:
 def cleanup(store: Store, owner: Optional[dict]) -> dict[str, Any]:
     """Delete what the run wrote. Returns a summary: {"deleted", "kept", "uri"}, or
     {"refused": why} when nothing could be proved the run's (then nothing is deleted)."""
-    problem = storage_root_problem(store.uri)
+    # the URI as written, and where it resolved to: neither may be a root
+    problem = storage_root_problem(store.uri) or storage_root_problem(store.url())
     if problem:
         return {"refused": problem, "uri": store.uri}
     if owner is None:

@@ -55,7 +55,7 @@ def storage_root_problem(uri: str) -> Optional[str]:
         if "://" in uri and not uri.startswith("file://"):
             return f"{uri!r} has a scheme the store does not support"
         path = uri[len("file://"):] if uri.startswith("file://") else uri
-        if os.path.abspath(path).rstrip("/") in ("",):
+        if not path.strip("/") or os.path.abspath(path) == "/":
             return f"{uri!r} is the filesystem root"
         segments = [s for s in path.rstrip("/").split("/")][1:] if path.startswith("/") else path.rstrip("/").split("/")
     if any(s in ("", ".", "..") for s in segments):
