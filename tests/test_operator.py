@@ -16,11 +16,14 @@ from pathlib import Path
 import pytest
 
 from kube.emulator import cluster
-from kube.kubelet import DeadlineExceeded, ImagePullBackOff, JobRunner, Kubelet, Succeed, Unschedulable
+from kube.kubelet import DeadlineExceeded, ImagePullBackOff, JobRunner, Kubelet, Succeed, TTLController, Unschedulable
 from selfreward import jobs as J
+from selfreward import layout
 from selfreward.crd import crd_manifest
 from selfreward.layout import Step
+from selfreward.ownership import claim, owner_of
 from selfreward.spec import parse_spec
+from selfreward.storage import Store
 
 RUNS = ("selfreward.dev/v1alpha1", "selfrewardruns")
 VENV_BIN = str(Path(sys.executable).parent)
@@ -33,13 +36,16 @@ def now() -> str:
 
 @pytest.fixture(scope="module")
 def kube():
-    with cluster(namespaces=["a", "b", "c", "d", "e", "f"], crds=[crd_manifest()], validate=True) as c:
+    with cluster(namespaces=["a", "b", "c", "d", "e", "f", "g"], crds=[crd_manifest()], validate=True) as c:
         yield c
 
 
 def start_operator(kube, namespaces, log_path: Path, *extra: str, health_port: int = 0,
-                   metrics_port: int = 0) -> subprocess.Popen:
-    args = [sys.executable, "-m", "selfreward", "operator", "--metrics-port", str(metrics_port),
+                   metrics_port: int = 0, preload: str = "") -> subprocess.Popen:
+    """The operator as a process; ``preload``: Python run in it first (a monkeypatch)."""
+    entry = ["-m", "selfreward"] if not preload else [
+        "-c", f"{preload}\nimport sys\nfrom selfreward.cli import main\nsys.exit(main(sys.argv[1:]))"]
+    args = [sys.executable, *entry, "operator", "--metrics-port", str(metrics_port),
             "--health-port", str(health_port),
             "--worker-image", "selfreward/worker:test", *extra]
     for ns in namespaces:
@@ -250,13 +256,11 @@ def test_spec_update_mid_run_applies_from_the_next_iteration(kube, operator):
     wait_status(kube, "a", "upd", lambda s: s.get("observedGeneration") == 2)
     for phase in ("generate", "judge", "pairs", "train"):
         job = player.wait_job("a", f"upd-i1-{phase}")
-        env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
-        assert json.loads(env["SELFREWARD_SPEC"])["iterations"] == 1  # the iteration keeps its spec
+        assert json.loads(J.job_document(job))["spec"]["iterations"] == 1  # the iteration keeps its spec
         player.finish("a", f"upd-i1-{phase}")
     gen2 = player.wait_job("a", "upd-i2-generate")
     assert gen2["spec"]["completions"] == 2
-    env = {e["name"]: e.get("value") for e in gen2["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert json.loads(env["SELFREWARD_SPEC"])["iterations"] == 2
+    assert json.loads(J.job_document(gen2))["spec"]["iterations"] == 2
 
 
 def test_deleting_the_run_removes_its_jobs(kube, operator):
@@ -270,12 +274,15 @@ def test_deleting_the_run_removes_its_jobs(kube, operator):
 
 def test_delete_on_run_deletion_runs_the_cleanup_job_then_lets_go(kube, operator, tmp_path):
     store = tmp_path / "store"
-    (store / "iter-1" / "generate").mkdir(parents=True)
-    (store / "iter-1" / "generate" / "summary.json").write_text("{}")
     kube.create(manifest("tidy", "e", storage={"uri": f"file://{store}", "deleteOnRunDeletion": True}))
     kube.wait_for(lambda: "selfreward.dev/artifacts" in (run_obj(kube, "e", "tidy")["metadata"].get("finalizers") or []),
                   WAIT)
     JobPlayer(kube).wait_job("e", "tidy-i1-generate")
+    # what the run's first worker does: claim the store, then write; plus a file it did not write
+    claim(Store(f"file://{store}"), owner_of(run_obj(kube, "e", "tidy")["metadata"]))
+    (store / "iter-1" / "generate").mkdir(parents=True)
+    (store / "iter-1" / "generate" / "summary.json").write_text("{}")
+    (store / "notes.txt").write_text("mine, not the run's")
 
     def policy(job):  # run the cleanup Job's real command; leave the step Jobs alone
         return None if job["metadata"]["name"] == "tidy-cleanup" else "skip"
@@ -283,12 +290,40 @@ def test_delete_on_run_deletion_runs_the_cleanup_job_then_lets_go(kube, operator
     with JobRunner(kube, policy, namespace="e",
                    programs={"selfreward": Kubelet.venv_program("selfreward")}) as runner:
         kube.delete(*RUNS, "tidy", "e")
+        wait_status(kube, "e", "tidy", lambda s: s.get("phase") == "Terminating" and not s.get("activeJob"))
         kube.wait_for(lambda: run_obj(kube, "e", "tidy") == {}, WAIT)
     assert not runner.errors and runner.handled == ["tidy-cleanup"]
-    assert not store.exists()
-    reasons = [e[1] for e in events(kube, "e", "tidy")]
-    assert "CleanupStarted" in reasons and "CleanupDone" in reasons
+    assert sorted(p.name for p in store.iterdir()) == ["notes.txt"]  # the run's files and marker went
+    # the Event is posted before the finalizer goes, so it is there once the run is gone
+    done = [e for e in events(kube, "e", "tidy") if e[1] == "CleanupDone"]
+    assert len(done) == 1 and "kept 1" in done[0][2]
+    assert "CleanupStarted" in [e[1] for e in events(kube, "e", "tidy")]
     kube.wait_for(lambda: step_jobs(kube, "e", "tidy") == [], WAIT)  # garbage-collected with the run
+
+
+def test_cleanup_refuses_a_store_it_cannot_prove_is_the_runs(kube, operator, tmp_path):
+    store = tmp_path / "store"
+    other = {"namespace": "e", "name": "someone-else", "uid": "uid-of-another-run"}
+    claim(Store(f"file://{store}"), other)
+    (store / "iter-1" / "train").mkdir(parents=True)
+    (store / "iter-1" / "train" / "model.safetensors").write_text("weights")
+    kube.create(manifest("nosy", "e", storage={"uri": f"file://{store}", "deleteOnRunDeletion": True}))
+    kube.wait_for(lambda: "selfreward.dev/artifacts" in (run_obj(kube, "e", "nosy")["metadata"].get("finalizers") or []),
+                  WAIT)
+
+    def policy(job):
+        return None if job["metadata"]["name"] == "nosy-cleanup" else "skip"
+
+    with JobRunner(kube, policy, namespace="e",
+                   programs={"selfreward": Kubelet.venv_program("selfreward")}) as runner:
+        kube.delete(*RUNS, "nosy", "e")
+        kube.wait_for(lambda: run_obj(kube, "e", "nosy") == {}, WAIT)
+    assert not runner.errors and runner.handled == ["nosy-cleanup"]
+    assert (store / "iter-1" / "train" / "model.safetensors").read_text() == "weights"
+    assert Store(f"file://{store}").read_json(layout.OWNER)["uid"] == "uid-of-another-run"
+    refused = [e for e in events(kube, "e", "nosy") if e[1] == "CleanupRefused"]
+    assert len(refused) == 1 and refused[0][0] == "Warning" and "someone-else" in refused[0][2]
+    assert "CleanupDone" not in [e[1] for e in events(kube, "e", "nosy")]
 
 
 def test_kube_client_adopts_on_409(kube):
@@ -315,6 +350,39 @@ def test_refused_api_calls_are_reported_and_retried(kube, operator):
     evs = [e for e in events(kube, "b", "quota") if e[1] == "ApiError"]
     assert len(evs) == 1 and evs[0][0] == "Warning" and "exceeded quota" in evs[0][2]
     wait_status(kube, "b", "quota", lambda s: s.get("activeJob") == "quota-i1-generate")
+
+
+def test_a_request_refused_for_good_fails_the_run_with_the_servers_reason(kube, operator):
+    kube.fail_next("POST", r"/namespaces/b/jobs$", code=422, reason="Invalid",
+                   message='Job.batch "bad-i1-generate" is invalid: spec.template.spec.nodeSelector: Invalid value')
+    kube.create(manifest("bad", "b"))
+    st = wait_status(kube, "b", "bad", lambda s: s.get("phase") == "Failed")
+    assert cond(st, "Failed")["reason"] == "ApiRejected" and "HTTP 422" in cond(st, "Failed")["message"]
+    assert "nodeSelector: Invalid value" in st["message"]
+    evs = [e for e in events(kube, "b", "bad") if e[1] == "ApiRejected"]
+    assert len(evs) == 1 and evs[0][0] == "Warning" and "nodeSelector" in evs[0][2]
+    def posts():
+        return len([e for e in kube.emulator.log if e[0] == "POST" and e[1] == "/apis/batch/v1/namespaces/b/jobs"])
+    before = posts()
+    time.sleep(3)  # no retry loop (the error backoff's first steps are 1, 2 s)
+    assert posts() == before and step_jobs(kube, "b", "bad") == []
+    assert run_obj(kube, "b", "bad")["status"]["phase"] == "Failed"
+    # a new spec (the cause was in it) resumes the run
+    kube.patch(*RUNS, "bad", {"spec": {"resources": {"default": {"cpu": "1"}}}}, "b")
+    JobPlayer(kube).wait_job("b", "bad-i1-generate")
+
+
+def test_a_run_name_at_the_length_limit_gets_jobs_and_events_the_api_accepts(kube, operator):
+    name = ".".join(["n" * 63] * 3) + "." + "n" * 61  # 253 characters, the most a name may have
+    assert len(name) == 253
+    kube.create(manifest(name, "a", generation={"shards": 1024}))
+    expected = J.job_name(name, Step(1, "generate", 1024))
+    job = JobPlayer(kube).wait_job("a", expected)  # the emulator checks the last pod hostname as a server does
+    assert job["spec"]["completions"] == 1024 and len(f"{expected}-1023") <= 63
+    st = wait_status(kube, "a", name, lambda s: s.get("activeJob") == expected)
+    assert st["phase"] == "Running"
+    kube.wait_for(lambda: "RunStarted" in [e[1] for e in events(kube, "a", name)], WAIT)  # Event name <= 253
+    kube.delete(*RUNS, name, "a")
 
 
 def test_two_runs_of_the_same_name_in_two_namespaces(kube, operator):
@@ -508,3 +576,106 @@ def _healthy(urllib_request, port) -> bool:
         return urllib_request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).status == 200
     except OSError:
         return False
+
+
+def test_a_completion_the_operator_has_not_recorded_survives_the_ttl(kube, tmp_path):
+    """ttlSecondsAfterFinished: 0 and the emulated TTL controller: a Job gets its TTL only
+    once the run's status records it, so one that finished while the operator was down is
+    read after the restart, and no step Job is ever created twice."""
+    player = JobPlayer(kube)
+    log = tmp_path / "operator.log"
+    with TTLController(kube, namespace="g") as ttl:
+        proc = start_operator(kube, ["g"], log)
+        try:
+            kube.create(manifest("ttl", "g", ttlSecondsAfterFinished=0))
+            player.finish("g", "ttl-i1-generate", [{"responses": 8}])
+            kube.wait_for(lambda: "ttl-i1-generate" in ttl.deleted, WAIT)  # recorded, then expired
+            wait_status(kube, "g", "ttl", lambda s: s.get("activeJob") == "ttl-i1-judge")
+        finally:
+            stop_operator(proc, kill=True)
+        player.finish("g", "ttl-i1-judge", [{"judgedResponses": 8, "scoreMean": 2.0}])  # while no operator runs
+        time.sleep(1)
+        assert kube.get("batch/v1", "jobs", "ttl-i1-judge", "g") is not None  # no TTL yet: still there to read
+        proc = start_operator(kube, ["g"], log)
+        try:
+            player.finish("g", "ttl-i1-pairs", [{"pairs": 2}])
+            player.finish("g", "ttl-i1-train")
+            st = wait_status(kube, "g", "ttl", lambda s: s.get("phase") == "Succeeded")
+            kube.wait_for(lambda: step_jobs(kube, "g", "ttl") == [], WAIT)
+        finally:
+            stop_operator(proc)
+            kube.delete(*RUNS, "ttl", "g")
+    h = st["history"][0]
+    assert (h["responses"], h["judged"], h["meanScore"], h["pairs"]) == (8, 8, 2.0, 2)
+    assert sorted(ttl.deleted) == ["ttl-i1-generate", "ttl-i1-judge", "ttl-i1-pairs", "ttl-i1-train"]  # once each
+    reasons = [e[1] for e in events(kube, "g", "ttl")]
+    assert reasons.count("StepCompleted") == 4
+
+
+FAILING_BUILDER = """
+import os
+import selfreward.jobs as J
+_real = J.build_job
+def build_job(run_meta, *args, **kwargs):
+    if run_meta.get("name") == "boom" and os.path.exists({flag!r}):
+        raise MemoryError("formatting the judge template ran out of memory")
+    return _real(run_meta, *args, **kwargs)
+J.build_job = build_job
+"""
+
+
+def test_an_exception_in_reconcile_ends_as_a_condition_and_an_event(kube, tmp_path):
+    flag = tmp_path / "failing"
+    flag.write_text("")
+    proc = start_operator(kube, ["g"], tmp_path / "operator.log", preload=FAILING_BUILDER.format(flag=str(flag)))
+    try:
+        kube.create(manifest("boom", "g"))
+        kube.create(manifest("fine", "g"))
+        st = wait_status(kube, "g", "boom", lambda s: cond(s, "Stalled").get("reason") == "ReconcileError")
+        assert "MemoryError: formatting the judge template ran out of memory" in cond(st, "Stalled")["message"]
+        assert cond(st, "Stalled")["status"] == "True" and st.get("phase") != "Failed"
+        JobPlayer(kube).wait_job("g", "fine-i1-generate")  # other runs go on
+        time.sleep(6)  # a retry or two (bounded backoff), reported once
+        evs = [e for e in events(kube, "g", "boom") if e[1] == "ReconcileError"]
+        assert len(evs) == 1 and evs[0][0] == "Warning" and "MemoryError" in evs[0][2]
+        flag.unlink()  # the cause goes away: the next retry recovers
+        JobPlayer(kube).wait_job("g", "boom-i1-generate", timeout=30)
+        st = wait_status(kube, "g", "boom", lambda s: cond(s, "Stalled").get("status") == "False")
+        assert "Recovered" in [e[1] for e in events(kube, "g", "boom")]
+    finally:
+        stop_operator(proc)
+        kube.delete(*RUNS, "boom", "g")
+        kube.delete(*RUNS, "fine", "g")
+
+
+@pytest.mark.slow
+def test_a_spec_over_128_kib_reaches_the_pods_as_a_file(kube, tmp_path, tiny_model):
+    """Linux refuses one environment string over 128 KiB at exec: a valid spec that large
+    (here a long list of tolerations) travels in the run document, read from the
+    downwardAPI volume, and the step's real command runs with it."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?"}) + "\n" for i in range(2)))
+    store = tmp_path / "store"
+    tolerations = [{"key": f"example.com/pool-{i:04d}", "operator": "Equal", "value": "v" * 60, "effect": "NoSchedule"}
+                   for i in range(900)]
+    m = manifest("big", "g", model={"uri": tiny_model}, prompts={"uri": str(prompts)},
+                 storage={"uri": f"file://{store}"}, resources={"default": {"tolerations": tolerations}},
+                 generation={"responsesPerPrompt": 2, "maxNewTokens": 4, "batchSize": 2}, retry={"maxRetries": 0})
+    kubelet = Kubelet(kube, programs={"selfreward": Kubelet.venv_program("selfreward")},
+                      extra_env={"HOME": str(tmp_path / "home"), "XDG_CACHE_HOME": str(tmp_path / "home")})
+    proc = start_operator(kube, ["g"], tmp_path / "operator.log")
+    try:
+        kube.create(m)
+        job = JobPlayer(kube).wait_job("g", "big-i1-generate")
+        assert len(J.job_document(job)) > 128 * 1024
+        assert all(len(e.get("value", "")) < 4096 for e in job["spec"]["template"]["spec"]["containers"][0]["env"])
+        job = kubelet.run_job("big-i1-generate", "g")
+        assert J.job_complete(job), (job.get("status"), {k: v[-2000:] for k, v in kubelet.logs.items()})
+        st = wait_status(kube, "g", "big", lambda s: s.get("completedStep") == "iter-1/generate")
+        assert st["history"][0]["responses"] == 4
+        owner = Store(f"file://{store}").read_json(layout.OWNER)  # the worker claimed the store for this run
+        assert (owner["namespace"], owner["name"], owner["uid"]) == ("g", "big", run_obj(kube, "g", "big")["metadata"]["uid"])
+    finally:
+        kubelet.close()
+        stop_operator(proc)
+        kube.delete(*RUNS, "big", "g")
