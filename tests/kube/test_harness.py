@@ -15,7 +15,8 @@ from hypothesis import given, settings as hsettings, strategies as st
 
 from kube.emulator import ResKey, cluster, json_patch, match_labels, merge_patch, parse_label_selector
 from kube.kubelet import (DeadlineExceeded, Disrupted, Fail, ImagePullBackOff, JobRunner, Kubelet, OOMKilled,
-                          Succeed, Unschedulable, _expand, compress_indexes, job_condition, parse_indexes)
+                          Succeed, TTLController, Unschedulable, _expand, compress_indexes, job_condition,
+                          parse_indexes)
 
 GROUP, VERSION, PLURAL = "example.dev", "v1", "things"
 JSON_PATCH = "application/json-patch+json"
@@ -404,6 +405,82 @@ def test_kubelet_runs_an_indexed_job_locally(kube):
         log = kubernetes.client.CoreV1Api(kube.api_client()).read_namespaced_pod_log(pod["metadata"]["name"], "ns1")
         assert log == f"working on {index}\n"
     assert by_index == {str(i): {"index": str(i), "greeting": "hi-s3cr3t", "idx": str(i)} for i in range(3)}
+
+
+def test_kubelet_writes_content_volumes_and_maps_their_paths(kube):
+    kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds", "namespace": "ns1"},
+                 "stringData": {"token": "s3cr3t"}})
+    kube.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg", "namespace": "ns1"},
+                 "data": {"a.txt": "from a configmap", "b.txt": "unused"}})
+    big = "x" * (200 * 1024)  # more than one env string may hold: a file may
+    script = ("import os,sys,json; d=sys.argv[1]; out={n: open(os.path.join(d, n)).read() if n != 'doc' else "
+              "len(open(os.path.join(d, n)).read()) for n in ('doc', 'name')}; "
+              "out['cfg']=open(os.environ['CFG']).read(); out['tok']=open(sys.argv[2]).read(); "
+              "open(os.environ['SELFREWARD_TERMINATION_LOG'],'w').write(json.dumps(out))")
+    # paths are mapped where they are whole words of the command or env values
+    job = _job("vols", command=["python", "-c", script, "/etc/run", "/etc/secret/token"], indexed=False)
+    job["spec"]["template"]["metadata"] = {"annotations": {"example.dev/doc": big}}
+    pod = job["spec"]["template"]["spec"]
+    pod["volumes"] = [
+        {"name": "run", "downwardAPI": {"items": [
+            {"path": "doc", "fieldRef": {"fieldPath": "metadata.annotations['example.dev/doc']"}},
+            {"path": "name", "fieldRef": {"fieldPath": "metadata.namespace"}}]}},
+        {"name": "cfg", "configMap": {"name": "cfg", "items": [{"key": "a.txt", "path": "a.txt"}]}},
+        {"name": "sec", "secret": {"secretName": "creds"}},
+        {"name": "tmp", "emptyDir": {}}]
+    container = pod["containers"][0]
+    container["volumeMounts"] = [{"name": "run", "mountPath": "/etc/run"}, {"name": "cfg", "mountPath": "/etc/cfg"},
+                                 {"name": "sec", "mountPath": "/etc/secret"}, {"name": "tmp", "mountPath": "/tmp"}]
+    container["env"].append({"name": "CFG", "value": "/etc/cfg/a.txt"})
+    kube.create(job)
+    kubelet = Kubelet(kube, venv_programs=["python"])
+    try:
+        done = kubelet.run_job("vols", "ns1")
+        assert job_condition(done, "Complete"), kubelet.logs
+        [p] = kube.objects("v1", "pods", "ns1", label_selector="batch.kubernetes.io/job-name=vols")
+        out = json.loads(p["status"]["containerStatuses"][0]["state"]["terminated"]["message"])
+        assert out == {"doc": len(big), "name": "ns1", "cfg": "from a configmap", "tok": "s3cr3t"}
+        # a volume whose ConfigMap is missing leaves the pod waiting, as a kubelet does
+        missing = _job("novol", command=["python", "-c", "pass"], indexed=False)
+        missing["spec"]["template"]["spec"]["volumes"] = [{"name": "cfg", "configMap": {"name": "nope"}}]
+        missing["spec"]["template"]["spec"]["containers"][0]["volumeMounts"] = [{"name": "cfg", "mountPath": "/c"}]
+        kube.create(missing)
+        kubelet.run_job("novol", "ns1")
+        [p] = kube.objects("v1", "pods", "ns1", label_selector="batch.kubernetes.io/job-name=novol")
+        assert p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"] == "CreateContainerConfigError"
+    finally:
+        kubelet.close()
+
+
+def test_emulator_refuses_what_a_server_does_for_names_and_annotations(kube):
+    api = kubernetes.client.BatchV1Api(kube.api_client())
+    name = "j" * 60  # a fine Job name, but <name>-1023 is no pod hostname
+    with pytest.raises(kubernetes.client.ApiException) as err:
+        api.create_namespaced_job("ns1", _job(name, command=["true"], completions=1024))
+    assert err.value.status == 422 and "invalid DNS label" in json.loads(err.value.body)["message"]
+    api.create_namespaced_job("ns1", _job("j" * 58, command=["true"], completions=1024))  # 58 + "-1023" = 63
+    heavy = _job("heavy", command=["true"])
+    heavy["spec"]["template"]["metadata"] = {"annotations": {"a": "x" * (256 * 1024)}}
+    with pytest.raises(kubernetes.client.ApiException) as err:
+        api.create_namespaced_job("ns1", heavy)
+    assert err.value.status == 422 and "262144 bytes" in json.loads(err.value.body)["message"]
+
+
+def test_ttl_controller_honours_a_ttl_set_after_the_job_finished(kube):
+    kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds", "namespace": "ns1"},
+                 "stringData": {"token": "t"}})
+    kube.create(_job("later", command=["true"], indexed=False))
+    kubelet = Kubelet(kube, venv_programs=["python"])
+    try:
+        with TTLController(kube, namespace="ns1") as ttl:
+            assert job_condition(kubelet.run_job("later", "ns1"), "Complete")
+            time.sleep(0.5)
+            assert kube.get("batch/v1", "jobs", "later", "ns1") is not None  # no TTL: kept
+            kube.patch("batch/v1", "jobs", "later", {"spec": {"ttlSecondsAfterFinished": 0}}, "ns1")
+            kube.wait_for(lambda: kube.get("batch/v1", "jobs", "later", "ns1") is None, 10)
+            assert ttl.deleted == ["later"]
+    finally:
+        kubelet.close()
 
 
 def test_kubelet_failures_and_retries(kube):
