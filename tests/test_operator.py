@@ -679,3 +679,40 @@ def test_a_spec_over_128_kib_reaches_the_pods_as_a_file(kube, tmp_path, tiny_mod
         kubelet.close()
         stop_operator(proc)
         kube.delete(*RUNS, "big", "g")
+
+
+def test_the_api_client_pool_fits_the_api_threads(kube, caplog):
+    import concurrent.futures
+    import logging
+
+    from selfreward.controller import RECONCILE_WORKERS, Kube, api_threads
+
+    with kube.activated():
+        client = Kube()
+    threads = api_threads(RECONCILE_WORKERS)
+    assert client.api.rest_client.pool_manager.connection_pool_kw["maxsize"] == threads
+    caplog.set_level(logging.WARNING, logger="urllib3.connectionpool")
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda _: client.list("/api/v1/namespaces/d/pods"), range(threads * 5)))
+    assert "Connection pool is full" not in caplog.text
+
+
+def test_only_step_jobs_reach_the_phase_duration_metric(caplog, monkeypatch):
+    import logging
+
+    from selfreward import metrics
+    from selfreward.controller import Controller
+
+    calls = []
+    monkeypatch.setattr(metrics, "phase_finished", lambda phase, seconds: calls.append((phase, seconds)))
+
+    ctl = Controller(kube=None)
+    meta = {"name": "m", "namespace": "d", "uid": "u"}
+    spec = parse_spec(manifest("m", "d")["spec"])
+    stamp = {"startTime": "2026-01-01T00:00:00Z", "completionTime": "2026-01-01T00:01:00Z",
+             "conditions": [{"type": "Complete", "status": "True"}]}
+    caplog.set_level(logging.WARNING)
+    for job in (J.build_cleanup_job(meta, spec), J.build_job(meta, spec, Step(1, "pairs"), 1)):
+        job["metadata"]["resourceVersion"] = "1"
+        ctl.job_event("ADDED", dict(job, status=stamp))
+    assert calls == [("pairs", 60.0)] and "unknown phase" not in caplog.text  # not the cleanup Job
