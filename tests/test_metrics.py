@@ -132,7 +132,7 @@ def test_runs_by_phase_has_every_phase_and_recounts(served):
     m.observe_status("b", "r3", {})  # just created: no status yet counts as Pending
     fams = scrape(server.url)
     by_phase = {dict(k)["phase"]: v for k, v in samples(fams, "selfreward_runs").items()}
-    assert by_phase == {"Pending": 1, "Running": 1, "Suspended": 0, "Succeeded": 1, "Failed": 1}
+    assert by_phase == {"Pending": 1, "Running": 1, "Suspended": 0, "Succeeded": 1, "Failed": 1, "Terminating": 0}
 
     # a finished run is in no worker phase and has no phase start time
     assert value(fams, "selfreward_run_failed", namespace="b", run="r1") == 1
