@@ -407,6 +407,8 @@ def test_finalizer_and_cleanup_job_on_deletion():
     run["metadata"]["deletionTimestamp"] = J.format_time(T0)
     res = reconcile(run, res.status, [active], T0, SETTINGS)
     assert [a.name for a in res.of(DeleteJob)] == ["r-i1-generate"]
+    assert created(res) == [] and not res.of(SetFinalizer) and res.requeue_after  # the Job goes first
+    res = reconcile(run, res.status, [], T0, SETTINGS)
     assert created(res) == ["r-cleanup"] and not res.of(SetFinalizer)
     cleanup = finish(res.of(CreateJob)[0].manifest)
     res = reconcile(run, res.status, [cleanup], T0, SETTINGS)
@@ -518,7 +520,9 @@ def test_deletion_shows_terminating_and_reports_what_the_cleanup_did():
     assert live.status["activeJob"] == "r-i1-generate"
     res = _deleting(run, live.status, [active])
     assert res.status["phase"] == "Terminating" and "activeJob" not in res.status
-    assert "r-i1-generate" not in res.status["message"] and "deleting" in res.status["message"]
+    assert res.status["message"] == "deleting: stopping Job(s) r-i1-generate"
+    res = _deleting(run, res.status, [])
+    assert res.status["phase"] == "Terminating" and "r-i1-generate" not in res.status["message"]
     cleanup_manifest = res.of(CreateJob)[0].manifest
     done = finish(cleanup_manifest, {"deleted": 12, "kept": 2, "uri": "s3://bucket/r"})
     res = _deleting(run, res.status, [done])

@@ -177,12 +177,15 @@ def run_document(run_meta: dict, spec: RunSpec) -> str:
     return json.dumps(doc, separators=(",", ":"), sort_keys=True)
 
 
-def check_document_size(run_meta: dict, spec: RunSpec) -> None:
-    """Refuse a spec too large to travel in a Job (SpecError naming the limit)."""
-    size = len(run_document(run_meta, spec).encode())
+def checked_document(run_meta: dict, spec: RunSpec) -> str:
+    """The run document, or SpecError (naming the limit) for a spec too large to travel
+    in a Job."""
+    doc = run_document(run_meta, spec)
+    size = len(doc.encode())
     if size > MAX_DOCUMENT_BYTES:
         raise SpecError([("spec", f"is {size} bytes as JSON; a run's spec must stay under {MAX_DOCUMENT_BYTES} "
                                   "bytes (it travels to the pods in an annotation, which Kubernetes caps at 256 KiB)")])
+    return doc
 
 
 def _storage_env(spec: RunSpec) -> list[dict]:
@@ -232,8 +235,7 @@ def _job_shell(
     completions: int = 1,
     backoff_limit: int = 1,
 ) -> dict:
-    check_document_size(run_meta, spec)
-    document = run_document(run_meta, spec)
+    document = checked_document(run_meta, spec)
     res = spec.resources.for_phase(phase_for_resources)
     requests: dict[str, str] = {}
     limits: dict[str, str] = {}

@@ -401,7 +401,7 @@ def _reconcile(run: dict, status: Any, jobs: list[dict], now: datetime, settings
     # so does one too large to travel in a Job
     try:
         spec = parse_spec(run.get("spec"))
-        J.check_document_size(p.meta, spec)
+        J.checked_document(p.meta, spec)
     except SpecError as e:
         if p.meta.get("deletionTimestamp"):
             if FINALIZER in (p.meta.get("finalizers") or []):
@@ -587,22 +587,29 @@ def _succeeded(p: _Pass, spec: RunSpec, done: tuple[int, int]) -> None:
 
 
 def _deletion(p: _Pass, spec: RunSpec, jobs: list[dict], finalizers: list[str]) -> Result:
-    """The run is being deleted. Its Jobs go with it by ownerReference; with the
-    artifacts finalizer, active step Jobs are stopped first, then a cleanup Job deletes
-    the artifacts (it has the storage credentials, the operator has not), and the
-    finalizer goes when that Job has finished."""
-    if FINALIZER not in finalizers:
-        return p.result()
+    """The run is being deleted (phase Terminating). Its Jobs go with it by
+    ownerReference; with the artifacts finalizer, active step Jobs are stopped first and,
+    once they are gone, a cleanup Job deletes what the run wrote (it has the storage
+    credentials, the operator has not; see selfreward.ownership), and the finalizer goes
+    when that Job has finished, its Event posted first."""
     st = p.st
     st.phase = "Terminating"
     st.activeJob = None
     st.retryAfter = None
     st.currentPhase = None
-    for j in jobs:
-        if J.job_step_of(j) is not None and not (J.job_complete(j) or J.job_failed(j)):
-            if not (j.get("metadata") or {}).get("deletionTimestamp"):
-                p.actions.append(DeleteJob(j["metadata"]["name"]))
+    if FINALIZER not in finalizers:  # e.g. a foreground deletion waiting for the Jobs
+        p.state("working", "Deleting", "deleting: the run's Jobs go with it")
+        return p.result()
+    active = [j for j in jobs if J.job_step_of(j) is not None and not (J.job_complete(j) or J.job_failed(j))]
+    for j in active:
+        if not (j.get("metadata") or {}).get("deletionTimestamp"):
+            p.actions.append(DeleteJob(j["metadata"]["name"]))
     uri = spec.storage.uri
+    if active:
+        # the cleanup starts once no step Job is left to write behind it
+        p.state("working", "Deleting", f"deleting: stopping Job(s) {', '.join(j['metadata']['name'] for j in active)}")
+        p.requeue_in(2.0)
+        return p.result()
     problem = storage_root_problem(uri)
     cleanup = next((j for j in jobs if ((j.get("metadata") or {}).get("labels") or {}).get(J.LABEL_ROLE) == "cleanup"),
                    None)
