@@ -716,3 +716,37 @@ def test_only_step_jobs_reach_the_phase_duration_metric(caplog, monkeypatch):
         job["metadata"]["resourceVersion"] = "1"
         ctl.job_event("ADDED", dict(job, status=stamp))
     assert calls == [("pairs", 60.0)] and "unknown phase" not in caplog.text  # not the cleanup Job
+
+
+def test_events_are_posted_before_the_finalizer_goes():
+    """The run can vanish the moment its finalizer is removed: its Events and status are
+    written first (the order of the requests the controller sends)."""
+    import asyncio
+
+    from selfreward.controller import Controller
+    from selfreward.reconcile import FINALIZER
+
+    calls = []
+
+    class Recorder:  # records the controller's requests in order; answers like a server would
+        def post_event(self, ns, run, ev, now):
+            calls.append(("event", ev.reason))
+
+        def patch_run(self, ns, name, patch, status=False):
+            calls.append(("status" if status else "finalizers", patch))
+            return None
+
+    meta = {"name": "fin", "namespace": "e", "uid": "u-fin", "resourceVersion": "7", "generation": 1,
+            "finalizers": [FINALIZER], "deletionTimestamp": now()}
+    run = {"metadata": meta, "spec": manifest("fin", "e", storage={"uri": "s3://b/fin", "deleteOnRunDeletion": True})["spec"]}
+    cleanup = J.build_cleanup_job(meta, parse_spec(run["spec"]))
+    cleanup["metadata"].update(resourceVersion="8", uid="u-job")
+    cleanup["status"] = {"conditions": [{"type": "Complete", "status": "True"}]}
+    ctl = Controller(Recorder())
+    ctl.runs[("e", "fin")] = run
+    ctl.job_event("ADDED", cleanup)
+    result = asyncio.run(ctl.reconcile_one(("e", "fin")))
+    assert any(a.__class__.__name__ == "SetFinalizer" for a in result.actions)
+    kinds = [c[0] for c in calls]
+    assert kinds.index("event") < kinds.index("finalizers") and kinds[-1] == "finalizers"
+    assert ("event", "CleanupDone") in calls and kinds.index("status") < kinds.index("finalizers")
