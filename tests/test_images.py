@@ -27,6 +27,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from selfreward.cli import build_parser
+from selfreward.jobs import SPEC_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = {
@@ -141,7 +142,7 @@ def test_entrypoint_is_a_selfreward_subcommand(image):
     assert argv[1] == name
     # What Kubernetes appends must parse: the operator chart's args, the Job's phase.
     extra = {"operator": ["--namespace=ml", "--metrics-port=8080", "--health-port=8081"],
-             "worker": ["generate", "--iteration", "1"]}[name]
+             "worker": ["generate", "--iteration", "1", "--spec", SPEC_FILE]}[name]
     args = parser.parse_args(argv[1:] + extra)
     assert args.command == name
 
