@@ -468,9 +468,13 @@ def test_operator_killed_mid_phase_restarts_without_duplicates(kube, tmp_path):
     player.finish("c", "crash-i1-generate", [{"responses": 8}])  # completes while no operator runs
     proc = start_operator(kube, ["c"], log)
     try:
-        for phase in ("judge", "pairs"):
-            player.finish("c", f"crash-i1-{phase}")
-        stop_operator(proc, kill=True)  # once more, between steps
+        player.finish("c", "crash-i1-judge")
+        # once more, between steps: judge recorded (so its pass, which created the pairs
+        # Job and posted its Event, is over), pairs finishing while no operator runs. A
+        # kill inside a pass could lose that pass's Event, which the count below reads.
+        wait_status(kube, "c", "crash", lambda s: s.get("completedStep") == "iter-1/judge")
+        stop_operator(proc, kill=True)
+        player.finish("c", "crash-i1-pairs")
         proc = start_operator(kube, ["c"], log)
         player.finish("c", "crash-i1-train")
         st = wait_status(kube, "c", "crash", lambda s: s.get("phase") == "Succeeded")

@@ -166,7 +166,7 @@ def test_prometheus_scrapes_and_answers_promql(endpoints, prometheus):
     assert {r["metric"]["namespace"] for r in prometheus.query("selfreward_runs")} == {"selfreward-system"}
 
     by_phase = _by(prometheus.query("sum by (phase) (selfreward_runs)"), "phase")
-    assert by_phase == {"Pending": 0, "Running": 1, "Suspended": 0, "Succeeded": 1, "Failed": 1}
+    assert by_phase == {"Pending": 0, "Running": 1, "Suspended": 0, "Succeeded": 1, "Failed": 1, "Terminating": 0}
 
     current = prometheus.query('selfreward_run_phase{namespace="research", run="x"} == 1')
     assert [r["metric"]["phase"] for r in current] == ["generate"]
