@@ -554,7 +554,7 @@ INVALID = [
     ("minChars above maxChars", "prompts.selfInstruct", {"minChars": 500, "maxChars": 100}, {"cel", "parse_spec"}),
     ("storage over http", "storage.uri", "http://example.com/runs", {"cel", "parse_spec"}),
     ("s3 without a bucket", "storage.uri", "s3://", {"cel", "parse_spec"}),
-    ("vllm generation without GPUs", "generation.backend", "vllm", {"cel"}),
+    ("vllm generation without GPUs", "generation.backend", "vllm", {"cel", "parse_spec"}),
     ("template with another placeholder", "judge.template", "{prompt} {response} {rubric}", {"parse_spec"}),
     ("score pattern without a group", "judge.scorePattern", r"Score: \d+", {"parse_spec"}),
     ("score pattern not a regex", "judge.scorePattern", "Score: ([0-9]", {"parse_spec"}),

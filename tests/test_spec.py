@@ -50,7 +50,7 @@ def fields(err: SpecError) -> dict[str, str]:
         ("judge.scorePattern", r"Score:\s*[0-9]+", "judge.scorePattern", "capturing group"),
         ("judge.scorePattern", r"Score: ([0-9]", "judge.scorePattern", "not a valid regular expression"),
         ("judge.template", "Rate {prompt} out of 5.", "judge.template", "{response}"),
-        ("judge.template", "Rate {prompt} {response} {extra}", "judge.template", "placeholder other than"),
+        ("judge.template", "Rate {prompt} {response} {extra}", "judge.template", "the only placeholders are"),
         ("storage.uri", "http://example.com/run", "storage.uri", "unsupported scheme"),
         ("generation.backend", "tensorrt", "generation.backend", "transformers"),
         ("training.beta", 0, "training.beta", "greater than 0"),
