@@ -114,7 +114,7 @@ def test_resources_scheduling_and_security():
         serviceAccountName="trainer",
         resources={
             "default": {"cpu": "2", "memory": "8Gi", "nodeSelector": {"pool": "cpu"},
-                        "env": [{"name": "EXTRA", "value": "1"}, {"name": "SELFREWARD_RUN", "value": "evil"}]},
+                        "env": [{"name": "EXTRA", "value": "1"}]},
             "train": {"gpus": 1, "gpuResourceName": "amd.com/gpu", "memory": "64Gi", "shmSize": "16Gi",
                       "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
                       "affinity": {"nodeAffinity": {}}, "priorityClassName": "high", "activeDeadlineSeconds": 3600},
@@ -138,7 +138,6 @@ def test_resources_scheduling_and_security():
     assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
     env = _env(job)
     assert env["EXTRA"]["value"] == "1"
-    assert env["SELFREWARD_RUN"]["value"] == "demo"  # user env cannot override the product's
     assert pod["restartPolicy"] == "Never"
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1000
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}

@@ -197,7 +197,7 @@ def test_validate_command_reports_the_field(tmp_path, capsys):
     from selfreward.cli import main
 
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(with_("generation.responsesPerPrompt", 1)))
-    assert main(["validate", str(tmp_path / "bad.yaml")]) == 2
+    assert main(["validate", str(tmp_path / "bad.yaml")]) == 1  # 1: invalid (2: a path cannot be read)
     assert "generation.responsesPerPrompt" in capsys.readouterr().err
 
 

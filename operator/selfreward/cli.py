@@ -66,10 +66,68 @@ def cmd_crd(args) -> int:
     return 0
 
 
+# `selfreward validate` exit codes: the pre-commit contract (docs/gitops.md)
+VALIDATE_OK, VALIDATE_INVALID, VALIDATE_USAGE = 0, 1, 2
+_MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def _manifest_files(path: str) -> list[str]:
+    """A file as given, or a directory's YAML/JSON files (recursively, sorted; hidden
+    directories such as .git skipped)."""
+    if not os.path.isdir(path):
+        return [path]
+    out = []
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out += [os.path.join(root, f) for f in sorted(files) if f.endswith(_MANIFEST_SUFFIXES)]
+    return out
+
+
 def cmd_validate(args) -> int:
-    spec, _ = load_spec_file(args.spec)
-    print(f"{args.spec}: valid ({spec.iterations} iterations)")
-    return 0
+    """Check run specs as the cluster would: every SelfRewardRun in every file (multi-
+    document YAML; other kinds skipped), or a bare spec in a file given by name. Exit 0
+    when all are valid, 1 when any is invalid, 2 when a path cannot be read."""
+    from pathlib import Path
+
+    from .spec import SpecFileError, is_run_manifest, load_document, load_spec_documents
+
+    status, checked = VALIDATE_OK, 0
+    for given in args.paths:
+        if not os.path.exists(given):
+            print(f"{given}: no such file or directory", file=sys.stderr)
+            return VALIDATE_USAGE
+        in_dir = os.path.isdir(given)
+        for path in _manifest_files(given):
+            try:
+                docs = load_spec_documents(Path(path))
+            except SpecFileError as e:
+                print(str(e), file=sys.stderr)
+                return VALIDATE_USAGE
+            except SpecError as e:
+                print(str(e), file=sys.stderr)
+                status = VALIDATE_INVALID
+                continue
+            docs = [(i, d) for i, d in enumerate(docs) if d is not None]
+            # a file named on the command line may hold one bare spec (what `selfreward run` takes)
+            bare = (not in_dir and len(docs) == 1
+                    and not (isinstance(docs[0][1], dict) and ("kind" in docs[0][1] or "apiVersion" in docs[0][1])))
+            for i, doc in docs:
+                if not (bare or is_run_manifest(doc)):
+                    continue  # another kind of manifest (a Kustomization, a Secret, ...)
+                where = path if len(docs) == 1 else f"{path} (document {i + 1})"
+                checked += 1
+                try:
+                    spec, meta = load_document(doc, Path(path), where, require_name=not bare)
+                except SpecError as e:
+                    print(str(e), file=sys.stderr)
+                    status = VALIDATE_INVALID
+                    continue
+                if not args.quiet:
+                    name = meta.get("name") or meta.get("generateName") or "spec"
+                    print(f"{where}: {name} valid ({spec.iterations} iterations)")
+    if checked == 0 and not args.quiet:
+        print("no SelfRewardRun found", file=sys.stderr)
+    return status
 
 
 def cmd_operator(args) -> int:
@@ -113,8 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output")
     c.set_defaults(func=cmd_crd)
 
-    v = sub.add_parser("validate", help="check a run spec file")
-    v.add_argument("spec")
+    v = sub.add_parser(
+        "validate", help="check run specs as the cluster would (files, directories of manifests)",
+        description="Check every SelfRewardRun in the given files and directories (multi-document YAML; "
+        "other kinds are skipped; a file given by name may hold a bare spec). "
+        "Exit 0: all valid; 1: something is invalid; 2: a path cannot be read.")
+    v.add_argument("paths", nargs="+", metavar="PATH", help="a manifest or spec file, or a directory of them")
+    v.add_argument("-q", "--quiet", action="store_true", help="print only what is invalid")
     v.set_defaults(func=cmd_validate)
 
     o = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")

@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from typing import Any, Optional
 
 from .layout import Step
-from .spec import GenerationSpec, JudgeSpec, RunSpec, SpecError
+from .spec import GenerationSpec, JudgeSpec, RunSpec, SpecError, reserved_env
 
 GROUP = "selfreward.dev"
 VERSION = "v1alpha1"
@@ -267,7 +267,8 @@ def _job_shell(
     env += _storage_env(spec)
     reserved = {e["name"] for e in env}
     for extra in res.env or []:
-        if extra.name not in reserved:  # user env may not override the spec or credentials
+        # the spec refuses reserved names at load (spec.reserved_env); never override one here either
+        if extra.name not in reserved and not reserved_env(extra.name):
             env.append({"name": extra.name, "value": extra.value})
 
     container: dict[str, Any] = {

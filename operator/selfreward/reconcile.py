@@ -39,7 +39,7 @@ from . import conditions as cond
 from . import jobs as J
 from . import layout
 from .layout import Step
-from .spec import PHASES, RunSpec, SpecError, parse_spec, spec_from_document
+from .spec import PHASES, RunSpec, SpecError, check_applied_configuration, parse_spec, spec_from_document
 from .storage import storage_root_problem
 from .status import HISTORY_LIMIT, IterationRecord, RunStatus
 
@@ -398,10 +398,13 @@ def _reconcile(run: dict, status: Any, jobs: list[dict], now: datetime, settings
     jobs = [j for j in jobs if _owned(j, uid)]
 
     # 1. the spec: what pydantic rejects (and the CRD schema could not) stalls the run;
-    # so does one too large to travel in a Job
+    # so does one too large to travel in a Job, and a field the API server pruned from
+    # what kubectl applied (a typo runs nothing)
     try:
         spec = parse_spec(run.get("spec"))
         J.checked_document(p.meta, spec)
+        if not p.meta.get("deletionTimestamp"):
+            check_applied_configuration(p.meta)
     except SpecError as e:
         if p.meta.get("deletionTimestamp"):
             if FINALIZER in (p.meta.get("finalizers") or []):

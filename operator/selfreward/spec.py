@@ -1058,12 +1058,16 @@ def _check_expansion(root) -> None:
             stack.extend((c, False) for c in node.value)
 
 
+class SpecFileError(SpecError):
+    """The spec file itself cannot be read (missing, a directory, no permission)."""
+
+
 def _read_text(path: Path) -> str:
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
-        raise SpecError([("file", f"cannot read: {e.strerror or e}")], str(path)) from None
+        raise SpecFileError([("file", f"cannot read: {e.strerror or e}")], str(path)) from None
     if len(raw) > MAX_FILE_BYTES:
         raise SpecError([("file", f"is larger than {MAX_FILE_BYTES} bytes")], str(path))
     try:
@@ -1091,11 +1095,16 @@ def load_yaml_documents(text: str, source: str = "yaml") -> list[Any]:
         raise SpecError([("yaml", _yaml_error(e))], source) from None
 
 
+def load_spec_documents(path: str | Path) -> list[Any]:
+    """Every YAML document of a file, loaded within the limits (not validated)."""
+    return load_yaml_documents(_read_text(Path(path)), str(path))
+
+
 def load_spec_file(path: str | Path) -> tuple[RunSpec, dict]:
     """Load a YAML file (bare spec or SelfRewardRun manifest). Relative local URIs in the
     spec are resolved against the file's directory, so examples run from anywhere."""
     path = Path(path)
-    docs = [d for d in load_yaml_documents(_read_text(path), str(path)) if d is not None]
+    docs = [d for d in load_spec_documents(path) if d is not None]
     if len(docs) != 1:
         raise SpecError([("yaml", f"expected one document, found {len(docs)}")], str(path))
     return load_document(docs[0], path)
