@@ -91,6 +91,8 @@ def _without_reasoning(text: str) -> str:
 
 def verdict_text(text: str) -> str:
     """The part of a verdict a score may be read from (see the module docstring)."""
+    # lone surrogates (possible in JSON text) cannot reach RE2, which matches UTF-8
+    text = text.encode("utf-8", "replace").decode("utf-8")
     text = unicodedata.normalize("NFKC", text).translate(_INVISIBLE)
     text = _without_reasoning(text)
     if len(text) > MAX_VERDICT_CHARS:
