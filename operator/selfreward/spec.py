@@ -183,25 +183,17 @@ def uri_problem(uri: Any, kinds: frozenset, *, prefix: bool = False) -> Optional
         return f"has the unsupported scheme {kind}://: use {names}"
     if kind == URI_PATH:
         relative = not uri.startswith("/")
-        problem = _segments_problem(uri.lstrip("/") if not relative else uri, relative=relative)
-        if problem:
-            return problem
-        named = [s for s in uri.split("/") if s not in ("", ".", "..")]
-        if not named:
+        if not [s for s in uri.split("/") if s not in ("", ".", "..")]:
             return "names no file or directory"
-        return None
+        return _segments_problem(uri if relative else uri[1:], relative=relative)
     scheme_prefix, authority = URI_SCHEMES[kind]
     rest = uri[len(scheme_prefix):]
     if authority is None:  # file:///absolute/path
         if not rest.startswith("/"):
             return f"{scheme_prefix} names an absolute path: write {scheme_prefix}/dir/..."
-        problem = _segments_problem(rest[1:], relative=False)
-        named = [s for s in rest.split("/") if s]
-        if problem:
-            return problem
-        if not named:
+        if not [s for s in rest.split("/") if s not in ("", ".", "..")]:
             return "is the filesystem root"
-        return None
+        return _segments_problem(rest[1:], relative=False)
     pattern, what = authority
     name, _, path = rest.partition("/")
     if not name:
