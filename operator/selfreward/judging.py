@@ -93,7 +93,7 @@ def verdict_text(text: str) -> str:
     """The part of a verdict a score may be read from (see the module docstring)."""
     # lone surrogates (possible in JSON text) cannot reach RE2, which matches UTF-8
     text = text.encode("utf-8", "replace").decode("utf-8")
-    text = unicodedata.normalize("NFKC", text).translate(_INVISIBLE)
+    text = unicodedata.normalize("NFKC", text).translate(_INVISIBLE).replace("\r\n", "\n").replace("\r", "\n")
     text = _without_reasoning(text)
     if len(text) > MAX_VERDICT_CHARS:
         tail = text[-MAX_VERDICT_CHARS:]

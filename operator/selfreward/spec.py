@@ -59,7 +59,7 @@ Explain your grading in at most 100 words, then end with a line of the form \
 # bullet, heading marks or a list number), a separator (":", "=", "is", " - "), the
 # number (optionally in <>, [] or ()), an optional "/ N" or "out of N", and then
 # nothing that would make the number part of something else (a range "3-4", a decimal
-# comma "4,5", another digit). The verdict text is normalised first
+# comma "4,5", "1e1", another digit). The verdict text is normalised first
 # (judging.verdict_text: NFKC, so full-width digits and colons count; reasoning blocks,
 # block quotes and Markdown emphasis removed) and the last matching line counts.
 DEFAULT_SCORE_PATTERN = (
@@ -67,7 +67,7 @@ DEFAULT_SCORE_PATTERN = (
     r"(?:(?:final|total|overall)[ \t]+)?score[ \t]*(?:[:=][ \t]*|is[ \t]+|-[ \t]+)?"
     r"[<\[(]?[ \t]*([0-9]+(?:\.[0-9]+)?)[ \t]*[>\])]?"
     r"(?:[ \t]*(?:/|out of)[ \t]*[0-9]+(?:\.[0-9]+)?)?(?:[ \t]*points?)?"
-    r"(?:[ \t]*$|[^0-9\-–,.\s]|[,.](?:[^0-9]|$)|[ \t]+[^0-9\-–\s])"
+    r"(?:[ \t]*$|[^0-9A-Za-z\-–,.\s]|[,.](?:[^0-9]|$)|[ \t]+[^0-9\-–\s])"
 )
 
 QUANTITY_RE = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|Pi|Ei|M|G|T|P|E|e[0-9]+)?$"
