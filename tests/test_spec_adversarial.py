@@ -569,8 +569,14 @@ def test_reconcile_stalls_a_run_whose_applied_manifest_had_a_typo():
     assert events and "spec.judge.templat: unknown field" in events[0].message
     assert not [a for a in res.actions if type(a).__name__ == "CreateJob"]
     assert res.status["phase"] == "Failed"
-    clean = reconcile(_run(copy.deepcopy(BASE), {"spec": BASE}), {}, [], datetime(2026, 1, 1, tzinfo=timezone.utc))
+    again = reconcile(_run(copy.deepcopy(BASE), sent), res.status, [], datetime(2026, 1, 1, tzinfo=timezone.utc))
+    assert again.status["phase"] == "Failed" and not [a for a in again.actions if getattr(a, "reason", "") == "InvalidSpec"]
+    # the typo deleted from the manifest: the stored spec (and its generation) is the same,
+    # only the annotation changed, and the run goes ahead
+    clean = reconcile(_run(copy.deepcopy(BASE), {"spec": BASE}), res.status, [],
+                      datetime(2026, 1, 1, tzinfo=timezone.utc))
     assert [a for a in clean.actions if type(a).__name__ == "CreateJob"]
+    assert clean.status["phase"] != "Failed"
 
 
 # --------------------------------------------------- selfreward validate for GitOps repos

@@ -39,7 +39,7 @@ from . import conditions as cond
 from . import jobs as J
 from . import layout
 from .layout import Step
-from .spec import PHASES, RunSpec, SpecError, check_applied_configuration, parse_spec, spec_from_document
+from .spec import PHASES, PRUNED_FIELD, RunSpec, SpecError, check_applied_configuration, parse_spec, spec_from_document
 from .storage import storage_root_problem
 from .status import HISTORY_LIMIT, IterationRecord, RunStatus
 
@@ -429,10 +429,12 @@ def _reconcile(run: dict, status: Any, jobs: list[dict], now: datetime, settings
     elif not spec.storage.deleteOnRunDeletion and FINALIZER in finalizers:
         p.actions.append(SetFinalizer(False))
 
-    # 3. a failed run stays failed (an invalid spec that was fixed resumes)
+    # 3. a failed run stays failed (an invalid spec that was fixed resumes; so does one whose
+    # applied manifest lost its pruned typo, which changes no generation)
     if st.phase == "Failed":
         failed = cond.get(st.conditions, "Failed")
-        if not (failed and failed.reason in CURABLE_FAILURES and failed.observedGeneration != p.gen):
+        fixed = failed is not None and (failed.observedGeneration != p.gen or PRUNED_FIELD in (failed.message or ""))
+        if not (failed and failed.reason in CURABLE_FAILURES and fixed):
             _expire_recorded(p, spec, jobs, recorded)
             return p.result()
     if cond.is_true(st.conditions, "Stalled") and (cond.get(st.conditions, "Stalled").reason == "ReconcileError"):

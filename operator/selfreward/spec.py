@@ -1128,6 +1128,7 @@ def is_run_manifest(doc: Any) -> bool:
 # --- what the API server pruned ----------------------------------------------------------
 
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+PRUNED_FIELD = "unknown field: the API server dropped it; fix the manifest"
 _MAX_LAST_APPLIED = 2 * 1024 * 1024
 
 
@@ -1145,7 +1146,7 @@ def _pruned_fields(raw: str) -> tuple[tuple[str, str], ...]:
     try:
         RunSpec.model_validate(spec)
     except ValidationError as e:
-        return tuple((f"spec.{_loc(err['loc'])}", "unknown field: the API server dropped it; fix the manifest")
+        return tuple((f"spec.{_loc(err['loc'])}", PRUNED_FIELD)
                      for err in e.errors() if err["type"] == "extra_forbidden")
     except (RecursionError, MemoryError):
         return ()
