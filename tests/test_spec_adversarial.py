@@ -595,14 +595,20 @@ def test_validate_a_directory_of_manifests(tmp_path, capsys):
     (repo / "runs" / "all.yaml").write_text(RUN_YAML + "---\n" + OTHER_YAML + "---\n"
                                             + yaml.safe_dump(manifest("bad", iterations=0)))
     (repo / "runs" / "notes.txt").write_text("kind: SelfRewardRun\n")
+    (repo / "chart" / "templates").mkdir(parents=True)
+    (repo / "chart" / "templates" / "job.yaml").write_text("{{- if .Values.x }}\nkind: Job\n{{- end }}\n")
     assert main(["validate", str(repo)]) == 1
     out, err = capsys.readouterr()
     assert "all.yaml (document 1): good valid" in out
     assert "all.yaml (document 3): invalid run spec" in err and "iterations:" in err
-    assert ".git" not in out + err and "notes.txt" not in out + err
+    assert ".git" not in out + err and "notes.txt" not in out + err and "job.yaml" not in out + err
     (repo / "runs" / "all.yaml").write_text(RUN_YAML + "---\n" + OTHER_YAML)
     assert main(["validate", "-q", str(repo), str(repo / "runs" / "all.yaml")]) == 0
     assert capsys.readouterr() == ("", "")
+    # a broken file that holds a run is reported, in a directory too
+    (repo / "runs" / "broken.yaml").write_text("kind: SelfRewardRun\nspec: [\n")
+    assert main(["validate", "-q", str(repo)]) == 1
+    assert "broken.yaml: invalid run spec" in capsys.readouterr().err
 
 
 def test_validate_exit_codes(tmp_path, capsys):
