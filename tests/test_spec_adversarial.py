@@ -435,6 +435,15 @@ def test_types_are_strict_as_on_the_api_server(field, value):
     assert type(value).__name__ in errors[field]  # the message says what was given
 
 
+def test_exponents_are_numbers_in_yaml_as_in_kubectl_and_json(tmp_path):
+    (tmp_path / "s.yaml").write_text(_spec_yaml(training="{learningRate: 1e-6, beta: 2E1}", iterations="12"))
+    spec, _ = S.load_spec_file(tmp_path / "s.yaml")
+    assert spec.training.learningRate == 1e-6 and spec.training.beta == 20.0 and spec.iterations == 12
+    assert yaml.safe_load("x: 1e-6")["x"] == "1e-6"  # PyYAML's own loader is left as it was
+    (tmp_path / "j.yaml").write_text(json.dumps({**BASE, "training": {"learningRate": 1e-06}}))
+    assert S.load_spec_file(tmp_path / "j.yaml")[0].training.learningRate == 1e-6  # JSON text as YAML
+
+
 def test_ints_are_still_floats():
     spec = parse_spec(with_("judge", {"minScore": 1, "maxScore": 10, "temperature": 1}))
     assert spec.judge.maxScore == 10.0 and isinstance(spec.judge.maxScore, float)

@@ -1009,6 +1009,16 @@ class _BoundedLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# PyYAML follows YAML 1.1, where a float needs a dot: "1e-6" would be the string "1e-6".
+# kubectl's YAML (go-yaml), YAML 1.2 and JSON read it as a number, and so does a spec
+# file here (tried after YAML 1.1's own int and float rules, so "12" stays an int).
+_BoundedLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def _check_expansion(root) -> None:
     """Nodes, characters and depth of the document with every alias expanded, computed
     over the node graph once per distinct node (linear in the document, not in its
