@@ -15,7 +15,7 @@ import re
 import unicodedata
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import re2
 import yaml
@@ -83,6 +83,10 @@ QUALIFIED_NAME_RE = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0
 # are int32 in batch/v1.
 SEED_MAX = 2**32 - 1
 INT32_MAX = 2**31 - 1
+# Bounds that also size a run's Job and pod names (MAX_RUN_NAME_LENGTH).
+ITERATIONS_MAX = 100
+RETRIES_MAX = 100
+SHARDS_MAX = 1024
 
 # What a whole spec may expand to (after YAML aliases) before it is validated at all:
 # far above any real spec, far below what could hang validation or exhaust memory.
@@ -563,7 +567,7 @@ class GenerationSpec(_Model):
     maxNewTokens: int = Field(256, ge=1, le=131072)
     backend: Literal["transformers", "vllm"] = Field("transformers", description="vllm needs a GPU image.")
     batchSize: int = Field(16, ge=1, le=4096, description="Prompts per generate() call (transformers backend).")
-    shards: int = Field(1, ge=1, le=1024, description="Indexed Job completions (pods) for generation.")
+    shards: int = Field(1, ge=1, le=SHARDS_MAX, description="Indexed Job completions (pods) for generation.")
 
 
 class JudgeSpec(_Model):
@@ -588,7 +592,7 @@ class JudgeSpec(_Model):
     maxNewTokens: int = Field(256, ge=1, le=131072)
     backend: Literal["transformers", "vllm"] = Field("transformers")
     batchSize: int = Field(16, ge=1, le=4096)
-    shards: int = Field(1, ge=1, le=1024)
+    shards: int = Field(1, ge=1, le=SHARDS_MAX)
 
     @field_validator("scorePattern")
     @classmethod
@@ -750,7 +754,7 @@ class ResourcesSpec(_Model):
 
 
 class RetrySpec(_Model):
-    maxRetries: int = Field(2, ge=0, le=100, description="Job re-creations per step before the run fails.")
+    maxRetries: int = Field(2, ge=0, le=RETRIES_MAX, description="Job re-creations per step before the run fails.")
     backoffSeconds: int = Field(30, ge=0, le=86400, description="First retry delay; doubles per retry.")
     podBackoffLimit: int = Field(1, ge=0, le=100, description="The Job's own backoffLimit (pod restarts).")
 
@@ -767,7 +771,7 @@ class RunSpec(_Model):
 
     model: ModelSpec
     prompts: PromptsSpec
-    iterations: int = Field(3, ge=1, le=100, description="Self-rewarding iterations after iteration 0.")
+    iterations: int = Field(3, ge=1, le=ITERATIONS_MAX, description="Self-rewarding iterations after iteration 0.")
     sft: Optional[SFTSpec] = Field(None, description="Optional iteration 0 (SFT on IFT + EFT data) that makes M_1.")
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     judge: JudgeSpec = Field(default_factory=JudgeSpec)
@@ -905,9 +909,6 @@ def parse_spec(data: Any, source: str = "spec") -> RunSpec:
 
 API_VERSION = "selfreward.dev/v1alpha1"
 KIND = "SelfRewardRun"
-ITERATIONS_MAX = 100
-RETRIES_MAX = 100
-SHARDS_MAX = 1024
 # A run's Jobs are named <run>-i<iteration>-<phase>[-r<attempt>] (jobs.job_name), and an
 # Indexed Job's pods get the hostname <job>-<index>: the longest of them must still be a
 # DNS label (63 characters), so a run name leaves room for the longest suffix.
