@@ -67,8 +67,8 @@ BAD_STORAGE = [
     ("file://", "absolute path"),
     ("file://relative/dir", "absolute path"),
     ("file:///data/../etc", "'..' path segment"),
-    ("/", "names no file"),
-    ("//", "names no file"),
+    ("/", "filesystem root"),
+    ("//", "filesystem root"),
     ("/data/runs/..", "'..' path segment"),
     ("/data/./runs", "'.' path segment"),
     ("runs/../../x", "'..' path segment"),
@@ -160,7 +160,7 @@ def test_a_relative_storage_path_is_checked_after_it_is_resolved(tmp_path):
     (tmp_path / "root.yaml").write_text(yaml.safe_dump({**BASE, "storage": {"uri": "../" * 40}}))
     with pytest.raises(SpecError, match=r"storage.uri: .* names no file or directory"):
         S.load_spec_file(tmp_path / "root.yaml")
-    assert S.run_prefix_problem("/") == "names no file or directory"
+    assert S.run_prefix_problem("/") == "is the filesystem root"
 
 
 # ------------------------------------------------------------------ reserved environment
@@ -455,7 +455,8 @@ def test_strict_yaml_and_json_round_trips(tmp_path):
         S.load_spec_file(tmp_path / "s.yaml")
     spec = parse_spec(with_("resources.default.affinity", AFFINITY))
     # what the operator hands to the worker parses back to the same spec
-    assert parse_spec(json.loads(J.spec_json(spec))) == spec
+    doc = json.loads(J.run_document({"name": "r", "namespace": "n", "uid": "u"}, spec))
+    assert spec_from_document(doc, require_name=True)[0] == spec
 
 
 # ------------------------------------------------- the manifest: apiVersion, metadata
@@ -478,13 +479,15 @@ def test_strict_yaml_and_json_round_trips(tmp_path):
 def test_the_manifest_is_checked_as_the_api_server_does(change, field):
     doc = {**manifest(), **change}
     with pytest.raises(SpecError) as info:
-        spec_from_document(doc)
+        spec_from_document(doc, require_name=True)
     assert field in dict(info.value.errors), info.value.errors
+    if field.startswith("metadata.") and field != "metadata":
+        spec_from_document(doc)  # a worker reading its run document does not judge the name again
 
 
 def test_names_at_the_limit_leave_room_for_every_job_and_pod_suffix():
     name = "n" * S.MAX_RUN_NAME_LENGTH
-    spec_from_document(manifest(name))
+    spec_from_document(manifest(name), require_name=True)
     longest_phase = max(S.PHASES, key=len)
     worst = J.job_name(name, Step(S.ITERATIONS_MAX, longest_phase), S.RETRIES_MAX + 1)
     assert worst.startswith(name + "-")  # not shortened: the name had room
@@ -544,7 +547,7 @@ def test_every_cel_rule_has_a_pydantic_twin():
         _, schema_errors, cel_errors = admit(schema, doc)
         assert schema_errors == [] and message in cel_errors, (message, schema_errors, cel_errors)
         with pytest.raises(SpecError):
-            spec_from_document(doc)
+            spec_from_document(doc, require_name=True)
 
 
 # ------------------------------------ fields the API server pruned from what was applied

@@ -188,7 +188,7 @@ def uri_problem(uri: Any, kinds: frozenset, *, prefix: bool = False) -> Optional
     if kind == URI_PATH:
         relative = not uri.startswith("/")
         if not [s for s in uri.split("/") if s not in ("", ".", "..")]:
-            return "names no file or directory"
+            return "names no file or directory" if relative else "is the filesystem root"
         return _segments_problem(uri if relative else uri[1:], relative=relative)
     scheme_prefix, authority = URI_SCHEMES[kind]
     rest = uri[len(scheme_prefix):]
@@ -717,12 +717,12 @@ class PhaseResources(_Model):
     shmSize: Optional[str] = Field(None, pattern=QUANTITY_RE, description="Memory-backed /dev/shm for NCCL/vLLM.")
     nodeSelector: Optional[dict[QualifiedName, LabelValue]] = Field(
         None, max_length=64, description="Node labels (Kubernetes label keys and values).")
-    tolerations: Optional[list[Toleration]] = Field(None, max_length=64)
+    tolerations: Optional[list[Toleration]] = None
     affinity: Annotated[Optional[dict[str, Any]], AfterValidator(_affinity)] = Field(
         None, max_length=3, description="A core/v1 Affinity (nodeAffinity, podAffinity, podAntiAffinity), "
         "checked field by field at load.")
     priorityClassName: Optional[DnsSubdomain] = None
-    env: Optional[list[EnvVar]] = Field(None, max_length=128)
+    env: Optional[list[EnvVar]] = None
     activeDeadlineSeconds: Optional[int] = Field(None, ge=1, le=INT32_MAX)
 
     @field_validator("env")
@@ -916,14 +916,13 @@ _LONGEST_JOB_SUFFIX = f"-i{ITERATIONS_MAX}-{max(PHASES, key=len)}-r{RETRIES_MAX 
 MAX_RUN_NAME_LENGTH = 63 - len(_LONGEST_JOB_SUFFIX)
 
 
-def metadata_problems(meta: Any, require_name: bool = True) -> list[tuple[str, str]]:
-    """What the API server, or the Jobs named after the run, would refuse in metadata.
-    The local runner names a run without metadata.name after its file (require_name=False)."""
+def metadata_problems(meta: Any) -> list[tuple[str, str]]:
+    """What the API server, or the Jobs named after the run, would refuse in metadata."""
     if not isinstance(meta, dict):
         return [("metadata", f"expected a mapping, got {type(meta).__name__}")]
     out = []
     name, generate = meta.get("name"), meta.get("generateName")
-    if name is None and generate is None and require_name:
+    if name is None and generate is None:
         out.append(("metadata.name", "required (or metadata.generateName)"))
     for field, value, room in (("name", name, 0), ("generateName", generate, 5)):
         if value is None:
@@ -945,8 +944,9 @@ def metadata_problems(meta: Any, require_name: bool = True) -> list[tuple[str, s
 
 def spec_from_document(doc: Any, source: str = "spec", require_name: bool = False) -> tuple[RunSpec, dict]:
     """Accept a bare spec or a ``kind: SelfRewardRun`` manifest; return (spec, metadata).
-    A manifest is checked as the API server checks it: apiVersion, kind and metadata
-    (``require_name``: a name or generateName must be there, as for kubectl apply)."""
+    A manifest's apiVersion and kind are checked; with ``require_name`` (selfreward
+    validate: as the API server will check it) also its metadata, name required. A worker
+    reading its run document does not judge the name again: the cluster accepted it."""
     if isinstance(doc, dict) and ("kind" in doc or "apiVersion" in doc):
         errors: list[tuple[str, str]] = []
         if doc.get("kind") != KIND:
@@ -954,7 +954,10 @@ def spec_from_document(doc: Any, source: str = "spec", require_name: bool = Fals
         if doc.get("apiVersion") != API_VERSION:
             errors.append(("apiVersion", f"expected {API_VERSION}, got {doc.get('apiVersion')!r}"))
         meta = doc.get("metadata")
-        errors += metadata_problems(meta if meta is not None else {}, require_name)
+        if require_name:
+            errors += metadata_problems(meta if meta is not None else {})
+        elif meta is not None and not isinstance(meta, dict):
+            errors.append(("metadata", f"expected a mapping, got {type(meta).__name__}"))
         extra = sorted(str(k) for k in doc if k not in ("apiVersion", "kind", "metadata", "spec", "status"))
         errors += [(k, "unknown field") for k in extra]
         try:

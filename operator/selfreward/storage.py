@@ -42,25 +42,13 @@ def _split(uri: str) -> tuple[str, str]:
 def storage_root_problem(uri: str) -> Optional[str]:
     """Why ``uri`` cannot be a run's own prefix, or None. A run's artifacts may be deleted
     with it, so its store must be a prefix below a bucket (or below the filesystem root),
-    with no empty, ``.`` or ``..`` segment that would point somewhere else."""
-    if uri.startswith("s3://"):
-        rest = uri[len("s3://"):]
-        bucket, _, key = rest.partition("/")
-        if not bucket:
-            return f"{uri!r} names no bucket"
-        if not key.strip("/"):
-            return f"{uri!r} is a whole bucket, not a prefix of its own"
-        segments = key.rstrip("/").split("/")
-    else:
-        if "://" in uri and not uri.startswith("file://"):
-            return f"{uri!r} has a scheme the store does not support"
-        path = uri[len("file://"):] if uri.startswith("file://") else uri
-        if not path.strip("/") or os.path.abspath(path) == "/":
-            return f"{uri!r} is the filesystem root"
-        segments = [s for s in path.rstrip("/").split("/")][1:] if path.startswith("/") else path.rstrip("/").split("/")
-    if any(s in ("", ".", "..") for s in segments):
-        return f"{uri!r} has an empty, '.' or '..' segment"
-    return None
+    with no empty, ``.`` or ``..`` segment that would point somewhere else. The rule is
+    the spec's own (spec.uri_problem), so what loads is what the cleanup accepts."""
+    from .spec import STORAGE_URI_KINDS, uri_problem
+
+    # a Store strips trailing slashes: its uri is "" when its root is "/"
+    problem = uri_problem(uri or "/", STORAGE_URI_KINDS, prefix=True)
+    return f"{uri!r} {problem}" if problem else None
 
 
 def filesystem(protocol: str, endpoint: Optional[str] = None, region: Optional[str] = None):
