@@ -134,7 +134,9 @@ ExtendedResourceName = Annotated[QualifiedName, AfterValidator(_check_extended_r
 URI_S3, URI_FILE, URI_PATH = "s3", "file", "path"
 # scheme -> (prefix, the authority's pattern and what it is; None: file-style absolute path)
 URI_SCHEMES: dict[str, tuple[str, Optional[tuple[str, str]]]] = {
-    URI_S3: ("s3://", (r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", "bucket")),
+    # lowercase letters, digits, '.' and '-', up to 63 (S3-compatible stores also take
+    # names shorter than AWS's 3 characters)
+    URI_S3: ("s3://", (r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$", "bucket")),
     URI_FILE: ("file://", None),
 }
 STORAGE_URI_KINDS = frozenset({URI_S3, URI_FILE, URI_PATH})
