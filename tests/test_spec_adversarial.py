@@ -467,7 +467,7 @@ def test_strict_yaml_and_json_round_trips(tmp_path):
     ({"apiVersion": "other.dev/v1alpha1"}, "apiVersion"),
     ({"kind": "SelfRewardRuns"}, "kind"),
     ({"metadata": {"name": "Demo"}}, "metadata.name"),
-    ({"metadata": {"name": "demo.v2"}}, "metadata.name"),
+    ({"metadata": {"name": "demo..v2"}}, "metadata.name"),
     ({"metadata": {"name": "-demo"}}, "metadata.name"),
     ({"metadata": {"name": "d" * (S.MAX_RUN_NAME_LENGTH + 1)}}, "metadata.name"),
     ({"metadata": {"generateName": "d" * (S.MAX_RUN_NAME_LENGTH - 4)}}, "metadata.generateName"),
@@ -485,21 +485,15 @@ def test_the_manifest_is_checked_as_the_api_server_does(change, field):
         spec_from_document(doc)  # a worker reading its run document does not judge the name again
 
 
-def test_names_at_the_limit_leave_room_for_every_job_and_pod_suffix():
-    name = "n" * S.MAX_RUN_NAME_LENGTH
-    spec_from_document(manifest(name), require_name=True)
-    longest_phase = max(S.PHASES, key=len)
-    worst = J.job_name(name, Step(S.ITERATIONS_MAX, longest_phase), S.RETRIES_MAX + 1)
-    assert worst.startswith(name + "-")  # not shortened: the name had room
-    assert len(f"{worst}-{S.SHARDS_MAX - 1}") <= 63  # the last pod's hostname of an Indexed Job
-    # one character more and the longest hostname would not fit
-    longer = J.job_suffix(Step(S.ITERATIONS_MAX, longest_phase), S.RETRIES_MAX + 1)
-    assert len(name) + 1 + len(longer) + len(f"-{S.SHARDS_MAX - 1}") == 64
-    # the bounds the computation assumes are the spec's own
-    assert S.RunSpec.model_fields["iterations"].metadata[-1].le == S.ITERATIONS_MAX
-    assert S.RetrySpec.model_fields["maxRetries"].metadata[-1].le == S.RETRIES_MAX
-    assert S.GenerationSpec.model_fields["shards"].metadata[-1].le == S.SHARDS_MAX
-    assert S.JudgeSpec.model_fields["shards"].metadata[-1].le == S.SHARDS_MAX
+def test_any_name_the_api_server_accepts_gives_jobs_and_pods_that_fit():
+    # One mechanism: the API server bounds a run's name (DNS subdomain, 253), and
+    # jobs.job_name cuts and hashes what would not fit a pod hostname (63).
+    for name in ("n" * S.MAX_RUN_NAME_LENGTH, "demo.v2", "a" * 40):
+        spec_from_document(manifest(name), require_name=True)
+        longest_phase = max(S.PHASES, key=len)
+        worst = J.job_name(name, Step(S.ITERATIONS_MAX, longest_phase), S.RETRIES_MAX + 1)
+        assert len(f"{worst}-{S.SHARDS_MAX - 1}") <= 63, worst  # the last pod's hostname of an Indexed Job
+    assert S.MAX_RUN_NAME_LENGTH == 253
 
 
 # ------------------------------------- every CEL rule of the CRD has a pydantic twin
@@ -522,10 +516,6 @@ CEL_VIOLATIONS = {
         _set(_minimal(), "prompts.selfInstruct", {"minChars": 9, "maxChars": 3}),
     "storage.uri: use file://, s3:// or a local path": _set(_minimal(), "storage.uri", "http://x/y"),
     "storage.uri: an s3:// URI needs a bucket": _set(_minimal(), "storage.uri", "s3://"),
-    f"metadata.name may be at most {S.MAX_RUN_NAME_LENGTH} characters (its Job and pod names add up to 24)":
-        {**_minimal(), "metadata": {"name": "n" * 40, "namespace": "ml"}},
-    "metadata.name must be a DNS label (no '.'): it is the start of Job and pod names":
-        {**_minimal(), "metadata": {"name": "a.b", "namespace": "ml"}},
 }
 TRANSITION_ONLY = {"storage.uri cannot change"}
 
@@ -541,7 +531,7 @@ def _rules(node: dict):
 def test_every_cel_rule_has_a_pydantic_twin():
     schema = crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     messages = [r["message"] for r in _rules(schema)]
-    assert len(messages) >= 10
+    assert len(messages) >= 8  # the walk finds the rules (a broken walk would find none)
     assert sorted(set(messages) - TRANSITION_ONLY) == sorted(CEL_VIOLATIONS), "a CEL rule without a twin case"
     for message, doc in CEL_VIOLATIONS.items():
         _, schema_errors, cel_errors = admit(schema, doc)

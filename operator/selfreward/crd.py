@@ -27,7 +27,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema, NoDefault
 
-from .spec import MAX_RUN_NAME_LENGTH, RunSpec
+from .spec import RunSpec
 from .status import HISTORY_LIMIT, RunStatus
 
 GROUP = "selfreward.dev"
@@ -165,15 +165,6 @@ def _gpus_rule(section: str, phase: str) -> dict:
 
 # Rules per schema node, as paths of property names from the CRD's version schema root.
 VALIDATIONS: dict[tuple[str, ...], list[dict]] = {
-    # The API server checks that a name is a DNS subdomain; a run's name is also the
-    # start of its Job and pod names (spec.MAX_RUN_NAME_LENGTH leaves room for suffixes).
-    (): [
-        {"rule": f"!has(self.metadata.name) || self.metadata.name.size() <= {MAX_RUN_NAME_LENGTH}",
-         "message": f"metadata.name may be at most {MAX_RUN_NAME_LENGTH} characters (its Job and pod names add "
-                    "up to 24)"},
-        {"rule": "!has(self.metadata.name) || !self.metadata.name.contains('.')",
-         "message": "metadata.name must be a DNS label (no '.'): it is the start of Job and pod names"},
-    ],
     ("spec",): [_gpus_rule("generation", "generate"), _gpus_rule("judge", "judge")],
     ("spec", "judge"): [{
         "rule": "!has(self.minScore) || !has(self.maxScore) || self.minScore < self.maxScore",

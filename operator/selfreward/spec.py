@@ -911,11 +911,11 @@ def parse_spec(data: Any, source: str = "spec") -> RunSpec:
 
 API_VERSION = "selfreward.dev/v1alpha1"
 KIND = "SelfRewardRun"
-# A run's Jobs are named <run>-i<iteration>-<phase>[-r<attempt>] (jobs.job_name), and an
-# Indexed Job's pods get the hostname <job>-<index>: the longest of them must still be a
-# DNS label (63 characters), so a run name leaves room for the longest suffix.
-_LONGEST_JOB_SUFFIX = f"-i{ITERATIONS_MAX}-{max(PHASES, key=len)}-r{RETRIES_MAX + 1}-{SHARDS_MAX - 1}"
-MAX_RUN_NAME_LENGTH = 63 - len(_LONGEST_JOB_SUFFIX)
+# The API server checks that a custom resource's name is a DNS subdomain (253). Job and
+# pod names derived from it are cut and hashed by jobs.job_name to fit 63, so any name
+# the API server accepts works: no tighter bound here.
+MAX_RUN_NAME_LENGTH = 253
+DNS_SUBDOMAIN_RE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
 
 def metadata_problems(meta: Any) -> list[tuple[str, str]]:
@@ -933,11 +933,10 @@ def metadata_problems(meta: Any) -> list[tuple[str, str]]:
         if not isinstance(value, str):
             out.append((f"metadata.{field}", f"must be a string, got {type(value).__name__}"))
         elif len(value) > limit:
-            out.append((f"metadata.{field}", f"{len(value)} characters; at most {limit}, so that the run's Job and "
-                        f"pod names (<name>{_LONGEST_JOB_SUFFIX} at the longest) fit 63"))
-        elif not re.match(DNS_LABEL_RE if field == "name" else r"^[a-z0-9]([-a-z0-9]*)?$", value):
-            out.append((f"metadata.{field}", f"{value[:80]!r} is not a DNS label (lowercase letters, digits and '-', "
-                        "starting and ending with a letter or digit)"))
+            out.append((f"metadata.{field}", f"{len(value)} characters; at most {limit} (a DNS subdomain)"))
+        elif not re.match(DNS_SUBDOMAIN_RE if field == "name" else r"^[a-z0-9]([-.a-z0-9]*)?$", value):
+            out.append((f"metadata.{field}", f"{value[:80]!r} is not a DNS subdomain (lowercase letters, digits, "
+                        "'-' and '.', each part starting and ending with a letter or digit)"))
     ns = meta.get("namespace")
     if ns is not None and not (isinstance(ns, str) and len(ns) <= 63 and re.match(DNS_LABEL_RE, ns)):
         out.append(("metadata.namespace", f"{str(ns)[:80]!r} is not a DNS label"))
