@@ -69,19 +69,69 @@ class LoraSpec(_Model):
     )
 
 
+DNS_SUBDOMAIN_RE = DNS_LABEL_RE[:-1] + r"(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+MODEL_URI_SCHEMES = ("file://", "s3://", "pvc://")
+
+
+def check_model_uri(v: str) -> str:
+    """A model URI: a local path, file://, s3://bucket/prefix, pvc://claim/path, or a
+    Hugging Face hub id (``org/name``). Anything else with a scheme is refused here
+    rather than in a pod."""
+    if "://" in v:
+        if not v.startswith(MODEL_URI_SCHEMES):
+            raise ValueError(f"unsupported scheme in {v!r}: use a local path, file://, s3://, pvc://claim/path "
+                             "or a Hugging Face id (org/name)")
+        if v.startswith("s3://") and not v[len("s3://"):].strip("/"):
+            raise ValueError("s3:// URI needs a bucket")
+        if v.startswith("pvc://"):
+            claim, _, path = v[len("pvc://"):].partition("/")
+            if not re.match(DNS_SUBDOMAIN_RE, claim) or len(claim) > 253:
+                raise ValueError(f"{v!r}: pvc://CLAIM/PATH needs a PersistentVolumeClaim name (a DNS subdomain) "
+                                 f"as CLAIM, got {claim!r}")
+            if any(part == ".." for part in path.split("/")):
+                raise ValueError(f"{v!r}: the path inside the claim may not contain '..'")
+    return v
+
+
 class ModelSpec(_Model):
     """The base model M_0 (or the model that iteration 0 fine-tunes into M_1)."""
 
     uri: str = Field(
         ...,
         min_length=1,
-        description="Base model: a local path, file://..., s3://..., or a Hugging Face id "
-        "(resolved by the worker's own hub or mirror; never fetched by the operator).",
+        max_length=4096,
+        description="Base model: a local path, file://..., s3://bucket/prefix (a committed checkpoint with "
+        "MANIFEST.json, or a plain Hugging Face directory, verified by size and ETag), pvc://claim/path "
+        "(a PersistentVolumeClaim mounted read-only into the pods), or a Hugging Face id such as "
+        "Qwen/Qwen2.5-0.5B-Instruct (downloaded by the worker from its hub or mirror; never by the operator).",
+    )
+    revision: Optional[str] = Field(
+        None, min_length=1, max_length=256, pattern=r"^[^\s]+$",
+        description="Hub revision (branch, tag or commit) of model.uri when it is a Hugging Face id.",
+    )
+    hubTokenSecret: Optional[str] = Field(
+        None, pattern=DNS_SUBDOMAIN_RE, max_length=253,
+        description="Secret whose key HF_TOKEN is the hub token for gated or private models; given to the pods "
+        "as a secretKeyRef (the operator never reads it).",
+    )
+    trustRemoteCode: bool = Field(
+        False, description="Let transformers run the Python code that a model repository ships (auto_map). "
+        "Off by default: such code runs with the pod's credentials.",
+    )
+    sizeGiB: Optional[float] = Field(
+        None, gt=0.0, le=100_000.0,
+        description="Size of the stored weights in GiB (e.g. 15 for an 8B model in bfloat16); sizes the "
+        "default scratch volumes (docs/storage.md).",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype for generation and judging; auto = bfloat16 on GPU, float32 on CPU."
     )
     lora: Optional[LoraSpec] = Field(None, description="LoRA settings for training.mode=lora.")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        return check_model_uri(v)
 
 
 class SelfInstructSpec(_Model):
@@ -91,7 +141,9 @@ class SelfInstructSpec(_Model):
     count: int = Field(16, ge=1, le=1_000_000, description="New prompts to keep per iteration.")
     fewShot: int = Field(8, ge=1, le=64, description="Seed prompts shown per few-shot request.")
     modelUri: Optional[str] = Field(
-        None, description="A fixed model that writes the prompts (the paper used one); default: M_t."
+        None, max_length=4096,
+        description="A fixed model that writes the prompts (the paper used one), any model URI that "
+        "model.uri accepts; default: M_t.",
     )
     maxSimilarity: float = Field(
         0.7, gt=0.0, le=1.0, description="Drop a new prompt whose word-level similarity to any kept prompt is above this."
@@ -102,6 +154,11 @@ class SelfInstructSpec(_Model):
     topP: float = Field(0.9, gt=0.0, le=1.0)
     maxNewTokens: int = Field(128, ge=1, le=32768)
     maxAttempts: int = Field(4, ge=1, le=100, description="Sampling rounds per wanted prompt before giving up.")
+
+    @field_validator("modelUri")
+    @classmethod
+    def _model_uri(cls, v: Optional[str]) -> Optional[str]:
+        return v if v is None else check_model_uri(v)
 
     @model_validator(mode="after")
     def _lengths(self) -> "SelfInstructSpec":
@@ -271,6 +328,61 @@ class Toleration(_Model):
     tolerationSeconds: Optional[int] = None
 
 
+class ScratchSpec(_Model):
+    """The pod's scratch volume at /tmp: the hub cache, the fetched checkpoints (unless
+    resources.modelCache is set) and the directory a trained model is saved to."""
+
+    type: Literal["emptyDir", "ephemeral", "claim"] = Field(
+        "emptyDir",
+        description="emptyDir: node-local disk, limited to size; ephemeral: a generic ephemeral volume (a PVC "
+        "made for the pod and deleted with it) of size from storageClassName; claim: the existing "
+        "PersistentVolumeClaim claimName (shared by every pod of the phase).",
+    )
+    size: Optional[str] = Field(
+        None, pattern=QUANTITY_RE,
+        description="emptyDir sizeLimit or the ephemeral volume's storage request; default: from model.sizeGiB "
+        "(the table in docs/storage.md), 20Gi without it.",
+    )
+    storageClassName: Optional[str] = Field(None, min_length=1, description="StorageClass of an ephemeral volume.")
+    claimName: Optional[str] = Field(None, pattern=DNS_SUBDOMAIN_RE, max_length=253,
+                                     description="The PersistentVolumeClaim of type claim.")
+
+    @model_validator(mode="after")
+    def _fits_type(self) -> "ScratchSpec":
+        if self.type == "claim" and not self.claimName:
+            raise ValueError("type claim needs claimName")
+        if self.type != "claim" and self.claimName:
+            raise ValueError(f"claimName is only for type claim (type is {self.type})")
+        if self.type != "ephemeral" and self.storageClassName:
+            raise ValueError(f"storageClassName is only for type ephemeral (type is {self.type})")
+        if self.type == "claim" and self.size:
+            raise ValueError("size does not apply to type claim (the claim has its own size)")
+        return self
+
+
+class ModelCacheSpec(_Model):
+    """A cache of fetched models shared by the pods of a run: a model that generate fetched
+    is not fetched again by judge. Entries are named by the checksum of the model's manifest
+    (or listing) and written to a temporary name, then renamed, so concurrent pods are safe."""
+
+    type: Literal["claim", "hostPath"] = Field(
+        ...,
+        description="claim: a ReadWriteMany PersistentVolumeClaim (works under Pod Security restricted); "
+        "hostPath: a directory on each node (needs a namespace at Pod Security level privileged).",
+    )
+    claimName: Optional[str] = Field(None, pattern=DNS_SUBDOMAIN_RE, max_length=253,
+                                     description="The PersistentVolumeClaim of type claim.")
+    path: Optional[str] = Field(None, pattern=r"^/", description="The node directory of type hostPath.")
+
+    @model_validator(mode="after")
+    def _fits_type(self) -> "ModelCacheSpec":
+        if self.type == "claim" and (not self.claimName or self.path):
+            raise ValueError("type claim needs claimName (and no path)")
+        if self.type == "hostPath" and (not self.path or self.claimName):
+            raise ValueError("type hostPath needs path (and no claimName)")
+        return self
+
+
 class PhaseResources(_Model):
     """Pod settings of one phase's Jobs. Unset fields fall back to ``resources.default``."""
 
@@ -285,10 +397,14 @@ class PhaseResources(_Model):
     priorityClassName: Optional[str] = None
     env: Optional[list[EnvVar]] = None
     activeDeadlineSeconds: Optional[int] = Field(None, ge=1)
+    scratch: Optional[ScratchSpec] = Field(
+        None, description="The scratch volume at /tmp; a phase's own setting replaces the default's whole."
+    )
 
 
 class ResourcesSpec(_Model):
     default: PhaseResources = Field(default_factory=PhaseResources)
+    modelCache: Optional[ModelCacheSpec] = Field(None, description="Opt-in cache of fetched models shared by the pods.")
     sft: Optional[PhaseResources] = None
     instruct: Optional[PhaseResources] = None
     generate: Optional[PhaseResources] = None
