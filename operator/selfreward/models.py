@@ -35,9 +35,10 @@ from .spec import RunSpec
 from .storage import Store
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-# Formats a hub repository may carry besides its safetensors that no phase loads.
-HUB_IGNORE = ["*.gguf", "*.onnx", "*.onnx_data", "*.msgpack", "*.h5", "*.ot", "*.pth", "*.pt", "original/*",
-              "onnx/*", "*.tflite", "*.mlmodel", "coreml/*"]
+# What a phase loads from a hub repository: config, tokenizer, any code it ships, and the
+# weights as safetensors (PyTorch .bin only when there are none): no GGUF, ONNX, or
+# the "original/" consolidated checkpoints some repositories carry as well.
+HUB_FILES = ["*.json", "*.safetensors", "*.py", "*.txt", "*.model", "*.tiktoken", "*.jinja", "tokenizer*"]
 
 
 class ModelSourceError(CheckpointError):
@@ -60,18 +61,20 @@ def pvc_path(uri: str) -> str:
 def hub_snapshot(repo_id: str, revision: Optional[str] = None) -> str:
     """A local snapshot of a hub model (weights as safetensors when the repository has
     them, config, tokenizer, any code it ships)."""
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
 
     at = f"{repo_id}@{revision}" if revision else repo_id
-    ignore = list(HUB_IGNORE)
+    # huggingface_hub reads its environment once, at import; read it at the call, so the
+    # environment this phase runs with is the one that counts
+    where = {"cache_dir": os.environ.get("HF_HUB_CACHE") or None, "endpoint": os.environ.get("HF_ENDPOINT") or None,
+             "local_files_only": os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")}
     try:
-        if not os.environ.get("HF_HUB_OFFLINE"):
-            names = HfApi().list_repo_files(repo_id, revision=revision)
-            if any(n.endswith(".safetensors") for n in names):
-                ignore.append("*.bin")  # the same weights twice
-        return snapshot_download(repo_id, revision=revision, ignore_patterns=ignore)
+        path = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES, **where)
+        if not any(p.endswith(".safetensors") for p in os.listdir(path)):
+            path = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES + ["*.bin"], **where)
+        return path
     except GatedRepoError:
         raise ModelSourceError(f"hub model {at} is gated: accept its terms on the hub and give a token with "
                                "model.hubTokenSecret") from None
@@ -80,11 +83,12 @@ def hub_snapshot(repo_id: str, revision: Optional[str] = None) -> str:
     except RepositoryNotFoundError:
         raise ModelSourceError(f"hub model {at} does not exist, or is private and needs model.hubTokenSecret") from None
     except LocalEntryNotFoundError:
-        raise ModelSourceError(f"hub model {at} is not in the local hub cache and the hub cannot be reached "
-                               "(offline, or no network from this pod: copy it into your store with "
-                               "`selfreward import-model` and use that URI)") from None
-    except (HfHubHTTPError, OSError, ValueError) as e:
-        raise ModelSourceError(f"hub model {at} could not be fetched: {_without_token(str(e))[:500]}") from None
+        raise ModelSourceError(f"model {at} is no local directory, and as a Hugging Face id it is not in the hub "
+                               "cache and the hub cannot be reached (offline, or no network from this pod: copy "
+                               "it into your store with `selfreward import-model` and use that URI)") from None
+    except Exception as e:  # network and HTTP errors of every kind: one clear line, no traceback
+        raise ModelSourceError(f"model {at} is no local directory, and as a Hugging Face id it could not be "
+                               f"fetched: {type(e).__name__}: {_without_token(str(e))[:500]}") from None
 
 
 def _without_token(text: str) -> str:

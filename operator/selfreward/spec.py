@@ -315,9 +315,25 @@ class StorageSpec(_Model):
 # --- Kubernetes scheduling (used by the operator only; the local runner ignores them) ---
 
 
+# Credentials travel only as secretKeyRefs; a plain env value would sit in the spec,
+# the status and every Job for anyone who can read them.
+CREDENTIAL_ENV = {"HF_TOKEN": "model.hubTokenSecret", "HUGGING_FACE_HUB_TOKEN": "model.hubTokenSecret",
+                  "AWS_ACCESS_KEY_ID": "storage.credentialsSecret",
+                  "AWS_SECRET_ACCESS_KEY": "storage.credentialsSecret",
+                  "AWS_SESSION_TOKEN": "storage.credentialsSecret"}
+
+
 class EnvVar(_Model):
     name: str = Field(..., min_length=1, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
     value: str = Field("")
+
+    @field_validator("name")
+    @classmethod
+    def _no_credentials(cls, v: str) -> str:
+        if v in CREDENTIAL_ENV:
+            raise ValueError(f"{v} is a credential: env values are plain text in the spec; "
+                             f"name a Secret in {CREDENTIAL_ENV[v]} instead")
+        return v
 
 
 class Toleration(_Model):

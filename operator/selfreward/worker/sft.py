@@ -74,6 +74,7 @@ def run(ctx: PhaseContext) -> dict:
             ),
             completion_only_loss=True,
             shuffle_dataset=True,
+            trust_remote_code=spec.model.trustRemoteCode,
         )
 
         torch.manual_seed(tr.seed)

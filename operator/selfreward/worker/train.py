@@ -111,6 +111,7 @@ def run(ctx: PhaseContext) -> dict:
             ),
             beta=tr.beta,
             loss_type=[tr.lossType],
+            trust_remote_code=spec.model.trustRemoteCode,  # TRL loads the reference model itself
         )
 
         torch.manual_seed(tr.seed)
