@@ -24,6 +24,7 @@ from selfreward.checkpoint import CheckpointError
 from selfreward.spec import parse_spec
 from selfreward.storage import MAX_PART, MAX_PARTS, MIN_PART, Store, StorageError, part_size
 from selfreward.worker import run_phase
+from selfreward.worker.train import pairs_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from s3server import _client, make_bucket, s3_env, s3_server  # noqa: E402
@@ -198,14 +199,12 @@ def test_part_sizes_fit_s3_limits(size, concurrency):
     assert part <= max(MAX_PART, -(-size // MAX_PARTS) + (1 << 20))
 
 
-@pytest.mark.slow
 def test_quickstart_run_with_a_bf16_plain_directory_on_s3(s3, cache, tmp_path, bf16_model):
-    """`selfreward run` with the base model a plain bf16 HF directory in a bucket."""
-    from selfreward.local import run_local
-
+    """An iteration (generate, judge, pairs, train) with the base model a plain bf16 HF
+    directory in a bucket and the artifacts in another, as on a cluster."""
     upload_plain(s3, bf16_model, "plain/bf16")
-    spec = quick_spec("s3://models/plain/bf16", f"file://{tmp_path}/store", tmp_path / "prompts.jsonl")
-    assert run_local(spec, "plains3", quiet=True, state_dir=tmp_path / "state") == 0
+    spec = quick_spec("s3://models/plain/bf16", "s3://runs/plain-bf16", tmp_path / "prompts.jsonl")
+    run_iteration(spec)
     store = Store.for_spec(spec)
     ckpt = layout.checkpoint_dir(1, "train")
     assert checkpoint.is_committed(store, ckpt)
@@ -213,7 +212,7 @@ def test_quickstart_run_with_a_bf16_plain_directory_on_s3(s3, cache, tmp_path, b
     base, trained = _tensors(bf16_model), _tensors(checkpoint.fetch(store, ckpt))
     assert set(base) == set(trained)
     assert any(not (base[k].float() == trained[k].float()).all() for k in base)
-    assert list((cache / "models").glob("[!.]*"))  # fetched once into the cache
+    assert len(list((cache / "models").glob("[!.]*"))) == 1  # fetched once into the cache, used by every phase
 
 
 # --- pvc:// -----------------------------------------------------------------------------
@@ -340,9 +339,14 @@ def test_trust_remote_code_is_off_by_default_and_reaches_every_phase(cache, tmp_
         run_phase(spec, "generate", 1)
     assert not (tmp_path / "modules").exists() or not list((tmp_path / "modules").rglob("srtest.py"))
 
-    # on: generate, judge and train all load it (one call without the flag would fail here)
+    # on: generate and train (policy, tokenizer, and the reference TRL loads itself) load it;
+    # one call without the flag would fail here
     spec = quick_spec(str(model), f"file://{tmp_path}/on", tmp_path / "prompts.jsonl", trustRemoteCode=True)
-    summary = run_iteration(spec)
+    assert run_phase(spec, "generate", 1)["responses"] == 12
+    store = Store.for_spec(spec)
+    store.write_jsonl(pairs_path(1), [{"prompt": p, "chosen": "A fine answer.", "rejected": "No.",
+                                       "chosenScore": 4.0, "rejectedScore": 1.0} for p in PROMPTS])
+    summary = run_phase(spec, "train", 1)
     local = checkpoint.fetch(Store.for_spec(spec), layout.checkpoint_dir(1, "train"))
     assert json.loads((local / "config.json").read_text())["model_type"] == "srtest_llama"
     assert summary["checkpointBytes"] > 0
