@@ -179,3 +179,48 @@ def test_restricted_pod_security_holds_except_for_a_host_path_cache():
             assert set(v) - {"name"} <= restricted, v
     kinds = {k for v in _pod(J.build_job(META, host, Step(1, "generate"), 1))["volumes"] for k in v} - {"name"}
     assert "hostPath" in kinds
+
+
+def test_a_generate_job_reads_its_pvc_model_where_the_job_mounts_it(tmp_path, tiny_model):
+    """The Job's real command under the emulated kubelet, with the claim's mount standing
+    as a local directory: the worker finds the model at the path the Job mounts it at, and
+    the hub token the pod gets from its Secret appears nowhere in the Job, pods or logs."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from kube.emulator import cluster
+    from kube.kubelet import Kubelet
+
+    token = "hf_tokenvalue_that_must_not_leak_42"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Question {i}?"}) + "\n" for i in range(3)))
+    spec = _spec(model={"uri": "pvc://base-models/llm/tiny", "hubTokenSecret": TOKEN_SECRET},
+                 prompts={"uri": str(prompts)}, storage={"uri": f"file://{tmp_path}/store"},
+                 generation={"responsesPerPrompt": 2, "maxNewTokens": 6, "batchSize": 4}, iterations=1)
+    meta = {**META, "namespace": "m"}
+    job = J.build_job(meta, spec, Step(1, "generate"), 1)
+    mount = [m for m in _pod(job)["containers"][0]["volumeMounts"] if m["name"].startswith("model-pvc-")][0]
+    assert mount["mountPath"] == f"{J.PVC_MOUNT_ROOT}/base-models" and mount["readOnly"] is True
+    # the node's view of the mount: <root>/<claim> holds the claim's files
+    root = tmp_path / "mnt"
+    shutil.copytree(tiny_model, root / "base-models" / "llm" / "tiny")
+    with cluster(namespaces=["m"], validate=True) as kube:
+        kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": TOKEN_SECRET, "namespace": "m"},
+                     "stringData": {"HF_TOKEN": token}})
+        job["metadata"].pop("ownerReferences")  # no SelfRewardRun in this cluster
+        kube.create(job)
+        kubelet = Kubelet(kube, programs={"selfreward": Kubelet.venv_program("selfreward")},
+                          extra_env={"SELFREWARD_PVC_ROOT": str(root), "HF_HUB_OFFLINE": "1"})
+        try:
+            done = kubelet.run_job(job["metadata"]["name"], "m")
+            logs = dict(kubelet.logs)
+        finally:
+            kubelet.close()
+        assert J.job_complete(done), (done.get("status"), {k: v[-2000:] for k, v in logs.items()})
+        pods = kube.objects("v1", "pods", "m")
+        assert J.job_summary({"pods": pods})["responses"] == 6
+        assert str(root / "base-models" / "llm" / "tiny") in "".join(logs.values())
+        for what in [done, *pods, logs]:
+            assert token not in json.dumps(what)
