@@ -82,7 +82,7 @@ class Settings:
     image_pull_grace_seconds: float = 120.0  # a pod stuck pulling its image fails the attempt after this
     unschedulable_grace_seconds: float = 900.0  # a pod that cannot be scheduled fails the attempt after this
     run_as_user: int = 1000
-    tmp_size_limit: str = "20Gi"  # the scratch size without model.sizeGiB, and the least with it
+    scratch_gib: int = 20  # the scratch size without model.sizeGiB, and the least with it
 
 
 # --- names and labels ---------------------------------------------------------------
@@ -217,17 +217,13 @@ SCRATCH_HEADROOM_GIB = 10  # hub and compile caches, logs, a save's temporary fi
 
 def scratch_size(spec: RunSpec, phase: str, res: PhaseResources, settings: Settings) -> str:
     """The scratch volume's size: the phase's own, else 1.1 x the model copies it holds
-    + headroom, never less than settings.tmp_size_limit."""
+    + headroom, never less than settings.scratch_gib."""
     if res.scratch is not None and res.scratch.size:
         return res.scratch.size
     if spec.model.sizeGiB is None:
-        return settings.tmp_size_limit
+        return f"{settings.scratch_gib}Gi"
     copies = SCRATCH_MODEL_COPIES.get(phase, (0, 0))[1 if spec.resources.modelCache else 0]
-    gib = math.ceil(copies * spec.model.sizeGiB * 1.1) + SCRATCH_HEADROOM_GIB
-    floor = settings.tmp_size_limit
-    if floor.endswith("Gi") and floor[:-2].isdigit():
-        gib = max(gib, int(floor[:-2]))
-    return f"{gib}Gi"
+    return f"{max(settings.scratch_gib, math.ceil(copies * spec.model.sizeGiB * 1.1) + SCRATCH_HEADROOM_GIB)}Gi"
 
 
 def _scratch_volume(spec: RunSpec, phase: str, res: PhaseResources, settings: Settings, labels: dict) -> dict:
