@@ -57,6 +57,7 @@ def cmd_make_tiny_model(args) -> int:
 def cmd_import_model(args) -> int:
     """Copy a model (local dir, file://, pvc:// copy, plain or committed s3:// dir, hub id)
     into a store as a committed checkpoint, then verify what was written."""
+    import json
     import posixpath
 
     from . import checkpoint, models
