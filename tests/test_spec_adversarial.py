@@ -122,19 +122,15 @@ def test_model_uris_take_hub_ids_and_checkpoints(field):
         parse_spec(with_(field, uri))
 
 
-def test_uri_kinds_are_one_table_per_field():
-    """Adding a scheme (pvc://claim/path) is one entry in URI_SCHEMES plus the field's kinds."""
-    assert S.uri_problem("pvc://claim/models/m", S.MODEL_URI_KINDS) is not None
-    kinds = S.MODEL_URI_KINDS | {"pvc"}
-    saved = dict(S.URI_SCHEMES)
-    S.URI_SCHEMES["pvc"] = ("pvc://", (S.DNS_SUBDOMAIN_RE, "claim"))
-    try:
-        assert S.uri_problem("pvc://claim/models/m", kinds) is None
-        assert "no claim" in S.uri_problem("pvc:///models/m", kinds)
-        assert "'..'" in S.uri_problem("pvc://claim/../m", kinds)
-    finally:
-        S.URI_SCHEMES.clear()
-        S.URI_SCHEMES.update(saved)
+def test_pvc_model_uris_go_through_the_one_uri_table():
+    """pvc://claim/path is one entry in URI_SCHEMES plus the model fields' kinds, checked
+    like every other URI; storage and data fields do not take it."""
+    assert S.uri_problem("pvc://claim/models/m", S.MODEL_URI_KINDS) is None
+    assert "no PersistentVolumeClaim" in S.uri_problem("pvc:///models/m", S.MODEL_URI_KINDS)
+    assert "'..'" in S.uri_problem("pvc://claim/../m", S.MODEL_URI_KINDS)
+    assert "not a valid PersistentVolumeClaim" in S.uri_problem("pvc://Bad_Claim/m", S.MODEL_URI_KINDS)
+    assert "unsupported scheme" in S.uri_problem("pvc://claim/m", S.STORAGE_URI_KINDS)
+    assert "unsupported scheme" in S.uri_problem("pvc://claim/m", S.DATA_URI_KINDS)
 
 
 segment = st.sampled_from(["runs", "a", "..", ".", "", "x.y", "r-1", "%2e%2e", "...", "d" * 3])

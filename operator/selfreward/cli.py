@@ -54,6 +54,37 @@ def cmd_make_tiny_model(args) -> int:
     return 0
 
 
+def cmd_import_model(args) -> int:
+    """Copy a model (local dir, file://, pvc:// copy, plain or committed s3:// dir, hub id)
+    into a store as a committed checkpoint, then verify what was written."""
+    import json
+    import posixpath
+
+    from . import checkpoint, models
+    from .storage import Store
+
+    if not (args.dest.startswith(("s3://", "file://")) or "://" not in args.dest):
+        print(f"import-model: DEST {args.dest!r} must be s3://bucket/prefix, file:///path or a local path",
+              file=sys.stderr)
+        return 2
+    try:
+        local = models.resolve_uri(args.src, args.endpoint, args.revision)
+        parent, name = posixpath.split(args.dest.rstrip("/"))
+        if not name or parent in ("s3:", "file:", ""):
+            raise checkpoint.CheckpointError(f"DEST {args.dest!r} needs a folder below the bucket or root")
+        store = Store(parent, args.endpoint)
+        meta = {"importedFrom": args.src}
+        if args.revision:
+            meta["revision"] = args.revision
+        figures = checkpoint.commit(local, store, name, metadata=meta)
+        checkpoint.verify(store, name)
+    except checkpoint.CheckpointError as e:
+        print(f"import-model: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({**figures, "verified": True}))
+    return 0
+
+
 def cmd_crd(args) -> int:
     from .crd import crd_yaml
 
@@ -176,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--corpus", default=None, help="text/JSONL file to train the tokenizer on")
     t.set_defaults(func=cmd_make_tiny_model)
+
+    im = sub.add_parser("import-model", help="copy a model into a store as a committed, verified checkpoint")
+    im.add_argument("src", help="local dir, file://, s3:// (plain HF dir or checkpoint), pvc:// or a hub id")
+    im.add_argument("dest", help="s3://bucket/prefix/name or file:///path/name (the model.uri to use)")
+    im.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of a hub SRC")
+    im.add_argument("--endpoint", default=None, help="S3 endpoint; default $AWS_ENDPOINT_URL_S3")
+    im.set_defaults(func=cmd_import_model)
 
     c = sub.add_parser("crd", help="print the SelfRewardRun CRD generated from the spec model")
     c.add_argument("-o", "--output")

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Optional
 
 from .layout import Step
-from .spec import GenerationSpec, JudgeSpec, RunSpec, SpecError, reserved_env
+from .spec import GenerationSpec, JudgeSpec, PhaseResources, RunSpec, SpecError, reserved_env
 
 GROUP = "selfreward.dev"
 VERSION = "v1alpha1"
@@ -81,7 +82,7 @@ class Settings:
     image_pull_grace_seconds: float = 120.0  # a pod stuck pulling its image fails the attempt after this
     unschedulable_grace_seconds: float = 900.0  # a pod that cannot be scheduled fails the attempt after this
     run_as_user: int = 1000
-    tmp_size_limit: str = "20Gi"
+    scratch_gib: int = 20  # the scratch size without model.sizeGiB, and the least with it
 
 
 # --- names and labels ---------------------------------------------------------------
@@ -201,6 +202,75 @@ def _storage_env(spec: RunSpec) -> list[dict]:
     return env
 
 
+# --- scratch, model volumes and the model cache ----------------------------------------
+
+PVC_MOUNT_ROOT = "/mnt/selfreward/pvc"  # models.pvc_path reads pvc://claim/path at ROOT/claim/path
+MODEL_CACHE_MOUNT = "/cache/selfreward"
+# Copies of the model (of model.sizeGiB each) a phase's scratch holds, without and with a
+# shared model cache (fetched models then live in the cache): generate and judge fetch
+# M_t (instruct: M_t or its own writer model); sft and train fetch M_t and, with
+# training.reference: base, the base model, and save M_{t+1}. docs/storage.md has the table.
+SCRATCH_MODEL_COPIES = {"generate": (1, 0), "judge": (1, 0), "instruct": (1, 0), "sft": (2, 1), "train": (3, 1),
+                        "pairs": (0, 0)}
+SCRATCH_HEADROOM_GIB = 10  # hub and compile caches, logs, a save's temporary files
+
+
+def scratch_size(spec: RunSpec, phase: str, res: PhaseResources, settings: Settings) -> str:
+    """The scratch volume's size: the phase's own, else 1.1 x the model copies it holds
+    + headroom, never less than settings.scratch_gib."""
+    if res.scratch is not None and res.scratch.size:
+        return res.scratch.size
+    if spec.model.sizeGiB is None:
+        return f"{settings.scratch_gib}Gi"
+    copies = SCRATCH_MODEL_COPIES.get(phase, (0, 0))[1 if spec.resources.modelCache else 0]
+    return f"{max(settings.scratch_gib, math.ceil(copies * spec.model.sizeGiB * 1.1) + SCRATCH_HEADROOM_GIB)}Gi"
+
+
+def _scratch_volume(spec: RunSpec, phase: str, res: PhaseResources, settings: Settings, labels: dict) -> dict:
+    scratch = res.scratch
+    if scratch is None or scratch.type == "emptyDir":
+        return {"name": "tmp", "emptyDir": {"sizeLimit": scratch_size(spec, phase, res, settings)}}
+    if scratch.type == "claim":
+        return {"name": "tmp", "persistentVolumeClaim": {"claimName": scratch.claimName}}
+    claim_spec: dict[str, Any] = {"accessModes": ["ReadWriteOnce"],
+                                  "resources": {"requests": {"storage": scratch_size(spec, phase, res, settings)}}}
+    if scratch.storageClassName:
+        claim_spec["storageClassName"] = scratch.storageClassName
+    return {"name": "tmp", "ephemeral": {"volumeClaimTemplate": {
+        "metadata": {"labels": {LABEL_RUN: labels[LABEL_RUN], LABEL_PHASE: phase}}, "spec": claim_spec}}}
+
+
+def model_claims(spec: RunSpec) -> list[str]:
+    """The PersistentVolumeClaims that pvc:// model URIs of the spec name."""
+    uris = [spec.model.uri]
+    if spec.prompts.selfInstruct and spec.prompts.selfInstruct.modelUri:
+        uris.append(spec.prompts.selfInstruct.modelUri)
+    return sorted({u[len("pvc://"):].partition("/")[0] for u in uris if u.startswith("pvc://")})
+
+
+def _model_volumes(spec: RunSpec) -> tuple[list[dict], list[dict], list[dict]]:
+    """(volumes, mounts, env) of the phases that load a model: each pvc:// claim mounted
+    read-only, the shared model cache, the hub token as a secretKeyRef."""
+    volumes, mounts, env = [], [], []
+    for claim in model_claims(spec):
+        name = f"model-pvc-{_hash(claim)}"
+        volumes.append({"name": name, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        mounts.append({"name": name, "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": True})
+    cache = spec.resources.modelCache
+    if cache is not None:
+        if cache.type == "claim":
+            volumes.append({"name": "model-cache", "persistentVolumeClaim": {"claimName": cache.claimName}})
+        else:
+            volumes.append({"name": "model-cache", "hostPath": {"path": cache.path, "type": "DirectoryOrCreate"}})
+        mounts.append({"name": "model-cache", "mountPath": MODEL_CACHE_MOUNT})
+        env += [{"name": "SELFREWARD_CACHE", "value": MODEL_CACHE_MOUNT},
+                {"name": "HF_HUB_CACHE", "value": f"{MODEL_CACHE_MOUNT}/hub"}]
+    if spec.model.hubTokenSecret:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": spec.model.hubTokenSecret,
+                                                                       "key": "HF_TOKEN"}}})
+    return volumes, mounts, env
+
+
 def _security_context_pod(settings: Settings) -> dict:
     return {
         "runAsNonRoot": True,
@@ -247,12 +317,17 @@ def _job_shell(
         limits[res.gpuResourceName or DEFAULT_GPU_RESOURCE] = str(res.gpus)
 
     volumes = [
-        {"name": "tmp", "emptyDir": {"sizeLimit": settings.tmp_size_limit}},
+        _scratch_volume(spec, phase_for_resources, res, settings, labels),
         {"name": "run", "downwardAPI": {"items": [
             {"path": SPEC_FILE[len(SPEC_DIR) + 1:],
              "fieldRef": {"fieldPath": f"metadata.annotations['{ANN_DOCUMENT}']"}}]}},
     ]
     mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "run", "mountPath": SPEC_DIR, "readOnly": True}]
+    model_env: list[dict] = []
+    if phase_for_resources != "pairs":  # pairs (and cleanup, which runs with pairs' settings) load no model
+        model_volumes, model_mounts, model_env = _model_volumes(spec)
+        volumes += model_volumes
+        mounts += model_mounts
     if res.shmSize:
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shmSize}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
@@ -264,7 +339,7 @@ def _job_shell(
         {"name": "TRITON_CACHE_DIR", "value": "/tmp/.cache/triton"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
-    env += _storage_env(spec)
+    env += _storage_env(spec) + model_env
     reserved = {e["name"] for e in env}
     for extra in res.env or []:
         # the spec refuses reserved names at load (spec.reserved_env); never override one here either

@@ -131,17 +131,19 @@ ExtendedResourceName = Annotated[QualifiedName, AfterValidator(_check_extended_r
 # says, never a parent reached by traversal. A bare relative path (local runner only)
 # is resolved against the spec file's directory and may start with "./" or "../".
 
-URI_S3, URI_FILE, URI_PATH = "s3", "file", "path"
+URI_S3, URI_FILE, URI_PVC, URI_PATH = "s3", "file", "pvc", "path"
 # scheme -> (prefix, the authority's pattern and what it is; None: file-style absolute path)
 URI_SCHEMES: dict[str, tuple[str, Optional[tuple[str, str]]]] = {
     # lowercase letters, digits, '.' and '-', up to 63 (S3-compatible stores also take
     # names shorter than AWS's 3 characters)
     URI_S3: ("s3://", (r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$", "bucket")),
     URI_FILE: ("file://", None),
+    # a PersistentVolumeClaim (a DNS subdomain) mounted read-only into the pods, and a path in it
+    URI_PVC: ("pvc://", (DNS_SUBDOMAIN_RE, "PersistentVolumeClaim")),
 }
 STORAGE_URI_KINDS = frozenset({URI_S3, URI_FILE, URI_PATH})
 DATA_URI_KINDS = frozenset({URI_S3, URI_FILE, URI_PATH})
-MODEL_URI_KINDS = frozenset({URI_S3, URI_FILE, URI_PATH})  # a bare path may also be a Hugging Face id
+MODEL_URI_KINDS = frozenset({URI_S3, URI_FILE, URI_PVC, URI_PATH})  # a bare path may also be a Hugging Face id
 MAX_URI_LENGTH = 4096
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -501,8 +503,28 @@ class ModelSpec(_Model):
 
     uri: ModelUri = Field(
         ...,
-        description="Base model: a local path, file://..., s3://..., or a Hugging Face id "
-        "(resolved by the worker's own hub or mirror; never fetched by the operator).",
+        description="Base model: a local path, file://..., s3://bucket/prefix (a committed checkpoint with "
+        "MANIFEST.json, or a plain Hugging Face directory, verified by size and ETag), pvc://claim/path "
+        "(a PersistentVolumeClaim mounted read-only into the pods), or a Hugging Face id such as "
+        "Qwen/Qwen2.5-0.5B-Instruct (downloaded by the worker from its hub or mirror; never by the operator).",
+    )
+    revision: Optional[str] = Field(
+        None, min_length=1, max_length=256, pattern=r"^[^\s]+$",
+        description="Hub revision (branch, tag or commit) of model.uri when it is a Hugging Face id.",
+    )
+    hubTokenSecret: Optional[str] = Field(
+        None, pattern=DNS_SUBDOMAIN_RE, max_length=253,
+        description="Secret whose key HF_TOKEN is the hub token for gated or private models; given to the pods "
+        "as a secretKeyRef (the operator never reads it).",
+    )
+    trustRemoteCode: bool = Field(
+        False, description="Let transformers run the Python code that a model repository ships (auto_map). "
+        "Off by default: such code runs with the pod's credentials.",
+    )
+    sizeGiB: Optional[float] = Field(
+        None, gt=0.0, le=100_000.0,
+        description="Size of the stored weights in GiB (e.g. 15 for an 8B model in bfloat16); sizes the "
+        "default scratch volumes (docs/storage.md).",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype for generation and judging; auto = bfloat16 on GPU, float32 on CPU."
@@ -517,7 +539,9 @@ class SelfInstructSpec(_Model):
     count: int = Field(16, ge=1, le=1_000_000, description="New prompts to keep per iteration.")
     fewShot: int = Field(8, ge=1, le=64, description="Seed prompts shown per few-shot request.")
     modelUri: Optional[ModelUri] = Field(
-        None, description="A fixed model that writes the prompts (the paper used one); default: M_t."
+        None,
+        description="A fixed model that writes the prompts (the paper used one), any model URI that "
+        "model.uri accepts; default: M_t.",
     )
     maxSimilarity: float = Field(
         0.7, gt=0.0, le=1.0, description="Drop a new prompt whose word-level similarity to any kept prompt is above this."
@@ -676,6 +700,14 @@ class StorageSpec(_Model):
 # --- Kubernetes scheduling (used by the operator only; the local runner ignores them) ---
 
 
+# Credentials travel only as secretKeyRefs; a plain env value would sit in the spec,
+# the status and every Job for anyone who can read them.
+CREDENTIAL_ENV = {"HF_TOKEN": "model.hubTokenSecret", "HUGGING_FACE_HUB_TOKEN": "model.hubTokenSecret",
+                  "AWS_ACCESS_KEY_ID": "storage.credentialsSecret",
+                  "AWS_SECRET_ACCESS_KEY": "storage.credentialsSecret",
+                  "AWS_SESSION_TOKEN": "storage.credentialsSecret"}
+
+
 class EnvVar(_Model):
     name: str = Field(..., min_length=1, max_length=256, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$",
                       description="Not one the product sets or relies on (spec.RESERVED_ENV_NAMES and prefixes).")
@@ -687,6 +719,14 @@ class EnvVar(_Model):
         if reserved_env(v):
             raise ValueError(f"{v} is set by selfreward, Kubernetes or torch's launcher and may not be overridden "
                              "(see docs/gpu-scheduling.md#reserved-environment-variables)")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _no_credentials(cls, v: str) -> str:
+        if v in CREDENTIAL_ENV:
+            raise ValueError(f"{v} is a credential: env values are plain text in the spec; "
+                             f"name a Secret in {CREDENTIAL_ENV[v]} instead")
         return v
 
 
@@ -709,6 +749,61 @@ class Toleration(_Model):
         return self
 
 
+class ScratchSpec(_Model):
+    """The pod's scratch volume at /tmp: the hub cache, the fetched checkpoints (unless
+    resources.modelCache is set) and the directory a trained model is saved to."""
+
+    type: Literal["emptyDir", "ephemeral", "claim"] = Field(
+        "emptyDir",
+        description="emptyDir: node-local disk, limited to size; ephemeral: a generic ephemeral volume (a PVC "
+        "made for the pod and deleted with it) of size from storageClassName; claim: the existing "
+        "PersistentVolumeClaim claimName (shared by every pod of the phase).",
+    )
+    size: Optional[str] = Field(
+        None, pattern=QUANTITY_RE,
+        description="emptyDir sizeLimit or the ephemeral volume's storage request; default: from model.sizeGiB "
+        "(the table in docs/storage.md), 20Gi without it.",
+    )
+    storageClassName: Optional[str] = Field(None, min_length=1, description="StorageClass of an ephemeral volume.")
+    claimName: Optional[str] = Field(None, pattern=DNS_SUBDOMAIN_RE, max_length=253,
+                                     description="The PersistentVolumeClaim of type claim.")
+
+    @model_validator(mode="after")
+    def _fits_type(self) -> "ScratchSpec":
+        if self.type == "claim" and not self.claimName:
+            raise ValueError("type claim needs claimName")
+        if self.type != "claim" and self.claimName:
+            raise ValueError(f"claimName is only for type claim (type is {self.type})")
+        if self.type != "ephemeral" and self.storageClassName:
+            raise ValueError(f"storageClassName is only for type ephemeral (type is {self.type})")
+        if self.type == "claim" and self.size:
+            raise ValueError("size does not apply to type claim (the claim has its own size)")
+        return self
+
+
+class ModelCacheSpec(_Model):
+    """A cache of fetched models shared by the pods of a run: a model that generate fetched
+    is not fetched again by judge. Entries are named by the checksum of the model's manifest
+    (or listing) and written to a temporary name, then renamed, so concurrent pods are safe."""
+
+    type: Literal["claim", "hostPath"] = Field(
+        ...,
+        description="claim: a ReadWriteMany PersistentVolumeClaim (works under Pod Security restricted); "
+        "hostPath: a directory on each node (needs a namespace at Pod Security level privileged).",
+    )
+    claimName: Optional[str] = Field(None, pattern=DNS_SUBDOMAIN_RE, max_length=253,
+                                     description="The PersistentVolumeClaim of type claim.")
+    path: Optional[str] = Field(None, pattern=r"^/", description="The node directory of type hostPath.")
+
+    @model_validator(mode="after")
+    def _fits_type(self) -> "ModelCacheSpec":
+        if self.type == "claim" and (not self.claimName or self.path):
+            raise ValueError("type claim needs claimName (and no path)")
+        if self.type == "hostPath" and (not self.path or self.claimName):
+            raise ValueError("type hostPath needs path (and no claimName)")
+        return self
+
+
 class PhaseResources(_Model):
     """Pod settings of one phase's Jobs. Unset fields fall back to ``resources.default``."""
 
@@ -726,6 +821,9 @@ class PhaseResources(_Model):
     priorityClassName: Optional[DnsSubdomain] = None
     env: Optional[list[EnvVar]] = None
     activeDeadlineSeconds: Optional[int] = Field(None, ge=1, le=INT32_MAX)
+    scratch: Optional[ScratchSpec] = Field(
+        None, description="The scratch volume at /tmp; a phase's own setting replaces the default's whole."
+    )
 
     @field_validator("env")
     @classmethod
@@ -739,6 +837,7 @@ class PhaseResources(_Model):
 
 class ResourcesSpec(_Model):
     default: PhaseResources = Field(default_factory=PhaseResources)
+    modelCache: Optional[ModelCacheSpec] = Field(None, description="Opt-in cache of fetched models shared by the pods.")
     sft: Optional[PhaseResources] = None
     instruct: Optional[PhaseResources] = None
     generate: Optional[PhaseResources] = None
@@ -915,7 +1014,6 @@ KIND = "SelfRewardRun"
 # pod names derived from it are cut and hashed by jobs.job_name to fit 63, so any name
 # the API server accepts works: no tighter bound here.
 MAX_RUN_NAME_LENGTH = 253
-DNS_SUBDOMAIN_RE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
 
 def metadata_problems(meta: Any) -> list[tuple[str, str]]:

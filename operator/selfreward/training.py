@@ -89,17 +89,17 @@ def load_dtype(spec: RunSpec):
     return torch.float32
 
 
-def load_model(path: str, dtype):
+def load_model(path: str, dtype, *, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     return model
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise TrainingError(f"the tokenizer of {path} has neither a pad nor an eos token")

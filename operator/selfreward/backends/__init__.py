@@ -13,21 +13,25 @@ from .base import BackendError, Completion, GenerationBackend, chat_format, deri
 NAMES = ("transformers", "transformers-cb", "vllm")
 
 
-def make_backend(name: str, model_dir: str, dtype: str = "auto", batch_size: int = 16) -> GenerationBackend:
-    """Build the backend named ``name`` over the model in ``model_dir``."""
+def make_backend(name: str, model_dir: str, dtype: str = "auto", batch_size: int = 16, *,
+                 trust_remote_code: bool = False) -> GenerationBackend:
+    """Build the backend named ``name`` over the model in ``model_dir``. trust_remote_code
+    (spec.model.trustRemoteCode) is off unless a caller passes it on."""
     if name == "transformers":
         from .hf import TransformersBackend
 
         continuous = os.environ.get("SELFREWARD_CONTINUOUS_BATCHING", "").lower() in ("1", "true", "yes")
-        return TransformersBackend(model_dir, dtype=dtype, batch_size=batch_size, continuous=continuous)
+        return TransformersBackend(model_dir, dtype=dtype, batch_size=batch_size, continuous=continuous,
+                                  trust_remote_code=trust_remote_code)
     if name == "transformers-cb":
         from .hf import TransformersBackend
 
-        return TransformersBackend(model_dir, dtype=dtype, batch_size=batch_size, continuous=True)
+        return TransformersBackend(model_dir, dtype=dtype, batch_size=batch_size, continuous=True,
+                                  trust_remote_code=trust_remote_code)
     if name == "vllm":
         from .vllm import VLLMBackend
 
-        return VLLMBackend(model_dir, dtype=dtype, batch_size=batch_size)
+        return VLLMBackend(model_dir, dtype=dtype, batch_size=batch_size, trust_remote_code=trust_remote_code)
     raise BackendError(f"unknown generation backend {name!r}; expected one of {', '.join(NAMES)}")
 
 

@@ -31,6 +31,8 @@ class TransformersBackend(GenerationBackend):
         batch_size: int = 16,
         device: Optional[str] = None,
         continuous: bool = False,
+        *,
+        trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
         import torch
@@ -44,10 +46,10 @@ class TransformersBackend(GenerationBackend):
         self.continuous = continuous
         if continuous:
             self.name = "transformers-cb"
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         # device_map loads the weights straight onto the device (no full copy in host memory)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=models.torch_dtype(dtype),
-                                                          device_map=self.device)
+                                                          device_map=self.device, trust_remote_code=trust_remote_code)
         self.model.eval()
 
         gen_cfg = self.model.generation_config

@@ -13,7 +13,8 @@ from .base import BackendError, Completion, GenerationBackend, chat_format
 class VLLMBackend(GenerationBackend):
     name = "vllm"
 
-    def __init__(self, model_dir: str, dtype: str = "auto", batch_size: int = 16, **llm_kwargs) -> None:
+    def __init__(self, model_dir: str, dtype: str = "auto", batch_size: int = 16, *, trust_remote_code: bool = False,
+                 **llm_kwargs) -> None:
         super().__init__()
         try:
             import vllm
@@ -25,7 +26,7 @@ class VLLMBackend(GenerationBackend):
         self._vllm = vllm
         # vLLM schedules its own batches; batch_size only bounds the sequences in flight.
         llm_kwargs.setdefault("max_num_seqs", max(batch_size, 1) * 16)
-        self.llm = vllm.LLM(model=model_dir, dtype=dtype, **llm_kwargs)
+        self.llm = vllm.LLM(model=model_dir, dtype=dtype, trust_remote_code=trust_remote_code, **llm_kwargs)
         self.tokenizer = self.llm.get_tokenizer()
 
     def generate(self, prompts, n=1, temperature=0.7, top_p=1.0, max_new_tokens=256, seed=0):

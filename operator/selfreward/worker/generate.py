@@ -24,7 +24,8 @@ def run(ctx: PhaseContext) -> dict:
         model_dir = models.policy_model(spec, ctx.store, ctx.iteration)
         log(f"iter-{ctx.iteration}/generate shard {ctx.shard}/{ctx.num_shards}: {len(prompts)} prompts x "
             f"{gen.responsesPerPrompt} responses with {model_dir} ({gen.backend})")
-        with make_backend(gen.backend, model_dir, spec.model.dtype, gen.batchSize) as backend:
+        with make_backend(gen.backend, model_dir, spec.model.dtype, gen.batchSize,
+                          trust_remote_code=spec.model.trustRemoteCode) as backend:
             backend_name = backend.name
             t0 = time.perf_counter()
             for b, start in enumerate(range(0, len(prompts), gen.batchSize)):

@@ -53,7 +53,7 @@ def run(ctx: PhaseContext) -> dict:
 
     base_path = models.base_model(spec)
     training.check_devices()
-    tokenizer = training.load_tokenizer(base_path)
+    tokenizer = training.load_tokenizer(base_path, trust_remote_code=spec.model.trustRemoteCode)
     conversational = training.chat_format(tokenizer)
     try:
         rows = training.completion_rows(ift, conversational, sft.instructionDataUri)
@@ -74,10 +74,11 @@ def run(ctx: PhaseContext) -> dict:
             ),
             completion_only_loss=True,
             shuffle_dataset=True,
+            trust_remote_code=spec.model.trustRemoteCode,
         )
 
         torch.manual_seed(tr.seed)
-        model = training.load_model(base_path, dtype)
+        model = training.load_model(base_path, dtype, trust_remote_code=spec.model.trustRemoteCode)
         save_dtype = training.stored_dtype(model)
         if tr.mode == "lora":
             training.check_lora_targets(model, spec)

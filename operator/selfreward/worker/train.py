@@ -86,7 +86,7 @@ def run(ctx: PhaseContext) -> dict:
         ref_path = None  # the fixed reference is M_t itself this iteration (t=1): one copy less in memory
     training.check_devices()
 
-    tokenizer = training.load_tokenizer(policy_path)
+    tokenizer = training.load_tokenizer(policy_path, trust_remote_code=spec.model.trustRemoteCode)
     conversational = training.chat_format(tokenizer)
     try:
         rows = training.preference_rows(records, conversational, store.url(pairs_path(t)))
@@ -111,12 +111,13 @@ def run(ctx: PhaseContext) -> dict:
             ),
             beta=tr.beta,
             loss_type=[tr.lossType],
+            trust_remote_code=spec.model.trustRemoteCode,  # TRL loads the reference model itself
         )
 
         torch.manual_seed(tr.seed)
-        policy = training.load_model(policy_path, dtype)
+        policy = training.load_model(policy_path, dtype, trust_remote_code=spec.model.trustRemoteCode)
         save_dtype = training.stored_dtype(policy)
-        ref = training.load_model(ref_path, dtype) if ref_path is not None else None
+        ref = training.load_model(ref_path, dtype, trust_remote_code=spec.model.trustRemoteCode) if ref_path is not None else None
         peft_config = None
         if tr.mode == "lora":
             training.check_lora_targets(policy, spec)
