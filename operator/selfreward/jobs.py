@@ -338,6 +338,8 @@ def _job_shell(
         {"name": "HF_HOME", "value": "/tmp/.cache/huggingface"},
         {"name": "TRITON_CACHE_DIR", "value": "/tmp/.cache/triton"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        # the worker records the image it runs in (run.json, summaries); the digest is in pod status only
+        {"name": "SELFREWARD_IMAGE", "value": spec.image or settings.worker_image},
     ]
     env += _storage_env(spec) + model_env
     reserved = {e["name"] for e in env}
@@ -371,6 +373,10 @@ def _job_shell(
         "securityContext": _security_context_pod(settings),
         "enableServiceLinks": False,
     }
+    if phase_for_resources in ("sft", "train"):  # SIGTERM first saves a resume checkpoint (selfreward.resume)
+        owner = spec.sft if phase_for_resources == "sft" else spec.training
+        if owner is not None:
+            pod_spec["terminationGracePeriodSeconds"] = owner.checkpointing.terminationGraceSeconds
     if res.nodeSelector:
         pod_spec["nodeSelector"] = dict(res.nodeSelector)
     if res.tolerations:

@@ -568,6 +568,27 @@ class PromptsSpec(_Model):
     selfInstruct: Optional[SelfInstructSpec] = Field(None, description="Optional self-instruction of new prompts.")
 
 
+class CheckpointingSpec(_Model):
+    """Intermediate checkpoints of a training phase (model, optimizer, scheduler, RNG and
+    data position, through the Trainer's own checkpoints), kept in the artifact store under
+    ``iter-<t>/<phase>/resume/`` so a killed or preempted pod resumes from the last one.
+    Only the newest is kept; they are deleted once the phase's final checkpoint commits.
+    SIGTERM (node drain, spot preemption) always saves one before the worker exits."""
+
+    enabled: bool = Field(True, description="Write intermediate checkpoints and resume from them.")
+    everySteps: Optional[int] = Field(
+        500, ge=1, description="Save every this many optimizer steps (null: no step trigger)."
+    )
+    everyMinutes: Optional[float] = Field(
+        30.0, gt=0.0, le=10080.0, description="Save when this many minutes passed since the last save (null: none)."
+    )
+    terminationGraceSeconds: int = Field(
+        120, ge=1, le=86400,
+        description="The training pods' terminationGracePeriodSeconds: time between SIGTERM and SIGKILL for "
+        "finishing the current step and uploading a checkpoint.",
+    )
+
+
 class SFTSpec(_Model):
     """Iteration 0: supervised fine-tuning of the base model into M_1 (IFT + optional EFT data)."""
 
@@ -584,6 +605,9 @@ class SFTSpec(_Model):
     gradientAccumulation: int = Field(1, ge=1, le=4096)
     maxLength: int = Field(1024, ge=8, le=1_048_576)
     maxSteps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    checkpointing: CheckpointingSpec = Field(
+        default_factory=CheckpointingSpec, description="Intermediate checkpoints of the sft phase (preemption)."
+    )
 
 
 class GenerationSpec(_Model):
@@ -673,6 +697,9 @@ class TrainingSpec(_Model):
         "current", description="DPO reference model: current = M_t (the paper), base = the fixed base/SFT model."
     )
     seed: int = Field(42, ge=0, le=SEED_MAX, description="Training seed (32-bit unsigned).")
+    checkpointing: CheckpointingSpec = Field(
+        default_factory=CheckpointingSpec, description="Intermediate checkpoints of the train phase (preemption)."
+    )
 
 
 class StorageSpec(_Model):

@@ -14,7 +14,7 @@ seed) come from ``spec.training``.
 from __future__ import annotations
 
 
-from .. import layout, models, training
+from .. import layout, models, resume, training
 from ..storage import StorageError, read_uri_jsonl
 from .common import PhaseContext, PhaseError, log
 
@@ -28,6 +28,7 @@ def _read(uri: str, endpoint, what: str) -> list[dict]:
         raise PhaseError(f"sft: the {what} is not valid JSONL: {e}") from None
 
 
+@resume.sigterm_saves()
 def run(ctx: PhaseContext) -> dict:
     import torch
     from datasets import Dataset
@@ -65,6 +66,9 @@ def run(ctx: PhaseContext) -> dict:
     bs, ga = training.fit_batch(len(rows), sft.batchSize, sft.gradientAccumulation)
     bf16 = training.use_bf16(tr.bf16)
     dtype = training.load_dtype(spec)
+    saves = resume.Resume(store, layout.phase_dir(0, "sft"), sft.checkpointing, resume.fingerprint(
+        rows=rows, base=resume.model_identity(base_path), sft=sft.model_dump(exclude={"checkpointing"}),
+        training=tr.model_dump(exclude={"checkpointing"}), batch=[bs, ga]), "iter-0/sft")
     with training.scratch_dir() as scratch:
         config = SFTConfig(
             **training.common_args(
@@ -88,13 +92,13 @@ def run(ctx: PhaseContext) -> dict:
             train_dataset=Dataset.from_list(rows),
             processing_class=tokenizer,
             peft_config=training.lora_config(spec) if tr.mode == "lora" else None,
-            callbacks=[training.progress_callback(ctx.report)],
+            callbacks=[training.progress_callback(ctx.report), saves.callback()],
         )
         training.quiet_trainer(trainer)
         kept = training.kept_examples(trainer, len(rows), "iter-0/sft", "example", "sft.maxLength", sft.maxLength)
         log(f"iter-0/sft: {len(ift)} instruction + {len(eft)} judge examples ({tr.mode}, bf16={bf16}, "
             f"device={models.device()})")
-        result, seconds = training.timed(trainer.train)
+        result, seconds = training.timed(lambda: saves.train(trainer))
 
     summary = {
         "examples": len(ift),
@@ -109,6 +113,7 @@ def run(ctx: PhaseContext) -> dict:
     }
     summary.update(training.train_figures(trainer, result, kept, seconds))
     summary.update(training.summarize_logs(trainer.state.log_history, training.SFT_METRICS))
+    summary.update(saves.figures(summary))
     if "trainLoss" not in summary and "finalTrainLoss" in summary:
         summary["trainLoss"] = summary["finalTrainLoss"]
     metadata = {
@@ -122,6 +127,7 @@ def run(ctx: PhaseContext) -> dict:
     trained = trainer.model
     del trainer, model
     summary = training.commit_model(trained, tokenizer, store, out_rel, save_dtype, metadata, summary)
+    saves.clear()  # the final checkpoint has committed: nothing is left to resume
     del trained
     training.free_memory()
     return summary

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 
-from .. import layout, models, training
+from .. import layout, models, resume, training
 from ..checkpoint import CheckpointError
 from .common import PhaseContext, PhaseError, log
 
@@ -60,6 +60,7 @@ def load_pairs(ctx: PhaseContext) -> list[dict]:
     return records
 
 
+@resume.sigterm_saves()
 def run(ctx: PhaseContext) -> dict:
     import torch
     from trl import DPOConfig, DPOTrainer
@@ -102,6 +103,9 @@ def run(ctx: PhaseContext) -> dict:
             f"training with batch {bs}x{ga}")
     bf16 = training.use_bf16(tr.bf16)
     dtype = training.load_dtype(spec)
+    saves = resume.Resume(store, layout.phase_dir(t, "train"), tr.checkpointing, resume.fingerprint(
+        rows=rows, policy=resume.model_identity(policy_path), reference=resume.model_identity(ref_path),
+        training=tr.model_dump(exclude={"checkpointing"}), batch=[bs, ga]), f"iter-{t}/train")
     with training.scratch_dir() as scratch:
         config = DPOConfig(
             **training.common_args(
@@ -130,13 +134,13 @@ def run(ctx: PhaseContext) -> dict:
             train_dataset=dataset,
             processing_class=tokenizer,
             peft_config=peft_config,
-            callbacks=[training.progress_callback(ctx.report)],
+            callbacks=[training.progress_callback(ctx.report), saves.callback()],
         )
         training.quiet_trainer(trainer)
         kept = training.kept_examples(trainer, len(rows), f"iter-{t}/train", "pair", "training.maxLength", tr.maxLength)
         log(f"iter-{t}/train: DPO on {kept} pairs ({'lora' if peft_config else 'full'}, reference={tr.reference}, "
             f"bf16={bf16}, device={models.device()})")
-        result, seconds = training.timed(trainer.train)
+        result, seconds = training.timed(lambda: saves.train(trainer))
 
     summary = {
         "pairs": len(rows),
@@ -152,6 +156,7 @@ def run(ctx: PhaseContext) -> dict:
     }
     summary.update(training.train_figures(trainer, result, kept, seconds))
     summary.update(training.summarize_logs(trainer.state.log_history, training.DPO_METRICS))
+    summary.update(saves.figures(summary))
     if "dpoLoss" not in summary and "finalTrainLoss" in summary:
         summary["dpoLoss"] = summary["finalTrainLoss"]
 
@@ -167,6 +172,7 @@ def run(ctx: PhaseContext) -> dict:
     model = trainer.model
     del trainer, policy, ref
     summary = training.commit_model(model, tokenizer, store, out_rel, save_dtype, metadata, summary)
+    saves.clear()  # the final checkpoint has committed: nothing is left to resume
     del model
     training.free_memory()
     return summary
