@@ -78,7 +78,7 @@ def test_run_json_written_then_refused_for_another_recipe(tmp_path):
     spec = make_spec("/models/m", "/data/p.jsonl", store_uri)
     store = Store.for_spec(spec)
     assert check_run_json(store, spec) == "new"
-    assert store.read_json(RUN_JSON)["model"]["uri"] == "/models/m"
+    assert store.read_json(RUN_JSON)["spec"]["model"]["uri"] == "/models/m"
     assert check_run_json(store, spec) == "same"
 
     # mutable: more iterations, speed and Kubernetes settings; run.json follows
@@ -86,14 +86,14 @@ def test_run_json_written_then_refused_for_another_recipe(tmp_path):
                       retry={"maxRetries": 5})
     assert spec_differences(spec, grown) == []
     assert check_run_json(store, grown) == "updated"
-    assert store.read_json(RUN_JSON)["iterations"] == 3
+    assert store.read_json(RUN_JSON)["spec"]["iterations"] == 3
 
     other = make_spec("/models/other", "/data/p.jsonl", store_uri, iterations=3, judge={"samplesPerResponse": 5},
                       generation={"batchSize": 2}, retry={"maxRetries": 5})
     with pytest.raises(RunError) as info:
         check_run_json(store, other)
     assert "model.uri" in str(info.value) and "judge.samplesPerResponse" in str(info.value)
-    assert store.read_json(RUN_JSON)["model"]["uri"] == "/models/m"  # untouched
+    assert store.read_json(RUN_JSON)["spec"]["model"]["uri"] == "/models/m"  # untouched
 
 
 def test_run_local_refuses_a_store_of_another_run(tmp_path, capsys):
@@ -126,7 +126,7 @@ def test_two_iterations_on_s3_then_the_final_checkpoint_generates(env, tiny_mode
         for step in layout.steps(spec):
             assert store.exists(layout.summary_path(step.iteration, step.phase)), step
             assert len(worker_logs(state, f"iter-{step.iteration}-{step.phase}*.log")) == step.shards
-        assert store.read_json(RUN_JSON)["storage"]["uri"] == "s3://runs/quick"
+        assert store.read_json(RUN_JSON)["spec"]["storage"]["uri"] == "s3://runs/quick"
         figures = store.read_json(ITERATIONS_JSON)
         its = {r["iteration"]: r for r in figures["iterations"]}
         assert set(its) == {1, 2}
@@ -143,6 +143,21 @@ def test_two_iterations_on_s3_then_the_final_checkpoint_generates(env, tiny_mode
         assert run_local(spec, "s3run", quiet=True, state_dir=state) == 0
         assert len(list((state / "logs").iterdir())) == n_logs
         assert "iter-2/train: done" in capsys.readouterr().out
+
+        # reproducible: run.json and every phase summary name the runtime; describe reads it back
+        from importlib.metadata import version
+
+        from selfreward.describe import history, render
+
+        doc = store.read_json(RUN_JSON)
+        assert doc["createdBy"] == "local" and doc["runtime"]["versions"]["trl"] == version("trl")
+        h = history(store)
+        assert [it["iteration"] for it in h["iterations"]] == [1, 2]
+        for it in h["iterations"]:
+            assert [(p["phase"], p["state"]) for p in it["phases"]] == [
+                ("generate", "done"), ("judge", "done"), ("pairs", "done"), ("train", "done")]
+            assert all(p["summary"]["runtime"]["versions"]["torch"] == version("torch") for p in it["phases"])
+        assert f"steps={h['iterations'][1]['phases'][3]['summary']['steps']}" in render(h)
 
         # M_3 is a verified checkpoint that transformers loads and generates with
         local = checkpoint.fetch(store, layout.final_checkpoint(spec), cache=tmp / "fetched")
@@ -257,7 +272,7 @@ def test_failing_worker_surfaces_its_error_then_the_fixed_run_continues(env, tin
     assert "line 5" in captured.err and "not JSON" in captured.err  # the worker's own error line
     assert "worker log:" in captured.err
     assert not store.exists(layout.summary_path(2, "generate"))
-    assert store.read_json(RUN_JSON)["iterations"] == 2
+    assert store.read_json(RUN_JSON)["spec"]["iterations"] == 2
 
     # fixed: the re-run skips iteration 1 and finishes iteration 2
     write_prompts(prompts, PROMPTS[:4])

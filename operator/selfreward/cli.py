@@ -171,6 +171,18 @@ def cmd_validate(args) -> int:
     return status
 
 
+def cmd_describe(args) -> int:
+    from .describe import DescribeError, describe
+    from .storage import StorageError
+
+    try:
+        sys.stdout.write(describe(args.store, args.endpoint, args.region, as_json=args.json))
+    except (DescribeError, StorageError) as e:
+        print(f"describe: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_operator(args) -> int:
     from .controller import run_operator
 
@@ -227,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("paths", nargs="+", metavar="PATH", help="a manifest or spec file, or a directory of them")
     v.add_argument("-q", "--quiet", action="store_true", help="print only what is invalid")
     v.set_defaults(func=cmd_validate)
+
+    d = sub.add_parser("describe", help="print a run's history from its artifact store (no cluster needed)")
+    d.add_argument("store", help="the run's storage URI (s3://bucket/prefix, file:///path or a local path)")
+    d.add_argument("--endpoint", default=None, help="S3 endpoint URL; default: $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL")
+    d.add_argument("--region", default=None)
+    d.add_argument("--json", action="store_true", help="one JSON document instead of tables")
+    d.set_defaults(func=cmd_describe)
 
     o = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
     o.add_argument("--namespace", "-n", action="append", default=[], help="namespace to serve (repeatable)")

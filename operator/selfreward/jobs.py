@@ -590,6 +590,16 @@ def pod_reports(pods: list[dict]) -> list[dict]:
     return out
 
 
+def job_image_id(job: dict) -> Optional[str]:
+    """The worker image as the kubelet resolved it (a container status's imageID, which
+    carries the digest), from the Job's pods; None until a pod has started."""
+    for pod in sorted(job.get("pods") or [], key=lambda p: (p.get("metadata") or {}).get("name", "")):
+        for cs in _statuses(pod):
+            if cs.get("name") in (None, CONTAINER) and cs.get("imageID"):
+                return str(cs["imageID"])
+    return None
+
+
 def job_summary(job: dict) -> Optional[dict]:
     """The phase summary a completed Job's pods reported: the aggregate one (a sharded
     phase's last shard writes the phase summary, which has no "shard" key), else the

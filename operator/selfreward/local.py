@@ -13,8 +13,8 @@ whose shard summary exists is not run again. Re-running the same command after a
 failure, Ctrl-C or a crash continues where the run stopped, and the workers themselves
 skip committed output, so nothing is produced twice.
 
-run.json: the first run writes the spec to ``run.json`` at the root of the artifact
-store. A later ``selfreward run`` against the same store must carry the same recipe;
+run.json: the first run writes the spec (with the runtime it ran with, see
+``provenance``) to ``run.json`` at the root of the artifact store. A later ``selfreward run`` against the same store must carry the same recipe;
 only the fields in :data:`MUTABLE_FIELDS` may differ (more or fewer iterations, how
 fast or where the phases run, Kubernetes-only settings). Anything else, such as another
 model, other prompts or judge settings, is refused with the fields named, since the
@@ -38,13 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from . import layout
+from . import layout, provenance
 from .layout import Step
 from .spec import RunSpec, parse_spec
 from .status import IterationRecord
 from .storage import Store
 
-RUN_JSON = "run.json"
+RUN_JSON = provenance.RUN_JSON
 ITERATIONS_JSON = "iterations.json"
 
 # Dotted spec paths that may change between invocations of the same run. Everything
@@ -68,6 +68,8 @@ MUTABLE_FIELDS = (
     "retry",
     "kueue",
     "ttlSecondsAfterFinished",
+    "training.checkpointing",
+    "sft.checkpointing",
 )
 
 TERM_GRACE_SECONDS = 5.0
@@ -105,11 +107,11 @@ def check_run_json(store: Store, spec: RunSpec) -> str:
     """Write run.json, or check the one in the store against spec. Returns "new",
     "same" or "updated"; raises RunError for a different recipe."""
     doc = spec.model_dump(mode="json", exclude_none=True)
-    if not store.exists(RUN_JSON):
-        store.write_json(RUN_JSON, doc)
+    if provenance.ensure_run_json(store, spec, "local"):
         return "new"
     try:
-        old = parse_spec(store.read_json(RUN_JSON), store.url(RUN_JSON))
+        record = store.read_json(RUN_JSON)
+        old = parse_spec(provenance.run_json_spec(record), store.url(RUN_JSON))
     except ValueError as e:
         raise RunError(f"{store.url(RUN_JSON)} is not a valid run spec ({e}); this store holds something else") from None
     diffs = spec_differences(old, spec)
@@ -122,7 +124,11 @@ def check_run_json(store: Store, spec: RunSpec) -> str:
         )
     if old.model_dump(mode="json", exclude_none=True) == doc:
         return "same"
-    store.write_json(RUN_JSON, doc)
+    if not (isinstance(record, dict) and "runJsonVersion" in record):
+        record = provenance.run_record(spec, "local")  # a run.json of the bare-spec format
+    record["spec"] = doc
+    record["updatedAt"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    store.write_json(RUN_JSON, record)
     return "updated"
 
 

@@ -467,6 +467,7 @@ def _reconcile(run: dict, status: Any, jobs: list[dict], now: datetime, settings
         if job is not None and J.job_complete(job):
             summary = J.job_summary(job)
             _record(st, it_spec, step, job, summary, now)
+            st.workerImageID = J.job_image_id(job) or st.workerImageID
             done = _pos(step.iteration, step.phase)
             st.completedStep = key
             st.retryAfter = None

@@ -65,6 +65,9 @@ class RunStatus(_Model):
     attempts: Optional[dict[str, int]] = Field(None, description="Job attempts per step (iter-<t>/<phase>).")
     retryAfter: Optional[str] = Field(None, description="When the next retry of a failed step may start.")
     finalCheckpoint: Optional[str] = None
+    workerImageID: Optional[str] = Field(
+        None, description="The worker image with its digest (pod status imageID) of the last completed step."
+    )
     conditions: list[Condition] = Field(default_factory=list)
     history: list[IterationRecord] = Field(default_factory=list)
 

@@ -14,7 +14,7 @@ import time
 import traceback
 from typing import Any, Callable, Optional
 
-from .. import layout
+from .. import layout, provenance
 from ..spec import PHASES, RunSpec
 from ..storage import Store
 from .common import (PhaseContext, PhaseError, aggregate, log, progress_file, resolve_shard, shard_summaries,
@@ -72,6 +72,8 @@ def run_phase(
     if phase != "sft" and not 1 <= iteration <= spec.iterations:
         raise PhaseError(f"iteration {iteration} is outside 1..{spec.iterations}")
 
+    provenance.ensure_run_json(store, spec)  # on the cluster, the run's first worker writes it
+
     if phase_done(store, iteration, phase):
         summary = store.read_json(layout.summary_path(iteration, phase))
         summary["skipped"] = True
@@ -94,6 +96,7 @@ def run_phase(
             t0 = time.time()
             summary = dict(mod.run(ctx))
             summary.setdefault("durationSeconds", round(time.time() - t0, 3))
+            summary.setdefault("runtime", provenance.runtime())
             summary.update({"phase": phase, "iteration": iteration, "shard": shard, "numShards": num_shards})
             store.write_json(ctx.shard_summary, summary)  # the shard's commit marker
         final = finalize_phase(store, spec, iteration, phase, num_shards)
@@ -102,6 +105,7 @@ def run_phase(
     t0 = time.time()
     summary = dict(mod.run(ctx))
     summary.setdefault("durationSeconds", round(time.time() - t0, 3))
+    summary.setdefault("runtime", provenance.runtime())  # the image and versions it ran with
     summary.update({"phase": phase, "iteration": iteration})
     store.write_json(layout.summary_path(iteration, phase), summary)  # the phase's commit marker
     return summary
