@@ -159,6 +159,20 @@ def test_two_iterations_on_s3_then_the_final_checkpoint_generates(env, tiny_mode
             assert all(p["summary"]["runtime"]["versions"]["torch"] == version("torch") for p in it["phases"])
         assert f"steps={h['iterations'][1]['phases'][3]['summary']['steps']}" in render(h)
 
+        # the final model out to another bucket (no --iteration: the final checkpoint), then back
+        from selfreward.cli import main as cli
+
+        make_bucket(endpoint, "exports")
+        assert cli(["export", "s3://runs/quick", "s3://exports/m3"]) == 0
+        exported = Store("s3://exports/m3")
+        assert "# M3 of a Self-Rewarding run" in exported.read_text("README.md")
+        final_manifest = checkpoint.read_manifest(store, layout.final_checkpoint(spec))
+        for name, info in final_manifest["files"].items():
+            assert exported.size(name) == info["size"]
+        exported_dir = tmp / "exported"
+        for name in exported.walk_files(""):
+            exported.get_file(name, exported_dir / name)
+
         # M_3 is a verified checkpoint that transformers loads and generates with
         local = checkpoint.fetch(store, layout.final_checkpoint(spec), cache=tmp / "fetched")
         manifest = checkpoint.read_manifest(store, layout.final_checkpoint(spec))
@@ -168,6 +182,8 @@ def test_two_iterations_on_s3_then_the_final_checkpoint_generates(env, tiny_mode
 
     tok = AutoTokenizer.from_pretrained(local)
     model = AutoModelForCausalLM.from_pretrained(local)
+    from_export = AutoModelForCausalLM.from_pretrained(exported_dir).state_dict()
+    assert all((from_export[k] == v).all() for k, v in model.state_dict().items())
     ids = tok.apply_chat_template([{"role": "user", "content": "Say hello."}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)

@@ -183,6 +183,27 @@ def cmd_describe(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from . import export as E
+    from .checkpoint import CheckpointError
+    from .describe import DescribeError
+    from .storage import Store, StorageError
+
+    try:
+        if E.looks_like_store(args.source):
+            store = Store(args.source, args.endpoint, args.region)
+            rel = E.from_store(store, args.iteration)
+        else:
+            store, rel = E.from_run(E.read_run(args.source, args.namespace), args.iteration)
+        done = E.export(store, rel, args.dest, with_adapter=args.adapter, force=args.force,
+                        dest_endpoint=args.dest_endpoint)
+    except (E.ExportError, DescribeError, StorageError, CheckpointError) as e:
+        print(f"export: {e}", file=sys.stderr)
+        return 1
+    print(f"exported {done['source']} to {done['dest']} ({done['files']} files, {done['bytes']} bytes)")
+    return 0
+
+
 def cmd_operator(args) -> int:
     from .controller import run_operator
 
@@ -246,6 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--region", default=None)
     d.add_argument("--json", action="store_true", help="one JSON document instead of tables")
     d.set_defaults(func=cmd_describe)
+
+    x = sub.add_parser("export", help="write a trained model as a Hugging Face directory (local path or s3://)")
+    x.add_argument("source", help="the run's storage URI (s3://, file://, a local path) or a SelfRewardRun's name")
+    x.add_argument("dest", help="a local directory or an s3:// prefix (hub-style: upload it as it is)")
+    x.add_argument("--iteration", type=int, default=None,
+                   help="export M_{t+1}, iteration t's checkpoint (0: the SFT model); default: the best, else the final one")
+    x.add_argument("--adapter", action="store_true", help="LoRA runs: also write the PEFT adapter to DEST/adapter")
+    x.add_argument("--force", action="store_true", help="write into a DEST that is not empty")
+    x.add_argument("-n", "--namespace", default=None, help="the run's namespace (a run name as source)")
+    x.add_argument("--endpoint", default=None, help="S3 endpoint of the source store")
+    x.add_argument("--region", default=None)
+    x.add_argument("--dest-endpoint", default=None, help="S3 endpoint of DEST; default: the source's")
+    x.set_defaults(func=cmd_export)
 
     o = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
     o.add_argument("--namespace", "-n", action="append", default=[], help="namespace to serve (repeatable)")

@@ -7,7 +7,8 @@ same path:
 1. load the start model in float32 (or in the dtype ``model.dtype`` names explicitly);
    with ``bf16`` on, the trainer runs bfloat16 autocast over float32 master weights;
 2. wrap it in a LoRA adapter when ``training.mode`` is ``lora``;
-3. train with TRL, no hub, no experiment trackers, no intermediate checkpoints;
+3. train with TRL, no hub, no experiment trackers; intermediate checkpoints go to the
+   store for resuming after preemption (``selfreward.resume``);
 4. merge the adapter into the weights, cast to the start model's stored dtype, save
    safetensors + tokenizer to a temporary directory, and ``checkpoint.commit`` it
    (files first, MANIFEST.json last). The phase's summary figures travel in the
@@ -404,6 +405,21 @@ def commit_model(model, tokenizer, store: Store, rel: str, dtype, metadata: dict
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def commit_adapter(model, store: Store, rel: str, metadata: dict) -> Optional[dict]:
+    """LoRA runs: commit the PEFT adapter itself (before commit_model merges it) to
+    store/rel, for `selfreward export --adapter`; None for a full fine-tune."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return None
+    tmp = tempfile.mkdtemp(prefix="selfreward-adapter-")
+    try:
+        model.save_pretrained(tmp)
+        return checkpoint.commit(tmp, store, rel, metadata)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def free_memory() -> None:
     """Collect dropped models/trainers and return cached GPU memory."""
     gc.collect()
@@ -415,8 +431,8 @@ def free_memory() -> None:
 
 @contextlib.contextmanager
 def scratch_dir() -> Iterator[str]:
-    """The trainer's output_dir, removed afterwards: never used for checkpoints
-    (save_strategy=no); $SELFREWARD_SCRATCH chooses where it lives."""
+    """The trainer's output_dir, removed afterwards: it holds only the intermediate
+    checkpoint being uploaded (selfreward.resume); $SELFREWARD_SCRATCH chooses where it lives."""
     path = tempfile.mkdtemp(prefix="selfreward-trainer-", dir=os.environ.get("SELFREWARD_SCRATCH"))
     try:
         yield path

@@ -126,6 +126,7 @@ def run(ctx: PhaseContext) -> dict:
     }
     trained = trainer.model
     del trainer, model
+    training.commit_adapter(trained, store, layout.adapter_dir(out_rel), metadata)  # lora: for export --adapter
     summary = training.commit_model(trained, tokenizer, store, out_rel, save_dtype, metadata, summary)
     saves.clear()  # the final checkpoint has committed: nothing is left to resume
     del trained

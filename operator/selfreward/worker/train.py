@@ -171,6 +171,7 @@ def run(ctx: PhaseContext) -> dict:
     }
     model = trainer.model
     del trainer, policy, ref
+    training.commit_adapter(model, store, layout.adapter_dir(out_rel), metadata)  # lora: for export --adapter
     summary = training.commit_model(model, tokenizer, store, out_rel, save_dtype, metadata, summary)
     saves.clear()  # the final checkpoint has committed: nothing is left to resume
     del model
