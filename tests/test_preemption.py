@@ -136,7 +136,7 @@ def _sigterm_at(step: int):
 def test_sigterm_saves_then_the_next_attempt_resumes_dpo_lora(tmp_path, tiny_model):
     # every trigger but SIGTERM is off (no step or time trigger): the checkpoint is SIGTERM's
     data = lambda root: parse_spec(_train_spec(root, tiny_model, epochs=2, mode="lora",  # noqa: E731
-                                               checkpointing={"everySteps": None, "everyMinutes": None}))
+                                               checkpointing={"everySteps": 0, "everyMinutes": 0}))
     spec, ref = data(tmp_path / "a"), data(tmp_path / "b")
     for s in (spec, ref):
         Store.for_spec(s).write_jsonl(pairs_path(1), _pairs(10))
@@ -295,3 +295,16 @@ def test_parts_of_other_work_are_dropped_not_mixed_in(tmp_path, tiny_model):
     assert parts.load(keys) == {}
     store.write_text(f"{parts.rel}/batch-000000.json", '{"batch": 0, "keys": ')  # never written whole by us, but
     assert parts.load(keys) == {}  # a torn file is refused too
+
+
+def test_checkpointing_settings_are_checked_by_name(tmp_path, tiny_model):
+    from selfreward.spec import SpecError
+
+    for bad, field in (({"everySteps": -1}, "training.checkpointing.everySteps"),
+                       ({"everyMinutes": -0.5}, "training.checkpointing.everyMinutes"),
+                       ({"terminationGraceSeconds": 0}, "training.checkpointing.terminationGraceSeconds"),
+                       ({"every": 3}, "training.checkpointing.every")):
+        with pytest.raises(SpecError, match=field.replace(".", r"\.")):
+            parse_spec(_train_spec(tmp_path, tiny_model, checkpointing=bad))
+    spec = parse_spec(_train_spec(tmp_path, tiny_model))
+    assert (spec.training.checkpointing.everySteps, spec.training.checkpointing.everyMinutes) == (500, 30.0)

@@ -576,11 +576,9 @@ class CheckpointingSpec(_Model):
     SIGTERM (node drain, spot preemption) always saves one before the worker exits."""
 
     enabled: bool = Field(True, description="Write intermediate checkpoints and resume from them.")
-    everySteps: Optional[int] = Field(
-        500, ge=1, description="Save every this many optimizer steps (null: no step trigger)."
-    )
-    everyMinutes: Optional[float] = Field(
-        30.0, gt=0.0, le=10080.0, description="Save when this many minutes passed since the last save (null: none)."
+    everySteps: int = Field(500, ge=0, description="Save every this many optimizer steps (0: no step trigger).")
+    everyMinutes: float = Field(
+        30.0, ge=0.0, le=10080.0, description="Save when this many minutes passed since the last save (0: none)."
     )
     terminationGraceSeconds: int = Field(
         120, ge=1, le=86400,
