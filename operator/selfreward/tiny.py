@@ -58,8 +58,16 @@ def make_tiny_model(
     heads: int = 4,
     vocab_size: int = 512,
     max_positions: int = 2048,
+    dtype: str = "float32",
+    intermediate_size: Optional[int] = None,
+    kv_heads: Optional[int] = None,
+    chat_template: bool = True,
 ) -> Path:
-    """Write a tiny Llama (safetensors) and its tokenizer to out_dir; return the path."""
+    """Write a tiny Llama (safetensors) and its tokenizer to out_dir; return the path.
+
+    ``dtype`` is the dtype the weights are stored in (``float32`` or ``bfloat16``, as
+    real checkpoints are); config.json records it as ``dtype``. ``chat_template=False``
+    writes a tokenizer without one, like a base (not instruction-tuned) model's."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -86,7 +94,8 @@ def make_tiny_model(
         unk_token="<|unk|>",
         model_max_length=max_positions,
     )
-    fast.chat_template = CHAT_TEMPLATE
+    if chat_template:
+        fast.chat_template = CHAT_TEMPLATE
     fast.padding_side = "left"
     fast.save_pretrained(out)
 
@@ -94,17 +103,20 @@ def make_tiny_model(
     config = LlamaConfig(
         vocab_size=len(fast),
         hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
+        intermediate_size=intermediate_size or hidden_size * 2,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=heads,
+        num_key_value_heads=kv_heads or heads,
         max_position_embeddings=max_positions,
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id,
         tie_word_embeddings=True,
     )
-    model = LlamaForCausalLM(config)
+    stored = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    if stored is None:
+        raise ValueError(f"dtype {dtype!r}: expected float32, bfloat16 or float16")
+    model = LlamaForCausalLM(config).to(stored)
     model.generation_config.pad_token_id = fast.pad_token_id
     model.generation_config.eos_token_id = fast.eos_token_id
     model.generation_config.bos_token_id = fast.bos_token_id

@@ -4,8 +4,11 @@ choice, LoRA through peft, and saving a trained model as a committed checkpoint.
 Both phases (``sft`` in iteration 0 and ``train``, DPO, in iterations 1..N) follow the
 same path:
 
-1. load the start model in float32 (or in the dtype ``model.dtype`` names explicitly);
-   with ``bf16`` on, the trainer runs bfloat16 autocast over float32 master weights;
+1. read the dtype the start model is stored in (its safetensors headers, before
+   loading), then load it in float32: with ``bf16`` on, the trainer runs bfloat16
+   autocast over these float32 master weights, and AdamW keeps its state in float32.
+   ``model.dtype`` does not change this (it is the generation/judging dtype); only
+   ``training.pureBf16`` loads and updates bfloat16 weights (see docs/precision.md);
 2. wrap it in a LoRA adapter when ``training.mode`` is ``lora``;
 3. train with TRL, no hub, no experiment trackers, no intermediate checkpoints;
 4. merge the adapter into the weights, cast to the start model's stored dtype, save
@@ -81,12 +84,13 @@ def check_devices() -> None:
 
 
 def load_dtype(spec: RunSpec):
-    """Training loads float32 master weights unless model.dtype names a low precision."""
+    """The dtype training holds (and updates) the weights in: float32 master weights,
+    whatever model.dtype says (that setting is for generation and judging). bf16 then
+    means bfloat16 autocast over these weights (training.bf16). Only an explicit
+    training.pureBf16 loads bfloat16 weights and updates them in bfloat16."""
     import torch
 
-    if spec.model.dtype in ("bfloat16", "float16"):
-        return models.torch_dtype(spec.model.dtype)
-    return torch.float32
+    return torch.bfloat16 if spec.training.pureBf16 else torch.float32
 
 
 def load_model(path: str, dtype):
@@ -107,14 +111,21 @@ def load_tokenizer(path: str):
     return tok
 
 
-def stored_dtype(model) -> Any:
-    """The dtype the start model's weights were stored in (from its config), float32 if unknown."""
+def stored_dtype(model_path: str) -> Any:
+    """The dtype the start model's weights are stored in, read from its files before
+    loading (loading rewrites config.dtype)."""
+    from .precision import stored_dtype as from_files
+
+    return from_files(model_path)
+
+
+def checkpoint_dtype(spec: RunSpec, start_model: str) -> Any:
+    """The dtype a trained checkpoint is saved in: training.checkpointDtype, whose
+    default (stored) is the start model's stored dtype."""
     import torch
 
-    dt = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
-    if isinstance(dt, str):
-        dt = getattr(torch, dt, None)
-    return dt if isinstance(dt, torch.dtype) and dt.is_floating_point else torch.float32
+    choice = spec.training.checkpointDtype
+    return stored_dtype(start_model) if choice == "stored" else getattr(torch, choice)
 
 
 def lora_config(spec: RunSpec):

@@ -65,6 +65,7 @@ def run(ctx: PhaseContext) -> dict:
     bs, ga = training.fit_batch(len(rows), sft.batchSize, sft.gradientAccumulation)
     bf16 = training.use_bf16(tr.bf16)
     dtype = training.load_dtype(spec)
+    save_dtype = training.checkpoint_dtype(spec, base_path)  # before loading: loading rewrites config.dtype
     with training.scratch_dir() as scratch:
         config = SFTConfig(
             **training.common_args(
@@ -78,7 +79,6 @@ def run(ctx: PhaseContext) -> dict:
 
         torch.manual_seed(tr.seed)
         model = training.load_model(base_path, dtype)
-        save_dtype = training.stored_dtype(model)
         if tr.mode == "lora":
             training.check_lora_targets(model, spec)
         trainer = SFTTrainer(
@@ -92,6 +92,7 @@ def run(ctx: PhaseContext) -> dict:
         training.quiet_trainer(trainer)
         kept = training.kept_examples(trainer, len(rows), "iter-0/sft", "example", "sft.maxLength", sft.maxLength)
         log(f"iter-0/sft: {len(ift)} instruction + {len(eft)} judge examples ({tr.mode}, bf16={bf16}, "
+            f"weights {str(dtype).removeprefix('torch.')}, saved as {str(save_dtype).removeprefix('torch.')}, "
             f"device={models.device()})")
         result, seconds = training.timed(trainer.train)
 
@@ -104,6 +105,8 @@ def run(ctx: PhaseContext) -> dict:
         "batchSize": bs,
         "gradientAccumulation": ga,
         "bf16": bf16,
+        "pureBf16": tr.pureBf16,
+        "checkpointDtype": str(save_dtype).removeprefix("torch."),
         "conversational": conversational,
     }
     summary.update(training.train_figures(trainer, result, kept, seconds))

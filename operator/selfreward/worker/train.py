@@ -12,6 +12,11 @@ Reference model (spec.training.reference):
   with LoRA the adapter is switched off, which is M_t);
 - base: the fixed base model (or the SFT model M_1 when iteration 0 ran).
 
+training.precomputeRefLogProbs: TRL computes every pair's reference log-probs once,
+before the first step (with the policy itself for reference=current, so no copy is ever
+loaded; a base reference is dropped right after), and training reads them from the
+dataset: no reference model in memory while the optimizer state is.
+
 Zero pairs is an error that says so; fewer pairs than the batch still trains (the
 batch shrinks to the pairs, see selfreward.training.fit_batch).
 """
@@ -102,6 +107,7 @@ def run(ctx: PhaseContext) -> dict:
             f"training with batch {bs}x{ga}")
     bf16 = training.use_bf16(tr.bf16)
     dtype = training.load_dtype(spec)
+    save_dtype = training.checkpoint_dtype(spec, policy_path)  # before loading: loading rewrites config.dtype
     with training.scratch_dir() as scratch:
         config = DPOConfig(
             **training.common_args(
@@ -111,11 +117,11 @@ def run(ctx: PhaseContext) -> dict:
             ),
             beta=tr.beta,
             loss_type=[tr.lossType],
+            precompute_ref_log_probs=tr.precomputeRefLogProbs,
         )
 
         torch.manual_seed(tr.seed)
         policy = training.load_model(policy_path, dtype)
-        save_dtype = training.stored_dtype(policy)
         ref = training.load_model(ref_path, dtype) if ref_path is not None else None
         peft_config = None
         if tr.mode == "lora":
@@ -132,9 +138,15 @@ def run(ctx: PhaseContext) -> dict:
             callbacks=[training.progress_callback(ctx.report)],
         )
         training.quiet_trainer(trainer)
+        if tr.precomputeRefLogProbs and ref is not None:
+            # the trainer has computed every pair's reference log-probs while it was built;
+            # it keeps a reference model it was given, which training no longer reads
+            trainer.ref_model = ref = None
+            training.free_memory()
         kept = training.kept_examples(trainer, len(rows), f"iter-{t}/train", "pair", "training.maxLength", tr.maxLength)
         log(f"iter-{t}/train: DPO on {kept} pairs ({'lora' if peft_config else 'full'}, reference={tr.reference}, "
-            f"bf16={bf16}, device={models.device()})")
+            f"bf16={bf16}, weights {str(dtype).removeprefix('torch.')}, saved as "
+            f"{str(save_dtype).removeprefix('torch.')}, device={models.device()})")
         result, seconds = training.timed(trainer.train)
 
     summary = {
@@ -147,6 +159,9 @@ def run(ctx: PhaseContext) -> dict:
         "batchSize": bs,
         "gradientAccumulation": ga,
         "bf16": bf16,
+        "pureBf16": tr.pureBf16,
+        "precomputeRefLogProbs": tr.precomputeRefLogProbs,
+        "checkpointDtype": str(save_dtype).removeprefix("torch."),
         "conversational": conversational,
     }
     summary.update(training.train_figures(trainer, result, kept, seconds))
