@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from . import checkpoint, models
+from .prompt_format import plain_prompt
 from .spec import RunSpec
 from .storage import Store
 from .worker.common import PhaseError
@@ -233,8 +234,11 @@ def common_args(
 # --- data ---
 
 def chat_format(tokenizer) -> bool:
-    """Use TRL's conversational format when the tokenizer has a chat template."""
-    return bool(getattr(tokenizer, "chat_template", None))
+    """Use TRL's conversational format when the tokenizer has a chat template; without
+    one, rows carry the plain prompt format (selfreward.prompt_format) generation used."""
+    from .prompt_format import has_chat_template
+
+    return has_chat_template(tokenizer)
 
 
 def require_text(rec: Any, fields: tuple[str, ...], where: str) -> None:
@@ -258,7 +262,7 @@ def preference_rows(records: list[dict], conversational: bool, where: str) -> li
                 "rejected": [{"role": "assistant", "content": rec["rejected"]}],
             })
         else:
-            rows.append({"prompt": rec["prompt"], "chosen": rec["chosen"], "rejected": rec["rejected"]})
+            rows.append({"prompt": plain_prompt(rec["prompt"]), "chosen": rec["chosen"], "rejected": rec["rejected"]})
     return rows
 
 
@@ -273,7 +277,7 @@ def completion_rows(records: list[dict], conversational: bool, where: str) -> li
                 "completion": [{"role": "assistant", "content": rec["response"]}],
             })
         else:
-            rows.append({"prompt": rec["prompt"], "completion": rec["response"]})
+            rows.append({"prompt": plain_prompt(rec["prompt"]), "completion": rec["response"]})
     return rows
 
 

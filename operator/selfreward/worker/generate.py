@@ -1,7 +1,10 @@
 """The generate phase: N candidate responses per prompt with M_t.
 
 Shard i of n takes the iteration's prompts i::n and writes one JSONL record per prompt:
-``{promptId, prompt, responses: [text...], tokens: [generated tokens...]}``.
+``{promptId, prompt, responses: [text...], tokens: [generated tokens...],
+truncated: [bool...]}``; ``truncated[j]`` is true when response j stopped at
+``generation.maxNewTokens`` without an end-of-sequence token (such a response is never
+a pair's chosen one).
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ def run(ctx: PhaseContext) -> dict:
                         "prompt": p["prompt"],
                         "responses": [c.text for c in group],
                         "tokens": [c.tokens for c in group],
+                        "truncated": [not c.finished for c in group],
                     })
                     truncated_responses += sum(not c.finished for c in group)
                 elapsed = max(time.perf_counter() - t0, 1e-9)

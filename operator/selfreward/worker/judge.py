@@ -6,7 +6,10 @@ raw verdicts (the audit trail) next to the scores read from them::
 
     {promptId, prompt, responses: [{text, verdicts: [raw...], scores: [valid...],
                                     score: mean|median|null, parseFailures: k,
-                                    failureReasons: [...]}]}
+                                    failureReasons: [...], truncated: bool}]}
+
+``truncated`` is carried over from the generate record (the response stopped at
+``generation.maxNewTokens``); the pairs phase never makes such a response the chosen one.
 """
 from __future__ import annotations
 
@@ -54,6 +57,13 @@ def read_phase_records(store: Store, iteration: int, phase: str, num_shards: int
     return out
 
 
+def was_truncated(record: dict, j: int) -> bool:
+    """Whether response j of a generate record was cut at maxNewTokens (records written
+    before the field existed count as not truncated)."""
+    flags = record.get("truncated")
+    return isinstance(flags, list) and j < len(flags) and flags[j] is True
+
+
 def run(ctx: PhaseContext) -> dict:
     spec, judge = ctx.spec, ctx.spec.judge
     records = read_phase_records(ctx.store, ctx.iteration, "generate")[ctx.shard::ctx.num_shards]
@@ -92,7 +102,8 @@ def run(ctx: PhaseContext) -> dict:
         out.append({
             "promptId": rec["promptId"],
             "prompt": rec["prompt"],
-            "responses": [judge_response(text, verdicts[(r, j)], judge) for j, text in enumerate(rec["responses"])],
+            "responses": [{**judge_response(text, verdicts[(r, j)], judge), "truncated": was_truncated(rec, j)}
+                          for j, text in enumerate(rec["responses"])],
         })
     ctx.store.write_jsonl(ctx.shard_data, out)
     stats = score_stats(out)
