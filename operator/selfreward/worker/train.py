@@ -139,8 +139,10 @@ def run(ctx: PhaseContext) -> dict:
         )
         training.quiet_trainer(trainer)
         if tr.precomputeRefLogProbs and ref is not None:
-            # the trainer has computed every pair's reference log-probs while it was built;
-            # it keeps a reference model it was given, which training no longer reads
+            # The trainer computed every pair's reference log-probs while it was built, but
+            # keeps a reference model it was given (and accelerate keeps the prepared one):
+            # drop both references so the copy is freed before training allocates.
+            trainer.accelerator._models = [m for m in trainer.accelerator._models if m is not trainer.ref_model]
             trainer.ref_model = ref = None
             training.free_memory()
         kept = training.kept_examples(trainer, len(rows), f"iter-{t}/train", "pair", "training.maxLength", tr.maxLength)
