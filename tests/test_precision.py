@@ -160,7 +160,7 @@ def test_bf16_training_keeps_float32_master_weights(tmp_path, tiny_model, bf16_m
     steps = {"maxSteps": 4, "learningRate": 3e-5}
     _, ref = _train(tmp_path / "fp32", tiny_model, {**steps, "bf16": False}, model={"uri": tiny_model, "dtype": "float32"})
     reference = _changed_fraction(tiny_model, ref)
-    assert reference > 0.95
+    assert reference > 0.7  # embedding rows of tokens absent from the pairs get no gradient
     summary, mixed = _train(tmp_path / "mixed", bf16_model, {**steps, "bf16": True},
                             model={"uri": bf16_model, "dtype": "bfloat16"})
     assert summary["bf16"] is True and summary["pureBf16"] is False
