@@ -49,7 +49,8 @@ def cmd_run(args) -> int:
 def cmd_make_tiny_model(args) -> int:
     from .tiny import make_tiny_model
 
-    make_tiny_model(args.dir, seed=args.seed, corpus=args.corpus)
+    make_tiny_model(args.dir, seed=args.seed, corpus=args.corpus, dtype=args.dtype,
+                    chat_template=not args.no_chat_template)
     print(f"tiny model written to {args.dir}")
     return 0
 
@@ -239,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("dir")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--corpus", default=None, help="text/JSONL file to train the tokenizer on")
+    t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype the weights are stored in (real models are mostly bfloat16)")
+    t.add_argument("--no-chat-template", action="store_true",
+                   help="a tokenizer without a chat template, as a base model has")
     t.set_defaults(func=cmd_make_tiny_model)
 
     im = sub.add_parser("import-model", help="copy a model into a store as a committed, verified checkpoint")

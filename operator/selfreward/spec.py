@@ -685,7 +685,28 @@ class TrainingSpec(_Model):
     gradientAccumulation: int = Field(1, ge=1, le=4096)
     maxLength: int = Field(1024, ge=8, le=1_048_576)
     maxSteps: Optional[int] = Field(None, ge=1)
-    bf16: Optional[bool] = Field(None, description="bfloat16 training; default: on when a GPU is present.")
+    bf16: Optional[bool] = Field(
+        None,
+        description="bfloat16 mixed precision: bfloat16 autocast over float32 master weights (AdamW state in "
+        "float32); default: on when a GPU is present. model.dtype does not change the training weights.",
+    )
+    pureBf16: bool = Field(
+        False,
+        description="Load and update the weights in bfloat16, with no float32 master copy: about half the memory of "
+        "weights, gradients and optimizer state, but updates under bfloat16's resolution (about 0.4% of a weight) "
+        "are rounded away; at DPO learning rates most weights then never change. See docs/precision.md.",
+    )
+    checkpointDtype: Literal["stored", "float32", "bfloat16"] = Field(
+        "stored",
+        description="dtype of the trained checkpoints: stored = the dtype the start model is stored in (a bf16 "
+        "base gives bf16 checkpoints, half the bytes of float32). A bf16 checkpoint keeps an update only where it "
+        "moves a weight by half a bf16 step; float32 keeps every update of the float32 master weights.",
+    )
+    precomputeRefLogProbs: bool = Field(
+        False,
+        description="Compute the DPO reference log-probs of every pair once before training, so no reference model "
+        "is in memory during training (saves one copy of the weights in the training dtype).",
+    )
     gradientCheckpointing: bool = Field(False)
     mode: Literal["full", "lora"] = Field("full", description="lora uses model.lora (or its defaults).")
     lossType: Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down"] = Field(

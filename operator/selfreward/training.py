@@ -4,8 +4,11 @@ choice, LoRA through peft, and saving a trained model as a committed checkpoint.
 Both phases (``sft`` in iteration 0 and ``train``, DPO, in iterations 1..N) follow the
 same path:
 
-1. load the start model in float32 (or in the dtype ``model.dtype`` names explicitly);
-   with ``bf16`` on, the trainer runs bfloat16 autocast over float32 master weights;
+1. read the dtype the start model is stored in (its safetensors headers, before
+   loading), then load it in float32: with ``bf16`` on, the trainer runs bfloat16
+   autocast over these float32 master weights, and AdamW keeps its state in float32.
+   ``model.dtype`` does not change this (it is the generation/judging dtype); only
+   ``training.pureBf16`` loads and updates bfloat16 weights (see docs/precision.md);
 2. wrap it in a LoRA adapter when ``training.mode`` is ``lora``;
 3. train with TRL, no hub, no experiment trackers; intermediate checkpoints go to the
    store for resuming after preemption (``selfreward.resume``);
@@ -34,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from . import checkpoint, models
+from .prompt_format import plain_prompt
 from .spec import RunSpec
 from .storage import Store
 from .worker.common import PhaseError
@@ -82,12 +86,13 @@ def check_devices() -> None:
 
 
 def load_dtype(spec: RunSpec):
-    """Training loads float32 master weights unless model.dtype names a low precision."""
+    """The dtype training holds (and updates) the weights in: float32 master weights,
+    whatever model.dtype says (that setting is for generation and judging). bf16 then
+    means bfloat16 autocast over these weights (training.bf16). Only an explicit
+    training.pureBf16 loads bfloat16 weights and updates them in bfloat16."""
     import torch
 
-    if spec.model.dtype in ("bfloat16", "float16"):
-        return models.torch_dtype(spec.model.dtype)
-    return torch.float32
+    return torch.bfloat16 if spec.training.pureBf16 else torch.float32
 
 
 def load_model(path: str, dtype, *, trust_remote_code: bool = False):
@@ -108,14 +113,21 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     return tok
 
 
-def stored_dtype(model) -> Any:
-    """The dtype the start model's weights were stored in (from its config), float32 if unknown."""
+def stored_dtype(model_path: str) -> Any:
+    """The dtype the start model's weights are stored in, read from its files before
+    loading (loading rewrites config.dtype)."""
+    from .precision import stored_dtype as from_files
+
+    return from_files(model_path)
+
+
+def checkpoint_dtype(spec: RunSpec, start_model: str) -> Any:
+    """The dtype a trained checkpoint is saved in: training.checkpointDtype, whose
+    default (stored) is the start model's stored dtype."""
     import torch
 
-    dt = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
-    if isinstance(dt, str):
-        dt = getattr(torch, dt, None)
-    return dt if isinstance(dt, torch.dtype) and dt.is_floating_point else torch.float32
+    choice = spec.training.checkpointDtype
+    return stored_dtype(start_model) if choice == "stored" else getattr(torch, choice)
 
 
 def lora_config(spec: RunSpec):
@@ -223,8 +235,11 @@ def common_args(
 # --- data ---
 
 def chat_format(tokenizer) -> bool:
-    """Use TRL's conversational format when the tokenizer has a chat template."""
-    return bool(getattr(tokenizer, "chat_template", None))
+    """Use TRL's conversational format when the tokenizer has a chat template; without
+    one, rows carry the plain prompt format (selfreward.prompt_format) generation used."""
+    from .prompt_format import has_chat_template
+
+    return has_chat_template(tokenizer)
 
 
 def require_text(rec: Any, fields: tuple[str, ...], where: str) -> None:
@@ -248,7 +263,7 @@ def preference_rows(records: list[dict], conversational: bool, where: str) -> li
                 "rejected": [{"role": "assistant", "content": rec["rejected"]}],
             })
         else:
-            rows.append({"prompt": rec["prompt"], "chosen": rec["chosen"], "rejected": rec["rejected"]})
+            rows.append({"prompt": plain_prompt(rec["prompt"]), "chosen": rec["chosen"], "rejected": rec["rejected"]})
     return rows
 
 
@@ -263,7 +278,7 @@ def completion_rows(records: list[dict], conversational: bool, where: str) -> li
                 "completion": [{"role": "assistant", "content": rec["response"]}],
             })
         else:
-            rows.append({"prompt": rec["prompt"], "completion": rec["response"]})
+            rows.append({"prompt": plain_prompt(rec["prompt"]), "completion": rec["response"]})
     return rows
 
 

@@ -16,7 +16,8 @@ import re
 import time
 from typing import Optional
 
-from .base import BackendError, Completion, GenerationBackend, chat_format
+from ..prompt_format import format_prompt
+from .base import BackendError, Completion, GenerationBackend
 
 _CB_KEY = re.compile(r"^req_(\d+)(?:__child#(\d+))?$")
 
@@ -71,7 +72,7 @@ class TransformersBackend(GenerationBackend):
         """Token ids of each chat-formatted prompt, cut from the left to fit the context."""
         out = []
         for p in prompts:
-            text, templated = chat_format(self.tokenizer, p)
+            text, templated = format_prompt(self.tokenizer, p)
             ids = self.tokenizer(text, add_special_tokens=not templated)["input_ids"]
             if self.context and len(ids) + max_new_tokens > self.context:
                 keep = max(1, self.context - max_new_tokens)

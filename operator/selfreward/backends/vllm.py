@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import gc
 
-from .base import BackendError, Completion, GenerationBackend, chat_format
+from ..prompt_format import format_prompt
+from .base import BackendError, Completion, GenerationBackend
 
 
 class VLLMBackend(GenerationBackend):
@@ -34,7 +35,7 @@ class VLLMBackend(GenerationBackend):
             return []
         token_prompts = []
         for p in prompts:
-            text, templated = chat_format(self.tokenizer, p)
+            text, templated = format_prompt(self.tokenizer, p)
             ids = self.tokenizer(text, add_special_tokens=not templated)["input_ids"]
             token_prompts.append({"prompt_token_ids": list(ids)})  # a vllm.inputs.TokensPrompt
         params = self._vllm.SamplingParams(

@@ -1,7 +1,10 @@
 """The generate phase: N candidate responses per prompt with M_t.
 
 Shard i of n takes the iteration's prompts i::n and writes one JSONL record per prompt:
-``{promptId, prompt, responses: [text...], tokens: [generated tokens...]}``.
+``{promptId, prompt, responses: [text...], tokens: [generated tokens...],
+truncated: [bool...]}``; ``truncated[j]`` is true when response j stopped at
+``generation.maxNewTokens`` without an end-of-sequence token (such a response is never
+a pair's chosen one).
 Finished batches are kept as part files while the shard runs (``worker/parts.py``), so
 a re-created shard generates only the batches it had not finished.
 """
@@ -57,6 +60,7 @@ def run(ctx: PhaseContext) -> dict:
                         "prompt": p["prompt"],
                         "responses": [c.text for c in group],
                         "tokens": [c.tokens for c in group],
+                        "truncated": [not c.finished for c in group],
                     })
                     truncated_responses += sum(not c.finished for c in group)
                 parts.write(b, [p["promptId"] for p in batch], records[before[3]:],

@@ -6,7 +6,10 @@ raw verdicts (the audit trail) next to the scores read from them::
 
     {promptId, prompt, responses: [{text, verdicts: [raw...], scores: [valid...],
                                     score: mean|median|null, parseFailures: k,
-                                    failureReasons: [...]}]}
+                                    failureReasons: [...], truncated: bool}]}
+
+``truncated`` is carried over from the generate record (the response stopped at
+``generation.maxNewTokens``); the pairs phase never makes such a response the chosen one.
 
 Finished batches of verdicts are kept as part files while the shard runs
 (``worker/parts.py``), so a re-created shard judges only what it had not finished.
@@ -56,6 +59,13 @@ def read_phase_records(store: Store, iteration: int, phase: str, num_shards: int
             raise PhaseError(f"{store.url(rel)} is missing")
         out.extend(store.read_jsonl(rel))
     return out
+
+
+def was_truncated(record: dict, j: int) -> bool:
+    """Whether response j of a generate record was cut at maxNewTokens (records written
+    before the field existed count as not truncated)."""
+    flags = record.get("truncated")
+    return isinstance(flags, list) and j < len(flags) and flags[j] is True
 
 
 def run(ctx: PhaseContext) -> dict:
@@ -110,7 +120,8 @@ def run(ctx: PhaseContext) -> dict:
         out.append({
             "promptId": rec["promptId"],
             "prompt": rec["prompt"],
-            "responses": [judge_response(text, verdicts[(r, j)], judge) for j, text in enumerate(rec["responses"])],
+            "responses": [{**judge_response(text, verdicts[(r, j)], judge), "truncated": was_truncated(rec, j)}
+                          for j, text in enumerate(rec["responses"])],
         })
     ctx.store.write_jsonl(ctx.shard_data, out)
     if parts is not None:

@@ -66,6 +66,7 @@ def run(ctx: PhaseContext) -> dict:
     bs, ga = training.fit_batch(len(rows), sft.batchSize, sft.gradientAccumulation)
     bf16 = training.use_bf16(tr.bf16)
     dtype = training.load_dtype(spec)
+    save_dtype = training.checkpoint_dtype(spec, base_path)  # before loading: loading rewrites config.dtype
     saves = resume.Resume(store, layout.phase_dir(0, "sft"), sft.checkpointing, resume.fingerprint(
         rows=rows, base=resume.model_identity(base_path), sft=sft.model_dump(exclude={"checkpointing"}),
         training=tr.model_dump(exclude={"checkpointing"}), batch=[bs, ga]), "iter-0/sft")
@@ -83,7 +84,6 @@ def run(ctx: PhaseContext) -> dict:
 
         torch.manual_seed(tr.seed)
         model = training.load_model(base_path, dtype, trust_remote_code=spec.model.trustRemoteCode)
-        save_dtype = training.stored_dtype(model)
         if tr.mode == "lora":
             training.check_lora_targets(model, spec)
         trainer = SFTTrainer(
@@ -97,6 +97,7 @@ def run(ctx: PhaseContext) -> dict:
         training.quiet_trainer(trainer)
         kept = training.kept_examples(trainer, len(rows), "iter-0/sft", "example", "sft.maxLength", sft.maxLength)
         log(f"iter-0/sft: {len(ift)} instruction + {len(eft)} judge examples ({tr.mode}, bf16={bf16}, "
+            f"weights {str(dtype).removeprefix('torch.')}, saved as {str(save_dtype).removeprefix('torch.')}, "
             f"device={models.device()})")
         result, seconds = training.timed(lambda: saves.train(trainer))
 
@@ -109,6 +110,8 @@ def run(ctx: PhaseContext) -> dict:
         "batchSize": bs,
         "gradientAccumulation": ga,
         "bf16": bf16,
+        "pureBf16": tr.pureBf16,
+        "checkpointDtype": str(save_dtype).removeprefix("torch."),
         "conversational": conversational,
     }
     summary.update(training.train_figures(trainer, result, kept, seconds))

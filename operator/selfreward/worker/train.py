@@ -12,6 +12,11 @@ Reference model (spec.training.reference):
   with LoRA the adapter is switched off, which is M_t);
 - base: the fixed base model (or the SFT model M_1 when iteration 0 ran).
 
+training.precomputeRefLogProbs: TRL computes every pair's reference log-probs once,
+before the first step (with the policy itself for reference=current, so no copy is ever
+loaded; a base reference is dropped right after), and training reads them from the
+dataset: no reference model in memory while the optimizer state is.
+
 Zero pairs is an error that says so; fewer pairs than the batch still trains (the
 batch shrinks to the pairs, see selfreward.training.fit_batch).
 """
@@ -103,6 +108,7 @@ def run(ctx: PhaseContext) -> dict:
             f"training with batch {bs}x{ga}")
     bf16 = training.use_bf16(tr.bf16)
     dtype = training.load_dtype(spec)
+    save_dtype = training.checkpoint_dtype(spec, policy_path)  # before loading: loading rewrites config.dtype
     saves = resume.Resume(store, layout.phase_dir(t, "train"), tr.checkpointing, resume.fingerprint(
         rows=rows, policy=resume.model_identity(policy_path), reference=resume.model_identity(ref_path),
         training=tr.model_dump(exclude={"checkpointing"}), batch=[bs, ga]), f"iter-{t}/train")
@@ -116,12 +122,13 @@ def run(ctx: PhaseContext) -> dict:
             beta=tr.beta,
             loss_type=[tr.lossType],
             trust_remote_code=spec.model.trustRemoteCode,  # TRL loads the reference model itself
+            precompute_ref_log_probs=tr.precomputeRefLogProbs,
         )
 
         torch.manual_seed(tr.seed)
         policy = training.load_model(policy_path, dtype, trust_remote_code=spec.model.trustRemoteCode)
-        save_dtype = training.stored_dtype(policy)
-        ref = training.load_model(ref_path, dtype, trust_remote_code=spec.model.trustRemoteCode) if ref_path is not None else None
+        ref = (training.load_model(ref_path, dtype, trust_remote_code=spec.model.trustRemoteCode)
+               if ref_path is not None else None)
         peft_config = None
         if tr.mode == "lora":
             training.check_lora_targets(policy, spec)
@@ -137,9 +144,17 @@ def run(ctx: PhaseContext) -> dict:
             callbacks=[training.progress_callback(ctx.report), saves.callback()],
         )
         training.quiet_trainer(trainer)
+        if tr.precomputeRefLogProbs and ref is not None:
+            # The trainer computed every pair's reference log-probs while it was built, but
+            # keeps a reference model it was given (and accelerate keeps the prepared one):
+            # drop both references so the copy is freed before training allocates.
+            trainer.accelerator._models = [m for m in trainer.accelerator._models if m is not trainer.ref_model]
+            trainer.ref_model = ref = None
+            training.free_memory()
         kept = training.kept_examples(trainer, len(rows), f"iter-{t}/train", "pair", "training.maxLength", tr.maxLength)
         log(f"iter-{t}/train: DPO on {kept} pairs ({'lora' if peft_config else 'full'}, reference={tr.reference}, "
-            f"bf16={bf16}, device={models.device()})")
+            f"bf16={bf16}, weights {str(dtype).removeprefix('torch.')}, saved as "
+            f"{str(save_dtype).removeprefix('torch.')}, device={models.device()})")
         result, seconds = training.timed(lambda: saves.train(trainer))
 
     summary = {
@@ -152,6 +167,9 @@ def run(ctx: PhaseContext) -> dict:
         "batchSize": bs,
         "gradientAccumulation": ga,
         "bf16": bf16,
+        "pureBf16": tr.pureBf16,
+        "precomputeRefLogProbs": tr.precomputeRefLogProbs,
+        "checkpointDtype": str(save_dtype).removeprefix("torch."),
         "conversational": conversational,
     }
     summary.update(training.train_figures(trainer, result, kept, seconds))
