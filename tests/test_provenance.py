@@ -72,11 +72,11 @@ def test_local_runs_read_the_old_bare_spec_run_json_and_upgrade_it(tmp_path):
 
 def test_git_revision_from_a_checkout(monkeypatch):
     monkeypatch.delenv("SELFREWARD_GIT_REVISION", raising=False)
-    provenance.git_revision.cache_clear()
+    provenance._checkout_revision.cache_clear()
     try:
         rev = provenance.git_revision()
     finally:
-        provenance.git_revision.cache_clear()
+        provenance._checkout_revision.cache_clear()
     # the tests run from the project's git checkout (CI clones it)
     assert rev is not None and len(rev.split("-")[0]) == 40
 

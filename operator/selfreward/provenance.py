@@ -46,13 +46,15 @@ def library_versions() -> dict[str, Optional[str]]:
     return out
 
 
-@functools.lru_cache(maxsize=1)
 def git_revision() -> Optional[str]:
     """The project's git revision: $SELFREWARD_GIT_REVISION (images set it at build
     time), else ``git rev-parse HEAD`` when the package runs from a git checkout."""
     env = os.environ.get("SELFREWARD_GIT_REVISION", "").strip()
-    if env:
-        return env
+    return env or _checkout_revision()
+
+
+@functools.lru_cache(maxsize=1)  # the checkout does not change under a running worker; the env may
+def _checkout_revision() -> Optional[str]:
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
