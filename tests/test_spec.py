@@ -201,14 +201,44 @@ def test_validate_command_reports_the_field(tmp_path, capsys):
     assert "generation.responsesPerPrompt" in capsys.readouterr().err
 
 
-def test_training_phases_take_at_most_one_gpu():
-    from selfreward.spec import SpecError, parse_spec
+SFT = {"instructionDataUri": "/ift.jsonl"}
 
-    base = {"model": {"uri": "/m"}, "prompts": {"uri": "/p.jsonl"}, "storage": {"uri": "/s"}}
-    with pytest.raises(SpecError, match=r"resources.train.gpus is 8"):
-        parse_spec({**base, "resources": {"train": {"gpus": 8}}})
-    # inherited from the default: generation may use 4 GPUs, training still needs its own 1
-    with pytest.raises(SpecError, match=r"resources.sft.gpus is 4"):
-        parse_spec({**base, "resources": {"default": {"gpus": 4}}})
-    ok = parse_spec({**base, "resources": {"default": {"gpus": 4}, "train": {"gpus": 1}, "sft": {"gpus": 1}}})
-    assert ok.resources.for_phase("generate").gpus == 4 and ok.resources.for_phase("train").gpus == 1
+
+@pytest.mark.parametrize("extra, words", [
+    ({"resources": {"train": {"gpus": 8}}}, "resources.train.gpus is 8"),
+    # inherited from the default: generation may use 4 GPUs, training needs its own 1
+    ({"resources": {"default": {"gpus": 4}}}, "resources.default.gpus is 4 for the train phase"),
+    ({"resources": {"train": {"nodes": 2}}}, "resources.train.nodes is 2"),
+    ({"sft": SFT, "resources": {"default": {"gpus": 4}, "train": {"gpus": 1}}},
+     "resources.default.gpus is 4 for the sft phase"),
+    ({"sft": SFT, "resources": {"sft": {"gpus": 2}}}, "resources.sft.gpus is 2"),
+    ({"training": {"distributed": "fsdp"}, "resources": {"generate": {"nodes": 2}}}, "resources.generate.nodes is 2"),
+    ({"training": {"distributed": "fsdp"}, "resources": {"default": {"nodes": 2}}}, "resources.default.nodes is 2"),
+    ({"training": {"distributed": "deepspeed"}}, "DeepSpeed is not in the worker image"),
+    ({"training": {"distributed": "fsdp", "gradientCheckpointing": True}}, "training.fsdp.activationCheckpointing"),
+])
+def test_training_topology_that_cannot_run_is_refused_with_the_field(extra, words):
+    err = rejected({**BASE, **extra})
+    assert words in str(err)
+
+
+@pytest.mark.parametrize("extra, phase, world", [
+    # issue 11: no iteration 0, 4 GPUs by default for generation, train at 1: no sft rule applies
+    ({"resources": {"default": {"gpus": 4}, "train": {"gpus": 1}}}, "train", (1, 1)),
+    ({"resources": {"default": {"gpus": 4}, "train": {"gpus": 1}, "sft": {"gpus": 8}}}, "train", (1, 1)),
+    ({"training": {"distributed": "fsdp"}, "resources": {"train": {"gpus": 8, "nodes": 4}}}, "train", (4, 8)),
+    ({"training": {"distributed": "fsdp"}, "resources": {"default": {"gpus": 2}}}, "train", (1, 2)),
+    ({"training": {"distributed": "fsdp"}, "resources": {"train": {"gpus": 0, "nodes": 2}}}, "train", (2, 1)),
+    ({"training": {"distributed": "fsdp"}, "sft": SFT, "resources": {"sft": {"gpus": 4}}}, "sft", (1, 4)),
+    ({"training": {"distributed": "fsdp"}}, "train", (1, 1)),
+])
+def test_training_topology_that_can_run_is_accepted(extra, phase, world):
+    spec = parse_spec({**BASE, **extra})
+    assert spec.training_world(phase) == world
+
+
+def test_fsdp_defaults_are_full_sharding_without_offload():
+    spec = parse_spec({**BASE, "training": {"distributed": "fsdp"}})
+    assert spec.training.fsdp.reshardAfterForward is True
+    assert spec.training.fsdp.cpuOffload is False and spec.training.fsdp.activationCheckpointing is False
+    assert parse_spec(BASE).training.distributed == "none"
