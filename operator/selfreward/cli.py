@@ -43,7 +43,8 @@ def cmd_run(args) -> int:
 
     spec, meta = load_spec_file(args.spec)
     return run_local(spec, name=meta.get("name") or os.path.splitext(os.path.basename(args.spec))[0],
-                     quiet=args.quiet, python=sys.executable, parallel=args.parallel, state_dir=args.state_dir)
+                     quiet=args.quiet, python=sys.executable, parallel=args.parallel, state_dir=args.state_dir,
+                     nproc_per_node=args.nproc_per_node)
 
 
 def cmd_make_tiny_model(args) -> int:
@@ -186,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no live progress display")
     r.add_argument("--parallel", type=int, default=1, help="shards of a phase run at once (default 1)")
     r.add_argument("--state-dir", default=None, help="spec, worker logs and results; default: a temp dir per run")
+    r.add_argument("--nproc-per-node", type=int, default=None,
+                   help="training processes with training.distributed fsdp; default: $SELFREWARD_NPROC_PER_NODE, "
+                        "else every visible GPU, else 1")
     r.set_defaults(func=cmd_run)
 
     w = sub.add_parser("worker", help="run one phase (the Job containers' entrypoint)")

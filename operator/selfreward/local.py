@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from . import layout
+from . import distributed, layout
 from .layout import Step
 from .spec import RunSpec, parse_spec
 from .status import IterationRecord
@@ -343,8 +343,10 @@ def _last_error_line(log_path: Optional[Path]) -> str:
 
 
 class Runner:
-    def __init__(self, spec: RunSpec, name: str, quiet: bool, python: str, parallel: int, state_dir: Path):
+    def __init__(self, spec: RunSpec, name: str, quiet: bool, python: str, parallel: int, state_dir: Path,
+                 nproc_per_node: Optional[int] = None):
         self.spec = spec
+        self.nproc_per_node = nproc_per_node
         self.name = name
         self.python = python
         self.parallel = max(1, parallel)
@@ -357,10 +359,13 @@ class Runner:
     # one subprocess per shard
     def _start(self, task: Task) -> None:
         step = task.step
-        cmd = [self.python, "-m", "selfreward", "worker", step.phase, "--spec", str(self.spec_file),
-               "--iteration", str(step.iteration)]
+        args = ["worker", step.phase, "--spec", str(self.spec_file), "--iteration", str(step.iteration)]
         if task.shard is not None:
-            cmd += ["--shard", str(task.shard), "--num-shards", str(step.shards)]
+            args += ["--shard", str(task.shard), "--num-shards", str(step.shards)]
+        if distributed.launches(self.spec, step.phase):  # torchrun: one process per visible GPU
+            cmd = distributed.local_launch(self.python, distributed.local_nproc(self.nproc_per_node), args)
+        else:
+            cmd = [self.python, "-m", "selfreward"] + args
         for p in (task.termination_log, task.progress_file):
             p.unlink(missing_ok=True)
         env = dict(os.environ)
@@ -505,11 +510,13 @@ def _raise_terminated(signum, frame):
 
 
 def run_local(spec: RunSpec, name: str = "run", quiet: bool = False, python: Optional[str] = None,
-              parallel: int = 1, state_dir: Optional[str | Path] = None) -> int:
-    """Run every unfinished step of spec on this machine; 0 when the run is complete."""
+              parallel: int = 1, state_dir: Optional[str | Path] = None, nproc_per_node: Optional[int] = None) -> int:
+    """Run every unfinished step of spec on this machine; 0 when the run is complete.
+    With training.distributed fsdp the sft/train steps run under torchrun with
+    ``nproc_per_node`` processes (default: selfreward.distributed.local_nproc)."""
     state = Path(state_dir) if state_dir else default_state_dir(spec, name)
     state.mkdir(parents=True, exist_ok=True)
-    runner = Runner(spec, name, quiet, python or sys.executable, parallel, state)
+    runner = Runner(spec, name, quiet, python or sys.executable, parallel, state, nproc_per_node)
     old_term = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return runner.run()

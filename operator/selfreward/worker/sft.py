@@ -14,7 +14,7 @@ seed) come from ``spec.training``.
 from __future__ import annotations
 
 
-from .. import layout, models, training
+from .. import distributed, layout, models, training
 from ..storage import StorageError, read_uri_jsonl
 from .common import PhaseContext, PhaseError, log
 
@@ -62,7 +62,8 @@ def run(ctx: PhaseContext) -> dict:
     except training.TrainingError as e:
         raise PhaseError(f"sft: {e}") from None
 
-    bs, ga = training.fit_batch(len(rows), sft.batchSize, sft.gradientAccumulation)
+    world = training.processes()
+    bs, ga = training.fit_batch(len(rows), sft.batchSize, sft.gradientAccumulation, world)
     bf16 = training.use_bf16(tr.bf16)
     dtype = training.load_dtype(spec)
     with training.scratch_dir() as scratch:
@@ -70,7 +71,7 @@ def run(ctx: PhaseContext) -> dict:
             **training.common_args(
                 output_dir=scratch, learning_rate=sft.learningRate, epochs=sft.epochs, batch_size=bs, accumulation=ga,
                 max_length=sft.maxLength, max_steps=sft.maxSteps, bf16=bf16,
-                gradient_checkpointing=tr.gradientCheckpointing, seed=tr.seed,
+                gradient_checkpointing=tr.gradientCheckpointing, seed=tr.seed, fsdp=training.fsdp_settings(spec),
             ),
             completion_only_loss=True,
             shuffle_dataset=True,
@@ -93,7 +94,7 @@ def run(ctx: PhaseContext) -> dict:
         training.quiet_trainer(trainer)
         kept = training.kept_examples(trainer, len(rows), "iter-0/sft", "example", "sft.maxLength", sft.maxLength)
         log(f"iter-0/sft: {len(ift)} instruction + {len(eft)} judge examples ({tr.mode}, bf16={bf16}, "
-            f"device={models.device()})")
+            f"device={models.device()}, processes={world})")
         result, seconds = training.timed(trainer.train)
 
     summary = {
@@ -119,9 +120,13 @@ def run(ctx: PhaseContext) -> dict:
         "judgeData": sft.judgeDataUri,
         "mode": tr.mode,
     }
-    trained = trainer.model
+    # rank 0 commits, the others wait for it (selfreward.distributed)
+    trained = training.trained_model(trainer, training.rebuild_for_save(base_path, dtype, spec))
     del trainer, model
-    summary = training.commit_model(trained, tokenizer, store, out_rel, save_dtype, metadata, summary)
+    if trained is not None:
+        summary = training.commit_model(trained, tokenizer, store, out_rel, save_dtype, metadata, summary)
+        log(f"iter-0/sft: committed {store.url(out_rel)} (rank {distributed.rank()} of {world})")
     del trained
+    distributed.barrier()
     training.free_memory()
     return summary

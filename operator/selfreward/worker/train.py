@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 
-from .. import layout, models, training
+from .. import distributed, layout, models, training
 from ..checkpoint import CheckpointError
 from .common import PhaseContext, PhaseError, log
 
@@ -96,10 +96,11 @@ def run(ctx: PhaseContext) -> dict:
     from datasets import Dataset
 
     dataset = Dataset.from_list(rows)
-    bs, ga = training.fit_batch(len(rows), tr.batchSize, tr.gradientAccumulation)
+    world = training.processes()
+    bs, ga = training.fit_batch(len(rows), tr.batchSize, tr.gradientAccumulation, world)
     if (bs, ga) != (tr.batchSize, tr.gradientAccumulation):
-        log(f"iter-{t}/train: {len(rows)} pairs < batch {tr.batchSize}x{tr.gradientAccumulation}; "
-            f"training with batch {bs}x{ga}")
+        log(f"iter-{t}/train: {len(rows)} pairs < batch {tr.batchSize}x{world}x{tr.gradientAccumulation}; "
+            f"training with batch {bs}x{world}x{ga}")
     bf16 = training.use_bf16(tr.bf16)
     dtype = training.load_dtype(spec)
     with training.scratch_dir() as scratch:
@@ -107,7 +108,7 @@ def run(ctx: PhaseContext) -> dict:
             **training.common_args(
                 output_dir=scratch, learning_rate=tr.learningRate, epochs=tr.epochs, batch_size=bs, accumulation=ga,
                 max_length=tr.maxLength, max_steps=tr.maxSteps, bf16=bf16,
-                gradient_checkpointing=tr.gradientCheckpointing, seed=tr.seed,
+                gradient_checkpointing=tr.gradientCheckpointing, seed=tr.seed, fsdp=training.fsdp_settings(spec),
             ),
             beta=tr.beta,
             loss_type=[tr.lossType],
@@ -135,7 +136,7 @@ def run(ctx: PhaseContext) -> dict:
         training.quiet_trainer(trainer)
         kept = training.kept_examples(trainer, len(rows), f"iter-{t}/train", "pair", "training.maxLength", tr.maxLength)
         log(f"iter-{t}/train: DPO on {kept} pairs ({'lora' if peft_config else 'full'}, reference={tr.reference}, "
-            f"bf16={bf16}, device={models.device()})")
+            f"bf16={bf16}, device={models.device()}, processes={world})")
         result, seconds = training.timed(trainer.train)
 
     summary = {
@@ -164,9 +165,13 @@ def run(ctx: PhaseContext) -> dict:
         "referenceModel": (layout.reference_checkpoint(spec, t) or spec.model.uri),
         "mode": tr.mode,
     }
-    model = trainer.model
+    # rank 0 commits, the others wait for it (selfreward.distributed)
+    model = training.trained_model(trainer, training.rebuild_for_save(policy_path, dtype, spec))
     del trainer, policy, ref
-    summary = training.commit_model(model, tokenizer, store, out_rel, save_dtype, metadata, summary)
+    if model is not None:
+        summary = training.commit_model(model, tokenizer, store, out_rel, save_dtype, metadata, summary)
+        log(f"iter-{t}/train: committed {store.url(out_rel)} (rank {distributed.rank()} of {world})")
     del model
+    distributed.barrier()
     training.free_memory()
     return summary
