@@ -56,6 +56,10 @@ MUTABLE_FIELDS = (
     "generation.batchSize",
     "judge.backend",
     "judge.batchSize",
+    "generation.vllm",
+    "judge.vllm",
+    "training.distributed",
+    "training.fsdp",
     "storage.endpoint",
     "storage.region",
     "storage.credentialsSecret",
@@ -292,6 +296,7 @@ class Task:
     log_path: Optional[Path] = None
     log_file: Any = None
     result: dict = field(default_factory=dict)
+    slot: int = 0  # which of the --parallel places it runs in (its GPUs, see gpu_groups)
 
     @property
     def termination_log(self) -> Path:
@@ -300,6 +305,28 @@ class Task:
     @property
     def progress_file(self) -> Path:
         return self.files.with_suffix(".progress.json")
+
+
+def visible_gpu_ids() -> list[str]:
+    """The GPUs this machine lets the runner use: $CUDA_VISIBLE_DEVICES as written, else
+    every CUDA device torch sees, else none."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip() and d.strip() != "-1"]
+    return [str(i) for i in range(distributed.visible_gpus())]
+
+
+def gpu_groups(visible: list[str], parallel: int) -> list[list[str]]:
+    """The GPUs of each of ``parallel`` concurrently running shards: the visible GPUs split
+    into equal disjoint groups (the remainder idle), one GPU per shard when there are at
+    least as many shards as GPUs (then shards share them in turn). No GPUs: no groups."""
+    if not visible:
+        return []
+    slots = max(1, parallel)
+    if slots >= len(visible):
+        return [[visible[i % len(visible)]] for i in range(slots)]
+    per = len(visible) // slots
+    return [visible[i * per:(i + 1) * per] for i in range(slots)]
 
 
 def _child_setup() -> None:  # pragma: no cover - runs in the forked child
@@ -355,6 +382,12 @@ class Runner:
         self.display = Display(quiet, name)
         self.spec_file = state_dir / "spec.json"
         self.logs = state_dir / "logs"
+        self._groups: Optional[list[list[str]]] = None
+
+    def _gpu_groups(self) -> list[list[str]]:
+        if self._groups is None:
+            self._groups = gpu_groups(visible_gpu_ids(), self.parallel)
+        return self._groups
 
     # one subprocess per shard
     def _start(self, task: Task) -> None:
@@ -375,6 +408,9 @@ class Runner:
             "PYTHONUNBUFFERED": "1",
         })
         env.pop("SELFREWARD_PROGRESS_PORT", None)  # one exporter port cannot serve parallel shards
+        groups = self._gpu_groups() if task.shard is not None and self.parallel > 1 else []
+        if groups:  # each concurrent shard on its own GPUs instead of all on cuda:0
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(groups[task.slot % len(groups)])
         stamp = time.strftime("%Y%m%dT%H%M%S")
         task.log_path = self.logs / f"{task.files.name}.{stamp}.{os.getpid()}.{time.time_ns() % 10**6}.log"
         task.log_file = open(task.log_path, "wb")
@@ -418,6 +454,7 @@ class Runner:
             while pending or running:
                 while pending and len(running) < self.parallel and error is None:
                     t = pending.pop(0)
+                    t.slot = min(set(range(self.parallel)) - {r.slot for r in running})
                     self._start(t)
                     running.append(t)
                 if not running:

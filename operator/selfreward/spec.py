@@ -587,7 +587,35 @@ class SFTSpec(_Model):
     maxSteps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps.")
 
 
-class GenerationSpec(_Model):
+class VLLMSpec(_Model):
+    """vLLM engine settings (read when the phase's backend is vllm). Tensor parallelism is
+    not a setting: it is the GPUs of the phase's pod (resources.<phase>.gpus), so one
+    engine spans them; more pods are more shards (data parallel), not a bigger engine."""
+
+    gpuMemoryUtilization: float = Field(
+        0.9, gt=0.0, le=1.0,
+        description="Fraction of each GPU's memory vLLM may take for weights, activations and KV cache.",
+    )
+    maxModelLen: Optional[int] = Field(
+        None, ge=16, le=1_048_576,
+        description="Longest prompt + completion in tokens (sizes the KV cache); default: the model's context length.",
+    )
+    enforceEager: bool = Field(
+        False, description="Skip CUDA graph capture: faster start-up and less memory, slower decoding."
+    )
+    prefixCaching: bool = Field(
+        True,
+        description="Reuse the KV cache of shared prompt prefixes (judge prompts share the whole rubric).",
+    )
+
+
+class _SamplingPhase(_Model):
+    """Settings that generation and judging share."""
+
+    vllm: VLLMSpec = Field(default_factory=VLLMSpec, description="vLLM engine settings (backend vllm).")
+
+
+class GenerationSpec(_SamplingPhase):
     responsesPerPrompt: int = Field(4, ge=2, le=64, description="Candidate responses per prompt (paper: 4).")
     temperature: float = Field(0.7, ge=0.0, le=5.0)
     topP: float = Field(0.9, gt=0.0, le=1.0)
@@ -597,7 +625,7 @@ class GenerationSpec(_Model):
     shards: int = Field(1, ge=1, le=SHARDS_MAX, description="Indexed Job completions (pods) for generation.")
 
 
-class JudgeSpec(_Model):
+class JudgeSpec(_SamplingPhase):
     samplesPerResponse: int = Field(3, ge=1, le=64, description="Judge verdicts per response, aggregated (paper: 3).")
     aggregation: Literal["mean", "median"] = Field("mean")
     template: Optional[str] = Field(

@@ -25,7 +25,8 @@ def run(ctx: PhaseContext) -> dict:
         log(f"iter-{ctx.iteration}/generate shard {ctx.shard}/{ctx.num_shards}: {len(prompts)} prompts x "
             f"{gen.responsesPerPrompt} responses with {model_dir} ({gen.backend})")
         with make_backend(gen.backend, model_dir, spec.model.dtype, gen.batchSize,
-                          trust_remote_code=spec.model.trustRemoteCode) as backend:
+                          trust_remote_code=spec.model.trustRemoteCode, vllm_settings=gen.vllm,
+                          gpus=spec.resources.for_phase("generate").gpus) as backend:
             backend_name = backend.name
             t0 = time.perf_counter()
             for b, start in enumerate(range(0, len(prompts), gen.batchSize)):

@@ -68,7 +68,8 @@ def run(ctx: PhaseContext) -> dict:
         log(f"iter-{ctx.iteration}/judge shard {ctx.shard}/{ctx.num_shards}: {len(items)} responses x "
             f"{judge.samplesPerResponse} verdicts with {model_dir} ({judge.backend})")
         with make_backend(judge.backend, model_dir, spec.model.dtype, judge.batchSize,
-                          trust_remote_code=spec.model.trustRemoteCode) as backend:
+                          trust_remote_code=spec.model.trustRemoteCode, vllm_settings=judge.vllm,
+                          gpus=spec.resources.for_phase("judge").gpus) as backend:
             backend_name = backend.name
             t0 = time.perf_counter()
             for b, start in enumerate(range(0, len(items), judge.batchSize)):
