@@ -66,9 +66,10 @@ def use_bf16(setting: Optional[bool]) -> bool:
 
 
 def check_devices() -> None:
-    """One training process drives one GPU. Several visible GPUs without a distributed
-    launcher would make transformers wrap the model in DataParallel, which TRL refuses;
-    say what to change instead of failing deep inside the trainer."""
+    """Without training.distributed one training process drives one GPU. Several visible
+    GPUs without the launcher would make transformers wrap the model in DataParallel,
+    which TRL refuses; say what to change instead of failing deep inside the trainer.
+    Under torchrun (WORLD_SIZE/LOCAL_RANK set) each process has its own GPU."""
     import torch
 
     if models.device() != "cuda" or os.environ.get("WORLD_SIZE") or os.environ.get("LOCAL_RANK"):
@@ -76,8 +77,9 @@ def check_devices() -> None:
     n = torch.cuda.device_count()
     if n > 1:
         raise TrainingError(
-            f"{n} GPUs are visible to one training process; the sft/train phases use one GPU per pod. "
-            "Set resources.sft.gpus / resources.train.gpus to 1 (or CUDA_VISIBLE_DEVICES to one device)."
+            f"{n} GPUs are visible to one training process (training.distributed is none). Set "
+            "training.distributed to fsdp to train on all of them, or resources.sft.gpus / resources.train.gpus "
+            "to 1 (or CUDA_VISIBLE_DEVICES to one device)."
         )
 
 
