@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_TEST := $(VENV)/.installed-test
 
-.PHONY: run test install install-test crd bench clean
+.PHONY: run test install install-test crd bench gpu-check-distributed clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -41,6 +41,11 @@ crd: $(STAMP_RUN)
 
 bench: $(STAMP_TEST)
 	$(BIN)/python bench/pipeline.py
+
+# On a GPU machine: torchrun + FSDP2 on NCCL (2 processes with 2+ GPUs, else 1) against
+# one process; prints "no CUDA GPU" and exits 0 elsewhere. The gpu-check target should call it.
+gpu-check-distributed: $(STAMP_TEST)
+	$(BIN)/python bench/gpu_check_distributed.py
 
 clean:
 	rm -rf .quickstart

@@ -109,6 +109,7 @@ def test_n_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_mo
 
     summary = store.read_json(layout.summary_path(1, "train"))
     assert summary["processes"] == nproc and summary["batchSize"] == 4 // nproc
+    assert summary["parallelism"] == "ddp" and single["parallelism"] == "single"  # no FSDP on CPUs (accelerate)
     assert summary["samplesSeen"] == single["samplesSeen"] == 16
     curve, ref = summary["lossCurve"], single["lossCurve"]
     assert len(curve) == len(ref) == 4

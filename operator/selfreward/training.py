@@ -362,6 +362,7 @@ def train_figures(trainer, result, examples: int, seconds: float) -> dict:
         "trainSeconds": round(seconds, 3),
         "samplesPerSecond": round(samples / max(seconds, 1e-9), 3),
         "processes": processes,
+        "parallelism": parallelism(trainer),
         "lossCurve": loss_curve(trainer.state.log_history),
     }
     if "train_loss" in metrics:
@@ -370,6 +371,17 @@ def train_figures(trainer, result, examples: int, seconds: float) -> dict:
     if tokens:
         out["tokensPerSecond"] = round(float(tokens[-1]) / max(seconds, 1e-9), 1)
     return out
+
+
+def parallelism(trainer) -> str:
+    """How accelerate ran the processes: "fsdp2" (sharded), "ddp" (data parallel: several
+    processes on CPUs, where accelerate offers no FSDP), or "single"."""
+    accelerator = getattr(trainer, "accelerator", None)
+    if accelerator is None:
+        return "single"
+    if getattr(accelerator, "is_fsdp2", False):
+        return "fsdp2"
+    return "ddp" if accelerator.num_processes > 1 else "single"
 
 
 def loss_curve(log_history: list[dict], limit: int = LOSS_CURVE_POINTS) -> list[float]:
