@@ -232,3 +232,43 @@ def test_local_process_count(monkeypatch):
         monkeypatch.setenv(distributed.NPROC_ENV, bad)
         with pytest.raises(ValueError, match=distributed.NPROC_ENV):
             distributed.local_nproc()
+
+
+def test_local_runner_launches_training_through_torchrun(tmp_path, monkeypatch):
+    """`selfreward run` starts the sft/train steps with torchrun (one process per visible
+    GPU, or --nproc-per-node / $SELFREWARD_NPROC_PER_NODE), the other steps as before."""
+    from selfreward import local
+
+    fake = tmp_path / "fake-python"
+    fake.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                    "json.dump({'argv': sys.argv[1:]}, open(os.environ['SELFREWARD_TERMINATION_LOG'], 'w'))\n")
+    fake.chmod(0o755)
+    spec = parse_spec({"model": {"uri": "/m"}, "prompts": {"uri": "/p"}, "storage": {"uri": f"file://{tmp_path}/a"},
+                       "training": {"distributed": "fsdp"}, "resources": {"train": {"gpus": 4}}})
+
+    def argv(phase, nproc=None):
+        runner = local.Runner(spec, "r", True, str(fake), 1, tmp_path, nproc_per_node=nproc)
+        runner.logs.mkdir(parents=True, exist_ok=True)
+        tasks = runner._tasks(next(s for s in local.layout.steps(spec) if s.phase == phase))
+        runner._run_tasks(tasks)
+        return tasks[0].result["argv"]
+
+    monkeypatch.setattr(distributed, "visible_gpus", lambda: 3)
+    monkeypatch.delenv(distributed.NPROC_ENV, raising=False)
+    train = argv("train")
+    assert train[:2] == ["-m", "torch.distributed.run"] and "--nproc-per-node=3" in train  # every visible GPU
+    assert train[train.index("-m", 2):][:4] == ["-m", "selfreward", "worker", "train"]
+    assert "--nproc-per-node=2" in argv("train", nproc=2)
+    monkeypatch.setenv(distributed.NPROC_ENV, "2")
+    assert "--nproc-per-node=2" in argv("train")
+    assert argv("generate")[:4] == ["-m", "selfreward", "worker", "generate"]
+
+
+def test_nproc_flag_must_be_positive(capsys):
+    from selfreward.cli import build_parser
+
+    assert build_parser().parse_args(["run", "s.yaml", "--nproc-per-node", "4"]).nproc_per_node == 4
+    for bad in ("0", "-2", "x"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["run", "s.yaml", "--nproc-per-node", bad])
+        assert "--nproc-per-node" in capsys.readouterr().err

@@ -178,6 +178,16 @@ def cmd_operator(args) -> int:
     return run_operator(args)
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="selfreward", description="Self-Rewarding LM training runs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -187,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no live progress display")
     r.add_argument("--parallel", type=int, default=1, help="shards of a phase run at once (default 1)")
     r.add_argument("--state-dir", default=None, help="spec, worker logs and results; default: a temp dir per run")
-    r.add_argument("--nproc-per-node", type=int, default=None,
+    r.add_argument("--nproc-per-node", type=_positive, default=None,
                    help="training processes with training.distributed fsdp; default: $SELFREWARD_NPROC_PER_NODE, "
                         "else every visible GPU, else 1")
     r.set_defaults(func=cmd_run)
