@@ -96,6 +96,7 @@ def _one_process_reference(tmp_path, tiny_model, batch: int) -> tuple[dict, dict
     return summary, _weights(store, rel)
 
 
+@pytest.mark.slow  # one in-process and one torchrun training: about 15 s idle (2 procs), 25 s (4 procs)
 @pytest.mark.parametrize("nproc", [2, pytest.param(4, id="4-oversubscribed")])
 def test_n_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_model, nproc):
     single, single_weights = _one_process_reference(tmp_path, tiny_model, batch=4)
@@ -127,6 +128,7 @@ def test_n_processes_train_like_one_with_the_same_global_batch(tmp_path, tiny_mo
     assert term["processes"] == nproc and term["checkpoint"] == store.url(rel)
 
 
+@pytest.mark.slow  # two short in-process trainings
 def test_the_tolerance_tells_global_batches_apart(tmp_path, tiny_model):
     """The control: one process at half the batch (another global batch, as N processes
     that kept the one-process batch would have) is far outside the tolerance above, so
@@ -152,6 +154,7 @@ def _rank_of(pid: int) -> str:
     return ""
 
 
+@pytest.mark.slow  # two torchrun launches
 def test_a_killed_rank_fails_the_step_and_the_retry_succeeds(tmp_path, tiny_model):
     doc, spec_file = _spec(tmp_path, tiny_model, "kill", batchSize=2, maxSteps=400, distributed="fsdp")
     store = _store(doc)
