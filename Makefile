@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_TEST := $(VENV)/.installed-test
 
-.PHONY: run test install install-test crd bench gpu-check clean
+.PHONY: run test install install-test crd bench gpu-check gpu-check-distributed clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -48,6 +48,11 @@ bench: $(STAMP_TEST)
 DEVICE ?= cuda
 gpu-check: $(STAMP_RUN)
 	$(BIN)/python -P bench/gpu_check.py --device $(DEVICE)
+
+# On a GPU machine: torchrun + FSDP2 on NCCL (2 processes with 2+ GPUs, else 1) against
+# one process; prints "no CUDA GPU" and exits 0 elsewhere. 
+gpu-check-distributed: $(STAMP_TEST)
+	$(BIN)/python bench/gpu_check_distributed.py
 
 clean:
 	rm -rf .quickstart

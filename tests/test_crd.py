@@ -8,6 +8,7 @@ field validation does), and the CEL rules (two independent CEL implementations).
 from __future__ import annotations
 
 import copy
+import json
 import re
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -606,6 +607,33 @@ def test_vllm_needs_gpus_where_generation_runs(schema, resources, ok):
     _, errors, msgs = admit(schema, obj)
     assert errors == []
     assert (msgs == []) == ok, msgs
+
+
+@pytest.mark.parametrize("spec", [
+    {},
+    {"resources": {"train": {"gpus": 8}}},
+    {"resources": {"default": {"gpus": 4}}},
+    {"resources": {"default": {"gpus": 4}, "train": {"gpus": 1}}},  # issue 11: no sft phase to check
+    {"resources": {"default": {"gpus": 4}, "train": {"gpus": 1}}, "sft": {"instructionDataUri": "ift"}},
+    {"resources": {"default": {"gpus": 4}, "train": {"gpus": 1}}, "sft": {"instructionDataUri": "i", "enabled": False}},
+    {"resources": {"train": {"nodes": 2}}},
+    {"resources": {"train": {"nodes": 2, "gpus": 8}}, "training": {"distributed": "fsdp"}},
+    {"resources": {"generate": {"nodes": 2}}, "training": {"distributed": "fsdp"}},
+    {"resources": {"default": {"nodes": 3}}, "training": {"distributed": "fsdp"}},
+    {"training": {"distributed": "deepspeed"}},
+], ids=lambda s: json.dumps(s, sort_keys=True))
+def test_cel_topology_rules_agree_with_the_spec_model(schema, spec):
+    """The CEL rules are a subset of RunSpec's: where CEL refuses, pydantic refuses too,
+    and for these cases (no gradientCheckpointing) they agree exactly."""
+    obj = _minimal(**spec)
+    _, errors, msgs = admit(schema, obj)
+    assert errors == []
+    try:
+        spec_from_document(obj)
+        accepted = True
+    except SpecError:
+        accepted = False
+    assert (msgs == []) == accepted, msgs
 
 
 def test_storage_uri_is_immutable(schema):

@@ -43,7 +43,8 @@ def cmd_run(args) -> int:
 
     spec, meta = load_spec_file(args.spec)
     return run_local(spec, name=meta.get("name") or os.path.splitext(os.path.basename(args.spec))[0],
-                     quiet=args.quiet, python=sys.executable, parallel=args.parallel, state_dir=args.state_dir)
+                     quiet=args.quiet, python=sys.executable, parallel=args.parallel, state_dir=args.state_dir,
+                     nproc_per_node=args.nproc_per_node)
 
 
 def cmd_make_tiny_model(args) -> int:
@@ -211,6 +212,16 @@ def cmd_operator(args) -> int:
     return run_operator(args)
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="selfreward", description="Self-Rewarding LM training runs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -220,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no live progress display")
     r.add_argument("--parallel", type=int, default=1, help="shards of a phase run at once (default 1)")
     r.add_argument("--state-dir", default=None, help="spec, worker logs and results; default: a temp dir per run")
+    r.add_argument("--nproc-per-node", type=_positive, default=None,
+                   help="training processes with training.distributed fsdp; default: $SELFREWARD_NPROC_PER_NODE, "
+                        "else every visible GPU, else 1")
     r.set_defaults(func=cmd_run)
 
     w = sub.add_parser("worker", help="run one phase (the Job containers' entrypoint)")

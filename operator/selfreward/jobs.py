@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Optional
 
+from . import distributed
 from .layout import Step
 from .spec import GenerationSpec, JudgeSpec, PhaseResources, RunSpec, SpecError, reserved_env
 
@@ -43,6 +44,7 @@ LABEL_PHASE = "selfreward.dev/phase"
 LABEL_ATTEMPT = "selfreward.dev/attempt"
 LABEL_JOB = "selfreward.dev/job"
 LABEL_ROLE = "selfreward.dev/role"  # "step" or "cleanup"
+LABEL_RANKS = "selfreward.dev/ranks"  # "true" on the pods of a multi-node step (the headless Service selects them)
 ANN_RUN_NAME = "selfreward.dev/run-name"
 ANN_GENERATION = "selfreward.dev/spec-generation"
 ANN_SUSPENDED = "selfreward.dev/suspended-by-operator"
@@ -57,8 +59,10 @@ MAX_OBJECT_NAME = 253  # a DNS subdomain: the run's own name, an Event's
 
 
 def _max_shards() -> int:
-    """The most completions (pods) an Indexed Job of a run can have: the spec's bound."""
-    bounds = [m.le for f in (GenerationSpec.model_fields["shards"], JudgeSpec.model_fields["shards"])
+    """The most completions (pods) an Indexed Job of a run can have: the spec's bounds on
+    shards and on training nodes."""
+    bounds = [m.le for f in (GenerationSpec.model_fields["shards"], JudgeSpec.model_fields["shards"],
+                             PhaseResources.model_fields["nodes"])
               for m in f.metadata if getattr(m, "le", None) is not None]
     return max(bounds)
 
@@ -83,6 +87,7 @@ class Settings:
     unschedulable_grace_seconds: float = 900.0  # a pod that cannot be scheduled fails the attempt after this
     run_as_user: int = 1000
     scratch_gib: int = 20  # the scratch size without model.sizeGiB, and the least with it
+    rendezvous_port: int = distributed.RENDEZVOUS_PORT  # rank 0's TCP store in multi-node training pods
 
 
 # --- names and labels ---------------------------------------------------------------
@@ -125,6 +130,23 @@ def job_name(run_name: str, step: Step, attempt: int = 1) -> str:
     back from the Job's labels (job_step_of), never parsed from the name."""
     suffix = job_suffix(step, attempt)
     return _dns_label(run_name, MAX_JOB_NAME - len(suffix)) + suffix
+
+
+def step_nodes(spec: RunSpec, step: Step) -> int:
+    """Pods that train together in this step (1 unless training.distributed and nodes say more)."""
+    return spec.training_world(step.phase)[0] if distributed.launches(spec, step.phase) else 1
+
+
+def service_name(run_name: str) -> str:
+    """The run's headless Service for multi-node rendezvous (a DNS-1035 label: it starts
+    with a letter whatever the run is called)."""
+    return "ranks-" + _dns_label(run_name, MAX_NAME - len("ranks-"))
+
+
+def master_address(run_meta: dict, job: str) -> str:
+    """Pod 0's stable DNS name: hostname <job>-0 (the Indexed Job's pod hostnames) under
+    the Service's subdomain."""
+    return f"{job}-0.{service_name(run_meta['name'])}.{run_meta.get('namespace') or 'default'}.svc"
 
 
 def cleanup_job_name(run_name: str) -> str:
@@ -438,6 +460,7 @@ def build_job(run_meta: dict, spec: RunSpec, step: Step, attempt: int, settings:
     settings = settings or Settings()
     run_name = run_meta["name"]
     name = job_name(run_name, step, attempt)
+    nodes = step_nodes(spec, step)
     labels = base_labels(run_name)
     labels.update({
         LABEL_ITERATION: str(step.iteration),
@@ -451,14 +474,62 @@ def build_job(run_meta: dict, spec: RunSpec, step: Step, attempt: int, settings:
     command = ["selfreward", "worker", step.phase, "--iteration", str(step.iteration), "--spec", SPEC_FILE]
     if step.sharded:
         command += ["--num-shards", str(step.shards)]
+    if distributed.launches(spec, step.phase):
+        command = distributed.torchrun_command(spec, step.phase, command[1:], settings.rendezvous_port)
     env = [
         {"name": "SELFREWARD_RUN", "value": run_name},
         {"name": "SELFREWARD_ITERATION", "value": str(step.iteration)},
         {"name": "SELFREWARD_PHASE", "value": step.phase},
     ]
-    return _job_shell(run_meta, spec, name, labels, annotations, command, env, step.phase, settings,
-                      completions=step.shards if step.sharded else 1,
-                      backoff_limit=spec.retry.podBackoffLimit)
+    if nodes > 1:
+        env.append({"name": distributed.MASTER_ADDR_ENV, "value": master_address(run_meta, name)})
+    job = _job_shell(run_meta, spec, name, labels, annotations, command, env, step.phase, settings,
+                     completions=step.shards if step.sharded else nodes,
+                     backoff_limit=spec.retry.podBackoffLimit)
+    if nodes > 1:
+        _gang(job, run_name)
+    return job
+
+
+def _gang(job: dict, run_name: str) -> None:
+    """Make an Indexed Job of N pods one training launch: the pods join the run's headless
+    Service (subdomain; the Job controller names each pod's host <job>-<index>), and any
+    rank that fails fails the whole Job at once (its other pods are stopped), so the
+    operator's retry re-creates every rank in a new Job. A disrupted pod is still not
+    counted, but its peers then fail, which fails the Job the same way."""
+    template = job["spec"]["template"]
+    template["metadata"]["labels"][LABEL_RANKS] = "true"
+    template["spec"]["subdomain"] = service_name(run_name)
+    job["spec"]["podFailurePolicy"]["rules"].append(
+        {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "NotIn", "values": [0]}})
+    job["spec"]["backoffLimit"] = 0
+
+
+def build_service(run_meta: dict, settings: Optional[Settings] = None) -> dict:
+    """The run's headless Service: DNS names for the pods of its multi-node steps, ready
+    or not (rank 0 must be reachable before any probe could pass), owned by the run."""
+    settings = settings or Settings()
+    run_name = run_meta["name"]
+    labels = base_labels(run_name)
+    labels[LABEL_ROLE] = "rendezvous"
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": service_name(run_name),
+            "namespace": run_meta.get("namespace"),
+            "labels": labels,
+            "annotations": {ANN_RUN_NAME: run_name},
+            "ownerReferences": [owner_reference(run_meta)],
+        },
+        "spec": {
+            "clusterIP": "None",
+            "selector": {LABEL_RUN: run_label(run_name), LABEL_RANKS: "true"},
+            "publishNotReadyAddresses": True,
+            "ports": [{"name": "rendezvous", "port": settings.rendezvous_port,
+                       "targetPort": settings.rendezvous_port, "protocol": "TCP"}],
+        },
+    }
 
 
 def build_cleanup_job(run_meta: dict, spec: RunSpec, settings: Optional[Settings] = None) -> dict:

@@ -58,6 +58,17 @@ class CreateJob:
 
 
 @dataclass(frozen=True)
+class CreateService:
+    """Create the run's headless Service (a 409 means it is there already: fine)."""
+
+    manifest: dict
+
+    @property
+    def name(self) -> str:
+        return self.manifest["metadata"]["name"]
+
+
+@dataclass(frozen=True)
 class DeleteJob:
     name: str
 
@@ -88,7 +99,7 @@ class SetJobTTL:
     seconds: int
 
 
-Action = Union[CreateJob, DeleteJob, SuspendJob, Event, SetFinalizer, SetJobTTL]
+Action = Union[CreateJob, CreateService, DeleteJob, SuspendJob, Event, SetFinalizer, SetJobTTL]
 
 # A pass that raised is retried after this long, growing with how long the error has
 # lasted (the Stalled condition's age), between these bounds.
@@ -292,6 +303,17 @@ def _progress(spec: RunSpec, done: tuple[int, int]) -> str:
     finished = it if ph == PHASES.index("train") else max(0, it - 1)
     return f"{max(0, min(finished, spec.iterations))}/{spec.iterations}"
 
+
+
+def _create_step_job(p: "_Pass", it_spec: RunSpec, step: Step, attempt: int) -> dict:
+    """Append the actions that create a step's Job; a multi-node step needs the run's
+    headless Service first (its pods' DNS names), created before every such Job rather
+    than observed: creating it again is a harmless 409, and a deleted one comes back."""
+    manifest = J.build_job(p.meta, it_spec, step, attempt, p.settings)
+    if J.step_nodes(it_spec, step) > 1:
+        p.actions.append(CreateService(J.build_service(p.meta, p.settings)))
+    p.actions.append(CreateJob(manifest))
+    return manifest
 
 
 def _working(p, st: RunStatus, where: str, step: Step, queue: Optional[str], note: str = "") -> None:
@@ -526,8 +548,7 @@ def _reconcile(run: dict, status: Any, jobs: list[dict], now: datetime, settings
                     st.message = f"{key} attempt {attempt} failed ({failure.reason}): {failure.message}"[:1000]
                 if now >= retry_at:
                     nxt = attempt + 1
-                    manifest = J.build_job(p.meta, it_spec, step, nxt, settings)
-                    p.actions.append(CreateJob(manifest))
+                    manifest = _create_step_job(p, it_spec, step, nxt)
                     attempts[key] = nxt
                     st.retryAfter = None
                     st.activeJob = manifest["metadata"]["name"]
@@ -554,8 +575,7 @@ def _reconcile(run: dict, status: Any, jobs: list[dict], now: datetime, settings
 
         if job is None:
             n = attempt or 1
-            manifest = J.build_job(p.meta, it_spec, step, n, settings)
-            p.actions.append(CreateJob(manifest))
+            manifest = _create_step_job(p, it_spec, step, n)
             if attempts.get(key, 0) < n:
                 p.event("Normal", "JobCreated", f"{key}: created Job {manifest['metadata']['name']}")
             attempts[key] = n

@@ -24,6 +24,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from .template import template_problem
 
 PHASES = ("sft", "instruct", "generate", "judge", "pairs", "train")
+TRAINING_PHASES = ("sft", "train")  # the phases that may run distributed (resources.<phase>.nodes, gpus > 1)
 
 # Our own wording of the additive 0-5 rubric of Yuan et al. (2024). Its two
 # placeholders, {prompt} and {response}, are filled by selfreward.template (not
@@ -608,7 +609,35 @@ class SFTSpec(_Model):
     )
 
 
-class GenerationSpec(_Model):
+class VLLMSpec(_Model):
+    """vLLM engine settings (read when the phase's backend is vllm). Tensor parallelism is
+    not a setting: it is the GPUs of the phase's pod (resources.<phase>.gpus), so one
+    engine spans them; more pods are more shards (data parallel), not a bigger engine."""
+
+    gpuMemoryUtilization: float = Field(
+        0.9, gt=0.0, le=1.0,
+        description="Fraction of each GPU's memory vLLM may take for weights, activations and KV cache.",
+    )
+    maxModelLen: Optional[int] = Field(
+        None, ge=16, le=1_048_576,
+        description="Longest prompt + completion in tokens (sizes the KV cache); default: the model's context length.",
+    )
+    enforceEager: bool = Field(
+        False, description="Skip CUDA graph capture: faster start-up and less memory, slower decoding."
+    )
+    prefixCaching: bool = Field(
+        True,
+        description="Reuse the KV cache of shared prompt prefixes (judge prompts share the whole rubric).",
+    )
+
+
+class _SamplingPhase(_Model):
+    """Settings that generation and judging share."""
+
+    vllm: VLLMSpec = Field(default_factory=VLLMSpec, description="vLLM engine settings (backend vllm).")
+
+
+class GenerationSpec(_SamplingPhase):
     responsesPerPrompt: int = Field(4, ge=2, le=64, description="Candidate responses per prompt (paper: 4).")
     temperature: float = Field(0.7, ge=0.0, le=5.0)
     topP: float = Field(0.9, gt=0.0, le=1.0)
@@ -618,7 +647,7 @@ class GenerationSpec(_Model):
     shards: int = Field(1, ge=1, le=SHARDS_MAX, description="Indexed Job completions (pods) for generation.")
 
 
-class JudgeSpec(_Model):
+class JudgeSpec(_SamplingPhase):
     samplesPerResponse: int = Field(3, ge=1, le=64, description="Judge verdicts per response, aggregated (paper: 3).")
     aggregation: Literal["mean", "median"] = Field("mean")
     template: Optional[str] = Field(
@@ -677,6 +706,29 @@ class PairsSpec(_Model):
     )
 
 
+class FSDPSpec(_Model):
+    """FSDP2 settings (``training.distributed: fsdp``): torch's ``fully_shard`` through
+    accelerate, one wrapped unit per transformer block."""
+
+    reshardAfterForward: bool = Field(
+        True,
+        description="Free each block's gathered parameters after its forward pass (FULL_SHARD, ZeRO-3-like: "
+        "least memory). false keeps them until backward (SHARD_GRAD_OP, ZeRO-2-like: one all-gather fewer "
+        "per step, the full parameters of every block held once).",
+    )
+    cpuOffload: bool = Field(
+        False,
+        description="Keep parameter shards, gradients and optimizer state in host memory and run the optimizer "
+        "step on the CPU: fits a model several times larger than GPU memory, at a large cost in speed; "
+        "size resources.<phase>.memory for it (docs/sizing.md).",
+    )
+    activationCheckpointing: bool = Field(
+        False,
+        description="Recompute each block's activations in backward instead of keeping them (FSDP's own "
+        "checkpointing; use this, not training.gradientCheckpointing, with fsdp).",
+    )
+
+
 class TrainingSpec(_Model):
     beta: float = Field(0.1, gt=0.0, le=100.0, description="DPO beta.")
     learningRate: float = Field(1e-6, gt=0.0, le=1.0)
@@ -719,6 +771,15 @@ class TrainingSpec(_Model):
     checkpointing: CheckpointingSpec = Field(
         default_factory=CheckpointingSpec, description="Intermediate checkpoints of the train phase (preemption)."
     )
+    distributed: Literal["none", "fsdp", "deepspeed"] = Field(
+        "none",
+        description="How the sft and train phases use more than one GPU or node. none: one process "
+        "(resources.<phase>.gpus and nodes at most 1). fsdp: torchrun starts one process per GPU of every "
+        "pod (resources.<phase>.gpus x nodes processes; one per pod on CPU) and the model is sharded with "
+        "FSDP2; batchSize stays per process, so the global batch is batchSize x processes x "
+        "gradientAccumulation. deepspeed: refused, DeepSpeed is not in the worker image; use fsdp.",
+    )
+    fsdp: FSDPSpec = Field(default_factory=FSDPSpec, description="FSDP settings; read when distributed is fsdp.")
 
 
 class StorageSpec(_Model):
@@ -854,6 +915,11 @@ class PhaseResources(_Model):
     """Pod settings of one phase's Jobs. Unset fields fall back to ``resources.default``."""
 
     gpus: Optional[int] = Field(None, ge=0, le=64, description="GPUs per pod.")
+    nodes: Optional[int] = Field(
+        None, ge=1, le=512,
+        description="Pods that train together (sft and train only; needs training.distributed fsdp): an Indexed "
+        "Job of this many pods plus a headless Service for the rendezvous; default 1.",
+    )
     gpuResourceName: Optional[ExtendedResourceName] = Field(None, description="Extended resource name; default nvidia.com/gpu.")
     cpu: Optional[str] = Field(None, pattern=QUANTITY_RE)
     memory: Optional[str] = Field(None, pattern=QUANTITY_RE)
@@ -939,17 +1005,41 @@ class RunSpec(_Model):
     ttlSecondsAfterFinished: Optional[int] = Field(86400, ge=0, le=INT32_MAX)
 
     @model_validator(mode="after")
-    def _one_gpu_for_training(self) -> "RunSpec":
-        # The sft and train phases run one training process per pod (no distributed
-        # launcher), and one process drives one GPU: refuse more at load time rather
-        # than in a pod that has already been scheduled on a multi-GPU node.
-        for phase in ("sft", "train"):
-            gpus = self.resources.for_phase(phase).gpus
-            if gpus is not None and gpus > 1:
-                raise ValueError(
-                    f"resources.{phase}.gpus is {gpus} (or inherited from resources.default): the {phase} phase "
-                    "trains in one process on one GPU; set resources.train.gpus (and resources.sft.gpus) to 1"
+    def _training_topology(self) -> "RunSpec":
+        # Only combinations that can run are accepted, each refusal naming the field to
+        # change; only the phases this run has are checked (no sft phase without spec.sft).
+        for phase in TRAINING_PHASES:
+            if phase == "sft" and not self.sft_enabled:
+                continue
+            own = getattr(self.resources, phase)
+            res = self.resources.for_phase(phase)
+            gpus, nodes = res.gpus or 0, res.nodes or 1
+            if self.training.distributed == "none" and (gpus > 1 or nodes > 1):
+                where = (f"resources.{phase}.gpus" if gpus > 1 and own is not None and own.gpus is not None
+                         else "resources.default.gpus" if gpus > 1
+                         else f"resources.{phase}.nodes")
+                value = gpus if gpus > 1 else nodes
+                raise FieldError(where,
+                    f"{where} is {value} for the {phase} phase but training.distributed is none (one process): "
+                    f"set training.distributed to fsdp, or resources.{phase}.gpus and nodes to 1"
                 )
+        for phase in ("default",) + tuple(p for p in PHASES if p not in TRAINING_PHASES):
+            res = getattr(self.resources, phase)
+            if res is not None and (res.nodes or 1) > 1:
+                raise FieldError(f"resources.{phase}.nodes",
+                    f"resources.{phase}.nodes is {res.nodes}: only the sft and train phases run across nodes "
+                    "(generation and judging scale with shards); set nodes on resources.train / resources.sft"
+                )
+        if self.training.distributed == "deepspeed":
+            raise FieldError("training.distributed",
+                "training.distributed deepspeed is not supported: DeepSpeed is not in the worker image; use "
+                "fsdp (training.fsdp.reshardAfterForward true shards like ZeRO-3)"
+            )
+        if self.training.distributed == "fsdp" and self.training.gradientCheckpointing:
+            raise FieldError("training.gradientCheckpointing",
+                "training.gradientCheckpointing with training.distributed fsdp: use "
+                "training.fsdp.activationCheckpointing (FSDP's own checkpointing) instead"
+            )
         return self
 
     @model_validator(mode="after")
@@ -975,6 +1065,14 @@ class RunSpec(_Model):
                                  "(prompts.perIteration, plus prompts.selfInstruct.count when on): a shard would "
                                  "have nothing to do")
         return self
+
+    def training_world(self, phase: str) -> tuple[int, int]:
+        """(nodes, processes per node) of a training phase: one process per GPU of a pod
+        (one on CPU) with training.distributed fsdp, else one process."""
+        if self.training.distributed == "none":
+            return 1, 1
+        res = self.resources.for_phase(phase)
+        return res.nodes or 1, max(1, res.gpus or 0)
 
     # --- derived facts used by planning ---
     @property

@@ -52,6 +52,7 @@ DPO_METRICS = {
 }
 SFT_METRICS = {"loss": "trainLoss", "mean_token_accuracy": "meanTokenAccuracy"}
 LAST_LOGS = 10  # the summary's loss/reward figures average this many last logged steps
+LOSS_CURVE_POINTS = 256  # the summary's lossCurve keeps at most this many points
 
 
 class TrainingError(PhaseError):
@@ -70,9 +71,10 @@ def use_bf16(setting: Optional[bool]) -> bool:
 
 
 def check_devices() -> None:
-    """One training process drives one GPU. Several visible GPUs without a distributed
-    launcher would make transformers wrap the model in DataParallel, which TRL refuses;
-    say what to change instead of failing deep inside the trainer."""
+    """Without training.distributed one training process drives one GPU. Several visible
+    GPUs without the launcher would make transformers wrap the model in DataParallel,
+    which TRL refuses; say what to change instead of failing deep inside the trainer.
+    Under torchrun (WORLD_SIZE/LOCAL_RANK set) each process has its own GPU."""
     import torch
 
     if models.device() != "cuda" or os.environ.get("WORLD_SIZE") or os.environ.get("LOCAL_RANK"):
@@ -80,8 +82,9 @@ def check_devices() -> None:
     n = torch.cuda.device_count()
     if n > 1:
         raise TrainingError(
-            f"{n} GPUs are visible to one training process; the sft/train phases use one GPU per pod. "
-            "Set resources.sft.gpus / resources.train.gpus to 1 (or CUDA_VISIBLE_DEVICES to one device)."
+            f"{n} GPUs are visible to one training process (training.distributed is none). Set "
+            "training.distributed to fsdp to train on all of them, or resources.sft.gpus / resources.train.gpus "
+            "to 1 (or CUDA_VISIBLE_DEVICES to one device)."
         )
 
 
@@ -174,15 +177,16 @@ def check_lora_targets(model, spec: RunSpec) -> None:
 
 # --- batch shape ---
 
-def fit_batch(examples: int, batch_size: int, accumulation: int) -> tuple[int, int]:
+def fit_batch(examples: int, batch_size: int, accumulation: int, processes: int = 1) -> tuple[int, int]:
     """(per-device batch, accumulation) that give at least one full optimizer step.
 
-    With fewer examples than the batch, the batch shrinks to the examples; the
-    accumulation shrinks to the number of full batches the data holds."""
+    An optimizer step takes batch x processes x accumulation examples. With fewer
+    examples than that, the batch shrinks to each process's share of the examples; the
+    accumulation shrinks to the number of full global batches the data holds."""
     if examples < 1:
         raise TrainingError("no training examples")
-    bs = min(batch_size, examples)
-    ga = max(1, min(accumulation, examples // bs))
+    bs = max(1, min(batch_size, examples // max(1, processes)))
+    ga = max(1, min(accumulation, examples // (bs * max(1, processes))))
     return bs, ga
 
 
@@ -198,8 +202,11 @@ def common_args(
     bf16: bool,
     gradient_checkpointing: bool,
     seed: int,
+    fsdp: Any = None,
 ) -> dict:
-    """TrainingArguments shared by the SFT and DPO configs."""
+    """TrainingArguments shared by the SFT and DPO configs. ``fsdp`` (a spec.FSDPSpec,
+    for training.distributed fsdp) turns on FSDP2 through accelerate: one wrapped unit
+    per transformer block (the model's _no_split_modules), a full state dict to save."""
     from transformers import TrainingArguments
 
     # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing (the
@@ -229,7 +236,24 @@ def common_args(
         dataloader_num_workers=0,
         dataloader_drop_last=False,
         **{checkpointing: gradient_checkpointing},
+        **_fsdp_args(fsdp),
     )
+
+
+def _fsdp_args(fsdp: Any) -> dict:
+    if fsdp is None:
+        return {}
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "reshard_after_forward": fsdp.reshardAfterForward,
+            "cpu_offload": fsdp.cpuOffload,
+            "activation_checkpointing": fsdp.activationCheckpointing,
+            "state_dict_type": "FULL_STATE_DICT",
+        },
+    }
 
 
 # --- data ---
@@ -300,6 +324,8 @@ def progress_callback(report: Callable[..., None]):
                 if key in logs:
                     figures[name] = float(logs[key])
             report(**figures)
+            if not state.is_world_process_zero:
+                return  # one line per step per launch
             every = max(1, state.max_steps // 10)
             if state.global_step % every == 0 or state.global_step == state.max_steps:
                 extra = "".join(f" {k}={v:.4g}" for k, v in figures.items() if k not in ("step", "totalSteps"))
@@ -342,7 +368,8 @@ def train_figures(trainer, result, examples: int, seconds: float) -> dict:
     metrics = dict(result.metrics or {})
     args = trainer.args
     steps = int(trainer.state.global_step)
-    samples = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
+    processes = max(1, int(getattr(args, "world_size", 1) or 1))
+    samples = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * processes
     if args.max_steps is None or args.max_steps <= 0:  # epochs bound the data seen; the last batch may be short
         samples = min(samples, examples * args.num_train_epochs)
     out = {
@@ -350,6 +377,9 @@ def train_figures(trainer, result, examples: int, seconds: float) -> dict:
         "samplesSeen": int(samples),
         "trainSeconds": round(seconds, 3),
         "samplesPerSecond": round(samples / max(seconds, 1e-9), 3),
+        "processes": processes,
+        "parallelism": parallelism(trainer),
+        "lossCurve": loss_curve(trainer.state.log_history),
     }
     if "train_loss" in metrics:
         out["finalTrainLoss"] = round(float(metrics["train_loss"]), 6)
@@ -357,6 +387,31 @@ def train_figures(trainer, result, examples: int, seconds: float) -> dict:
     if tokens:
         out["tokensPerSecond"] = round(float(tokens[-1]) / max(seconds, 1e-9), 1)
     return out
+
+
+def parallelism(trainer) -> str:
+    """How accelerate ran the processes: "fsdp2" (sharded), "ddp" (data parallel: several
+    processes on CPUs, where accelerate offers no FSDP), or "single"."""
+    accelerator = getattr(trainer, "accelerator", None)
+    if accelerator is None:
+        return "single"
+    if getattr(accelerator, "is_fsdp2", False):
+        return "fsdp2"
+    return "ddp" if accelerator.num_processes > 1 else "single"
+
+
+def loss_curve(log_history: list[dict], limit: int = LOSS_CURVE_POINTS) -> list[float]:
+    """The logged training loss per step (the mean over all processes), thinned to at
+    most ``limit`` evenly spaced points (always keeping the last) for long runs."""
+    losses = [round(float(h["loss"]), 6) for h in log_history
+              if "loss" in h and "train_runtime" not in h and math.isfinite(float(h["loss"]))]
+    if len(losses) <= limit:
+        return losses
+    every = math.ceil(len(losses) / limit)
+    thinned = losses[::every]
+    if (len(losses) - 1) % every:
+        thinned.append(losses[-1])
+    return thinned
 
 
 # --- saving ---
@@ -433,6 +488,55 @@ def commit_adapter(model, store: Store, rel: str, metadata: dict) -> Optional[di
         return checkpoint.commit(tmp, store, rel, metadata)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def trained_model(trainer, rebuild: Callable[[], Any]):
+    """The trained model to save, on rank 0; None on the other ranks.
+
+    Under FSDP2 the parameters are sharded DTensors: every rank takes part in gathering
+    the full state dict, and rank 0 loads it into a fresh copy of the start model
+    (``rebuild()``, with the LoRA adapter when training.mode is lora) on the CPU, so the
+    usual merge-and-save path works on plain tensors. Otherwise (one process, or data
+    parallel on CPUs) every rank holds the whole model and rank 0 uses it as it is."""
+    from . import distributed
+
+    accelerator = trainer.accelerator
+    if getattr(accelerator, "is_fsdp2", False):
+        state = accelerator.get_state_dict(trainer.model)  # a collective: every rank calls it
+        if not distributed.is_main():
+            return None
+        model = rebuild()
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if "lora_" not in k]:
+            raise TrainingError(f"the gathered FSDP state does not fit the model: missing {missing[:5]}, "
+                                f"unexpected {unexpected[:5]}")
+        return model
+    return trainer.model if distributed.is_main() else None
+
+
+def rebuild_for_save(path: str, dtype, spec: RunSpec) -> Callable[[], Any]:
+    """A fresh copy of the start model shaped like the trained one (for trained_model)."""
+    def rebuild():
+        model = load_model(path, dtype, trust_remote_code=spec.model.trustRemoteCode)
+        if spec.training.mode == "lora":
+            from peft import get_peft_model
+
+            model = get_peft_model(model, lora_config(spec))
+        return model
+
+    return rebuild
+
+
+def fsdp_settings(spec: RunSpec):
+    """spec.training.fsdp when the phase trains with FSDP, else None (for common_args)."""
+    return spec.training.fsdp if spec.training.distributed == "fsdp" else None
+
+
+def processes() -> int:
+    """Training processes of this launch (WORLD_SIZE under torchrun, else 1)."""
+    from . import distributed
+
+    return distributed.world_size()
 
 
 def free_memory() -> None:

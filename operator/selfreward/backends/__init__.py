@@ -7,6 +7,7 @@ installed. On a GPU, ``SELFREWARD_CONTINUOUS_BATCHING=1`` (or the name
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 from .base import BackendError, Completion, GenerationBackend, chat_format, derive_seed
 
@@ -14,9 +15,12 @@ NAMES = ("transformers", "transformers-cb", "vllm")
 
 
 def make_backend(name: str, model_dir: str, dtype: str = "auto", batch_size: int = 16, *,
-                 trust_remote_code: bool = False) -> GenerationBackend:
+                 trust_remote_code: bool = False, vllm_settings=None,
+                 gpus: Optional[int] = None) -> GenerationBackend:
     """Build the backend named ``name`` over the model in ``model_dir``. trust_remote_code
-    (spec.model.trustRemoteCode) is off unless a caller passes it on."""
+    (spec.model.trustRemoteCode) is off unless a caller passes it on. ``gpus`` (the
+    pod's, resources.<phase>.gpus) is vLLM's tensor parallelism; ``vllm_settings`` a
+    spec.VLLMSpec. The transformers backend spreads a model over every visible GPU."""
     if name == "transformers":
         from .hf import TransformersBackend
 
@@ -31,7 +35,8 @@ def make_backend(name: str, model_dir: str, dtype: str = "auto", batch_size: int
     if name == "vllm":
         from .vllm import VLLMBackend
 
-        return VLLMBackend(model_dir, dtype=dtype, batch_size=batch_size, trust_remote_code=trust_remote_code)
+        return VLLMBackend(model_dir, dtype=dtype, batch_size=batch_size, trust_remote_code=trust_remote_code,
+                           settings=vllm_settings, gpus=gpus)
     raise BackendError(f"unknown generation backend {name!r}; expected one of {', '.join(NAMES)}")
 
 

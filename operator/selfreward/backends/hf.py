@@ -22,6 +22,15 @@ from .base import BackendError, Completion, GenerationBackend
 _CB_KEY = re.compile(r"^req_(\d+)(?:__child#(\d+))?$")
 
 
+def device_map(device: str, visible_gpus: int) -> str:
+    """The from_pretrained device_map: "auto" (layers spread over the GPUs, placed by
+    accelerate to fit) when the pod has several GPUs, else the one device. Inputs go to
+    ``device`` ("cuda" = cuda:0, where "auto" puts the embeddings)."""
+    if device == "cuda" and visible_gpus > 1:
+        return "auto"
+    return device
+
+
 class TransformersBackend(GenerationBackend):
     name = "transformers"
 
@@ -48,9 +57,11 @@ class TransformersBackend(GenerationBackend):
         if continuous:
             self.name = "transformers-cb"
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        # device_map loads the weights straight onto the device (no full copy in host memory)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=models.torch_dtype(dtype),
-                                                          device_map=self.device, trust_remote_code=trust_remote_code)
+        # device_map loads the weights straight onto the device (no full copy in host memory);
+        # with several GPUs in the pod, "auto" spreads the layers over all of them
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=models.torch_dtype(dtype), trust_remote_code=trust_remote_code,
+            device_map=device_map(self.device, torch.cuda.device_count() if torch.cuda.is_available() else 0))
         self.model.eval()
 
         gen_cfg = self.model.generation_config

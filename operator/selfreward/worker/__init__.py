@@ -14,7 +14,7 @@ import time
 import traceback
 from typing import Any, Callable, Optional
 
-from .. import layout, provenance
+from .. import distributed, layout, provenance
 from ..spec import PHASES, RunSpec
 from ..storage import Store
 from .common import (PhaseContext, PhaseError, aggregate, log, progress_file, resolve_shard, shard_summaries,
@@ -107,7 +107,8 @@ def run_phase(
     summary.setdefault("durationSeconds", round(time.time() - t0, 3))
     summary.setdefault("runtime", provenance.runtime())  # the image and versions it ran with
     summary.update({"phase": phase, "iteration": iteration})
-    store.write_json(layout.summary_path(iteration, phase), summary)  # the phase's commit marker
+    if distributed.is_main():  # one summary per launch: rank 0's (selfreward.distributed)
+        store.write_json(layout.summary_path(iteration, phase), summary)  # the phase's commit marker
     return summary
 
 
@@ -120,10 +121,14 @@ def main_phase(spec: RunSpec, phase: str, iteration: int, shard: Optional[int], 
     write the termination message, map failures to exit codes."""
     from ..ownership import OwnershipError, claim
 
-    if progress is None:  # live progress for a PodMonitor when $SELFREWARD_PROGRESS_PORT is set (not 0)
+    main = distributed.is_main()  # under torchrun, rank 0 reports for the whole launch
+    if progress is None and main:  # live progress for a PodMonitor when $SELFREWARD_PROGRESS_PORT is set (not 0)
         from .progress import progress_from_env
         progress = progress_from_env()
-    progress = progress_file(os.environ.get("SELFREWARD_PROGRESS_FILE", ""), progress)  # for `selfreward run`
+    if main:
+        progress = progress_file(os.environ.get("SELFREWARD_PROGRESS_FILE", ""), progress)  # for `selfreward run`
+    else:
+        progress = None
     try:
         if owner is not None:
             claim(Store.for_spec(spec), owner)
@@ -138,5 +143,6 @@ def main_phase(spec: RunSpec, phase: str, iteration: int, shard: Optional[int], 
         traceback.print_exc()
         write_termination_log({"error": msg[:1500], "phase": phase, "iteration": iteration}, termination_log)
         return 1
-    write_termination_log(summary, termination_log)
+    if main:
+        write_termination_log(summary, termination_log)
     return 0

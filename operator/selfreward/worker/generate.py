@@ -35,7 +35,8 @@ def run(ctx: PhaseContext) -> dict:
         parts = BatchParts(ctx.store, ctx.shard_data, f"iter-{ctx.iteration}/generate shard {ctx.shard}")
         done = parts.load([[p["promptId"] for p in batch] for batch in batches])
         with make_backend(gen.backend, model_dir, spec.model.dtype, gen.batchSize,
-                          trust_remote_code=spec.model.trustRemoteCode) as backend:
+                          trust_remote_code=spec.model.trustRemoteCode, vllm_settings=gen.vllm,
+                          gpus=spec.resources.for_phase("generate").gpus) as backend:
             backend_name = backend.name
             t0 = time.perf_counter()
             for b, batch in enumerate(batches):

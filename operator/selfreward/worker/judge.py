@@ -87,7 +87,8 @@ def run(ctx: PhaseContext) -> dict:
         parts = BatchParts(ctx.store, ctx.shard_data, f"iter-{ctx.iteration}/judge shard {ctx.shard}")
         done = parts.load([[[records[r]["promptId"], j] for r, j in batch] for batch in batches])
         with make_backend(judge.backend, model_dir, spec.model.dtype, judge.batchSize,
-                          trust_remote_code=spec.model.trustRemoteCode) as backend:
+                          trust_remote_code=spec.model.trustRemoteCode, vllm_settings=judge.vllm,
+                          gpus=spec.resources.for_phase("judge").gpus) as backend:
             backend_name = backend.name
             t0 = time.perf_counter()
             for b, batch in enumerate(batches):

@@ -14,7 +14,7 @@ seed) come from ``spec.training``.
 from __future__ import annotations
 
 
-from .. import layout, models, resume, training
+from .. import distributed, layout, models, resume, training
 from ..storage import StorageError, read_uri_jsonl
 from .common import PhaseContext, PhaseError, log
 
@@ -63,7 +63,8 @@ def run(ctx: PhaseContext) -> dict:
     except training.TrainingError as e:
         raise PhaseError(f"sft: {e}") from None
 
-    bs, ga = training.fit_batch(len(rows), sft.batchSize, sft.gradientAccumulation)
+    world = training.processes()
+    bs, ga = training.fit_batch(len(rows), sft.batchSize, sft.gradientAccumulation, world)
     bf16 = training.use_bf16(tr.bf16)
     dtype = training.load_dtype(spec)
     save_dtype = training.checkpoint_dtype(spec, base_path)  # before loading: loading rewrites config.dtype
@@ -75,7 +76,7 @@ def run(ctx: PhaseContext) -> dict:
             **training.common_args(
                 output_dir=scratch, learning_rate=sft.learningRate, epochs=sft.epochs, batch_size=bs, accumulation=ga,
                 max_length=sft.maxLength, max_steps=sft.maxSteps, bf16=bf16,
-                gradient_checkpointing=tr.gradientCheckpointing, seed=tr.seed,
+                gradient_checkpointing=tr.gradientCheckpointing, seed=tr.seed, fsdp=training.fsdp_settings(spec),
             ),
             completion_only_loss=True,
             shuffle_dataset=True,
@@ -98,7 +99,7 @@ def run(ctx: PhaseContext) -> dict:
         kept = training.kept_examples(trainer, len(rows), "iter-0/sft", "example", "sft.maxLength", sft.maxLength)
         log(f"iter-0/sft: {len(ift)} instruction + {len(eft)} judge examples ({tr.mode}, bf16={bf16}, "
             f"weights {str(dtype).removeprefix('torch.')}, saved as {str(save_dtype).removeprefix('torch.')}, "
-            f"device={models.device()})")
+            f"device={models.device()}, processes={world})")
         result, seconds = training.timed(lambda: saves.train(trainer))
 
     summary = {
@@ -127,11 +128,15 @@ def run(ctx: PhaseContext) -> dict:
         "judgeData": sft.judgeDataUri,
         "mode": tr.mode,
     }
-    trained = trainer.model
+    # rank 0 commits, the others wait for it (selfreward.distributed)
+    trained = training.trained_model(trainer, training.rebuild_for_save(base_path, dtype, spec))
     del trainer, model
-    training.commit_adapter(trained, store, layout.adapter_dir(out_rel), metadata)  # lora: for export --adapter
-    summary = training.commit_model(trained, tokenizer, store, out_rel, save_dtype, metadata, summary)
-    saves.clear()  # the final checkpoint has committed: nothing is left to resume
+    if trained is not None:  # rank 0 commits; the other ranks have taken part in gathering
+        training.commit_adapter(trained, store, layout.adapter_dir(out_rel), metadata)  # lora: for export --adapter
+        summary = training.commit_model(trained, tokenizer, store, out_rel, save_dtype, metadata, summary)
+        log(f"iter-0/sft: committed {store.url(out_rel)} (rank {distributed.rank()} of {world})")
+        saves.clear()  # the final checkpoint has committed: nothing is left to resume
     del trained
+    distributed.barrier()
     training.free_memory()
     return summary

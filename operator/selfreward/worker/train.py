@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 
-from .. import layout, models, resume, training
+from .. import distributed, layout, models, resume, training
 from ..checkpoint import CheckpointError
 from .common import PhaseContext, PhaseError, log
 
@@ -102,10 +102,11 @@ def run(ctx: PhaseContext) -> dict:
     from datasets import Dataset
 
     dataset = Dataset.from_list(rows)
-    bs, ga = training.fit_batch(len(rows), tr.batchSize, tr.gradientAccumulation)
+    world = training.processes()
+    bs, ga = training.fit_batch(len(rows), tr.batchSize, tr.gradientAccumulation, world)
     if (bs, ga) != (tr.batchSize, tr.gradientAccumulation):
-        log(f"iter-{t}/train: {len(rows)} pairs < batch {tr.batchSize}x{tr.gradientAccumulation}; "
-            f"training with batch {bs}x{ga}")
+        log(f"iter-{t}/train: {len(rows)} pairs < batch {tr.batchSize}x{world}x{tr.gradientAccumulation}; "
+            f"training with batch {bs}x{world}x{ga}")
     bf16 = training.use_bf16(tr.bf16)
     dtype = training.load_dtype(spec)
     save_dtype = training.checkpoint_dtype(spec, policy_path)  # before loading: loading rewrites config.dtype
@@ -117,7 +118,7 @@ def run(ctx: PhaseContext) -> dict:
             **training.common_args(
                 output_dir=scratch, learning_rate=tr.learningRate, epochs=tr.epochs, batch_size=bs, accumulation=ga,
                 max_length=tr.maxLength, max_steps=tr.maxSteps, bf16=bf16,
-                gradient_checkpointing=tr.gradientCheckpointing, seed=tr.seed,
+                gradient_checkpointing=tr.gradientCheckpointing, seed=tr.seed, fsdp=training.fsdp_settings(spec),
             ),
             beta=tr.beta,
             loss_type=[tr.lossType],
@@ -154,7 +155,7 @@ def run(ctx: PhaseContext) -> dict:
         kept = training.kept_examples(trainer, len(rows), f"iter-{t}/train", "pair", "training.maxLength", tr.maxLength)
         log(f"iter-{t}/train: DPO on {kept} pairs ({'lora' if peft_config else 'full'}, reference={tr.reference}, "
             f"bf16={bf16}, weights {str(dtype).removeprefix('torch.')}, saved as "
-            f"{str(save_dtype).removeprefix('torch.')}, device={models.device()})")
+            f"{str(save_dtype).removeprefix('torch.')}, device={models.device()}, processes={world})")
         result, seconds = training.timed(lambda: saves.train(trainer))
 
     summary = {
@@ -187,11 +188,15 @@ def run(ctx: PhaseContext) -> dict:
         "referenceModel": (layout.reference_checkpoint(spec, t) or spec.model.uri),
         "mode": tr.mode,
     }
-    model = trainer.model
+    # rank 0 commits, the others wait for it (selfreward.distributed)
+    model = training.trained_model(trainer, training.rebuild_for_save(policy_path, dtype, spec))
     del trainer, policy, ref
-    training.commit_adapter(model, store, layout.adapter_dir(out_rel), metadata)  # lora: for export --adapter
-    summary = training.commit_model(model, tokenizer, store, out_rel, save_dtype, metadata, summary)
-    saves.clear()  # the final checkpoint has committed: nothing is left to resume
+    if model is not None:  # rank 0 commits; the other ranks have taken part in gathering
+        training.commit_adapter(model, store, layout.adapter_dir(out_rel), metadata)  # lora: for export --adapter
+        summary = training.commit_model(model, tokenizer, store, out_rel, save_dtype, metadata, summary)
+        log(f"iter-{t}/train: committed {store.url(out_rel)} (rank {distributed.rank()} of {world})")
+        saves.clear()  # the final checkpoint has committed: nothing is left to resume
     del model
+    distributed.barrier()
     training.free_memory()
     return summary
