@@ -42,17 +42,19 @@ crd: $(STAMP_RUN)
 bench: $(STAMP_TEST)
 	$(BIN)/python bench/pipeline.py
 
-# One device, no downloads, <= 8 minutes on an H100/H200: a random 1.2B Llama stored in bf16
-# through generate, judge, DPO and a checkpoint commit; exits non-zero on a wrong dtype or
-# no learning. DEVICE=cpu runs the same script with a small shape (tests/test_gpu_check.py).
+# One prepared check for a GPU machine, no downloads: a random 1.2B Llama stored in bf16
+# through generate, judge, DPO and a checkpoint commit (exits non-zero on a wrong dtype or
+# no learning), then the training launcher: torchrun + FSDP2 on NCCL (2 processes with 2+
+# GPUs, else 1) against one process. DEVICE=cpu runs both with small shapes on the CPU
+# (gloo for the launcher); tests/test_gpu_check.py runs the first.
 DEVICE ?= cuda
 gpu-check: $(STAMP_RUN)
 	$(BIN)/python -P bench/gpu_check.py --device $(DEVICE)
+	$(BIN)/python -P bench/gpu_check_distributed.py $(if $(filter cpu,$(DEVICE)),--cpu,)
 
-# On a GPU machine: torchrun + FSDP2 on NCCL (2 processes with 2+ GPUs, else 1) against
-# one process; prints "no CUDA GPU" and exits 0 elsewhere. 
-gpu-check-distributed: $(STAMP_TEST)
-	$(BIN)/python bench/gpu_check_distributed.py
+# The launcher check alone.
+gpu-check-distributed: $(STAMP_RUN)
+	$(BIN)/python -P bench/gpu_check_distributed.py $(if $(filter cpu,$(DEVICE)),--cpu,)
 
 clean:
 	rm -rf .quickstart
