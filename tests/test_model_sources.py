@@ -89,8 +89,10 @@ def quick_spec(model_uri: str, storage: str, prompts: Path, **model_over) -> obj
         "prompts": {"uri": str(prompts)},
         "iterations": 1,
         "storage": {"uri": storage},
-        "generation": {"responsesPerPrompt": 3, "maxNewTokens": 8, "batchSize": 8},
-        "judge": {"samplesPerResponse": 2, "maxNewTokens": 16, "batchSize": 16,
+        # the tiny model ends an answer now and then (make_tiny_model's eos_boost): verdicts
+        # long enough to hold a digit, and enough of them, so that pairs form
+        "generation": {"responsesPerPrompt": 4, "maxNewTokens": 8, "batchSize": 8},
+        "judge": {"samplesPerResponse": 3, "maxNewTokens": 40, "batchSize": 16,
                   "scorePattern": r"([0-9])", "minScore": 0, "maxScore": 9},
         "training": {"maxSteps": 1, "batchSize": 2, "maxLength": 96},
         "seed": 3,
@@ -342,7 +344,7 @@ def test_trust_remote_code_is_off_by_default_and_reaches_every_phase(cache, tmp_
     # on: generate and train (policy, tokenizer, and the reference TRL loads itself) load it;
     # one call without the flag would fail here
     spec = quick_spec(str(model), f"file://{tmp_path}/on", tmp_path / "prompts.jsonl", trustRemoteCode=True)
-    assert run_phase(spec, "generate", 1)["responses"] == 12
+    assert run_phase(spec, "generate", 1)["responses"] == 16
     store = Store.for_spec(spec)
     store.write_jsonl(pairs_path(1), [{"prompt": p, "chosen": "A fine answer.", "rejected": "No.",
                                        "chosenScore": 4.0, "rejectedScore": 1.0} for p in PROMPTS])
