@@ -60,7 +60,9 @@ def _free_ports(n: int) -> list[int]:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-            if port + 10000 < 65536 and _port_free(port + 10000) and port not in ports:
+            # weed refuses a port that is another service's +10000 (its gRPC port)
+            taken = set(ports) | {p + 10000 for p in ports} | {p - 10000 for p in ports}
+            if port + 10000 < 65536 and _port_free(port + 10000) and port not in taken:
                 ports.append(port)
                 socks.append(s)  # held until all are chosen, so none repeats
             else:

@@ -75,8 +75,8 @@ def test_the_phases_pass_their_pods_gpus_to_the_backend(tmp_path, monkeypatch):
 
     store = Store.for_spec(spec)
     store.write_jsonl(layout.shard_data_path(1, "generate", 0, 1),
-                      [{"prompt": "Hello there?", "id": "p0", "responses": [{"response": "Hi.", "truncated": False},
-                                                                          {"response": "Yo.", "truncated": False}]}])
+                      [{"promptId": "p0", "prompt": "Hello there?", "responses": ["Hi.", "Yo."],
+                        "tokens": [[1], [1]], "truncated": [False, False]}])  # a generate record as written
     store.write_json(layout.shard_summary_path(1, "generate", 0, 1), {"prompts": 1})
     store.write_json(layout.summary_path(1, "generate"), {"prompts": 1})
     seen.clear()

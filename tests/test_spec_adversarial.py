@@ -512,6 +512,15 @@ CEL_VIOLATIONS = {
         _set(_minimal(), "prompts.selfInstruct", {"minChars": 9, "maxChars": 3}),
     "storage.uri: use file://, s3:// or a local path": _set(_minimal(), "storage.uri", "http://x/y"),
     "storage.uri: an s3:// URI needs a bucket": _set(_minimal(), "storage.uri", "s3://"),
+    "resources.train.gpus and nodes above 1 need training.distributed fsdp (none is one process)":
+        _set(_minimal(), "resources", {"train": {"gpus": 2}}),
+    "resources.sft.gpus and nodes above 1 need training.distributed fsdp (none is one process)":
+        _set(_set(_minimal(), "sft", {"instructionDataUri": "s3://runs/ift.jsonl"}), "resources",
+             {"sft": {"nodes": 2}}),
+    "nodes above 1: only resources.train and resources.sft run across nodes":
+        _set(_minimal(), "resources", {"generate": {"nodes": 2}}),
+    "training.distributed deepspeed is not supported (DeepSpeed is not in the worker image): use fsdp":
+        _set(_minimal(), "training.distributed", "deepspeed"),
 }
 TRANSITION_ONLY = {"storage.uri cannot change"}
 
