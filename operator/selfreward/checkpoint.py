@@ -110,6 +110,12 @@ def verify(store: Store, rel: str) -> dict:
     return manifest
 
 
+def identity(manifest: dict) -> str:
+    """A checkpoint's identity: the sha256 of its file list (names, sizes, hashes). Two
+    checkpoints with the same weights have the same identity wherever they are stored."""
+    return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("SELFREWARD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "selfreward")))
 
@@ -124,7 +130,7 @@ def fetch(store: Store, rel: str, cache: Optional[Path] = None) -> Path:
     if store.protocol == "file":
         verify_local(store.path(rel), manifest, store.url(rel))
         return Path(store.path(rel))
-    key = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()[:24]
+    key = identity(manifest)[:24]
     root = (cache or cache_root()) / "checkpoints"
     final = root / key
     if final.is_dir():
@@ -142,6 +148,8 @@ def fetch(store: Store, rel: str, cache: Optional[Path] = None) -> Path:
     except CheckpointError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    # the manifest goes along, so a loaded copy still says which checkpoint it is
+    (tmp / MANIFEST).write_text(json.dumps(manifest, sort_keys=True))
     root.mkdir(parents=True, exist_ok=True)
     try:
         os.replace(tmp, final)

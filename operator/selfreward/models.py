@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 from typing import Optional
@@ -36,13 +37,59 @@ def resolve(spec: RunSpec, store: Store, rel: Optional[str]) -> str:
     return str(checkpoint.fetch(store, rel))
 
 
+def policy_checkpoint(spec: RunSpec, store: Store, iteration: int) -> Optional[str]:
+    """The checkpoint M_t of iteration t (None = the base model): the previous
+    iteration's model, unless the previous eval's gate rolled back, in which case its
+    summary names the best model so far as ``nextPolicy`` ("" = the base model)."""
+    if spec.eval_enabled and iteration >= 2:
+        rel = layout.summary_path(iteration - 1, "eval")
+        if store.exists(rel):
+            nxt = store.read_json(rel).get("nextPolicy")
+            if isinstance(nxt, str):
+                return nxt or None
+    return layout.policy_checkpoint(spec, iteration)
+
+
 def policy_model(spec: RunSpec, store: Store, iteration: int) -> str:
     """M_t for iteration t."""
-    return resolve(spec, store, layout.policy_checkpoint(spec, iteration))
+    return resolve(spec, store, policy_checkpoint(spec, store, iteration))
 
 
 def reference_model(spec: RunSpec, store: Store, iteration: int) -> str:
+    if spec.training.reference == "current":
+        return policy_model(spec, store, iteration)
     return resolve(spec, store, layout.reference_checkpoint(spec, iteration))
+
+
+def model_identity(model_dir: str) -> str:
+    """What a model directory is: ``checkpoint.identity`` of its manifest (a committed
+    checkpoint), else the directory or hub id as given."""
+    manifest = os.path.join(str(model_dir), layout.MANIFEST)
+    if os.path.isfile(manifest):
+        try:
+            with open(manifest) as f:
+                return checkpoint.identity(json.load(f))
+        except (OSError, ValueError, KeyError):
+            pass
+    return str(model_dir)
+
+
+# Identities of the models this process loaded (generation backends, trainers), in
+# order. The worker dispatcher writes them into the phase summary as ``loadedModels``,
+# so a test (or an auditor) can check which model a phase really used.
+_loaded: list[str] = []
+
+
+def note_loaded(model_dir: str) -> None:
+    ident = model_identity(model_dir)
+    if ident not in _loaded:
+        _loaded.append(ident)
+
+
+def take_loaded() -> list[str]:
+    out = list(_loaded)
+    _loaded.clear()
+    return out
 
 
 def device() -> str:

@@ -92,6 +92,9 @@ def load_dtype(spec: RunSpec):
 def load_model(path: str, dtype):
     from transformers import AutoModelForCausalLM
 
+    from .models import note_loaded
+
+    note_loaded(path)  # the summary records which model the phase trained from
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model
 

@@ -15,6 +15,9 @@ NAMES = ("transformers", "transformers-cb", "vllm")
 
 def make_backend(name: str, model_dir: str, dtype: str = "auto", batch_size: int = 16) -> GenerationBackend:
     """Build the backend named ``name`` over the model in ``model_dir``."""
+    from ..models import note_loaded
+
+    note_loaded(model_dir)  # the summary records which model the phase used
     if name == "transformers":
         from .hf import TransformersBackend
 
