@@ -148,8 +148,6 @@ def fetch(store: Store, rel: str, cache: Optional[Path] = None) -> Path:
     except CheckpointError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    # the manifest goes along, so a loaded copy still says which checkpoint it is
-    (tmp / MANIFEST).write_text(json.dumps(manifest, sort_keys=True))
     root.mkdir(parents=True, exist_ok=True)
     try:
         os.replace(tmp, final)

@@ -34,7 +34,9 @@ def resolve(spec: RunSpec, store: Store, rel: Optional[str]) -> str:
     """rel: a checkpoint directory of this run, or None for the base model."""
     if rel is None:
         return base_model(spec)
-    return str(checkpoint.fetch(store, rel))
+    local = str(checkpoint.fetch(store, rel))
+    _identities[local] = checkpoint.identity(checkpoint.read_manifest(store, rel))
+    return local
 
 
 def policy_checkpoint(spec: RunSpec, store: Store, iteration: int) -> Optional[str]:
@@ -62,8 +64,11 @@ def reference_model(spec: RunSpec, store: Store, iteration: int) -> str:
 
 
 def model_identity(model_dir: str) -> str:
-    """What a model directory is: ``checkpoint.identity`` of its manifest (a committed
-    checkpoint), else the directory or hub id as given."""
+    """What a model directory is: ``checkpoint.identity`` of its manifest (a checkpoint
+    fetched by this process, or a directory that holds its manifest), else the
+    directory or hub id as given."""
+    if str(model_dir) in _identities:
+        return _identities[str(model_dir)]
     manifest = os.path.join(str(model_dir), layout.MANIFEST)
     if os.path.isfile(manifest):
         try:
@@ -73,6 +78,9 @@ def model_identity(model_dir: str) -> str:
             pass
     return str(model_dir)
 
+
+# local directory -> identity of the checkpoint fetched into it (the S3 cache keeps no manifest)
+_identities: dict[str, str] = {}
 
 # Identities of the models this process loaded (generation backends, trainers), in
 # order. The worker dispatcher writes them into the phase summary as ``loadedModels``,
