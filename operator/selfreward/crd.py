@@ -244,6 +244,8 @@ PRINTER_COLUMNS = [
      "description": "Completed iterations over total"},
     {"name": "Pairs", "type": "integer", "jsonPath": ".status.lastPairs",
      "description": "Preference pairs built by the last pairs phase"},
+    {"name": "Eval", "type": "number", "jsonPath": ".status.lastEval",
+     "description": "The eval gate's metric (status.evalMetric) of the last evaluated model (spec.eval)"},
     {"name": "Step", "type": "string", "jsonPath": ".status.currentPhase", "priority": 1},
     {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

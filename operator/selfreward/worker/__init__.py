@@ -53,6 +53,9 @@ def finalize_phase(store: Store, spec: RunSpec, iteration: int, phase: str, num_
     mod = phase_module(phase)
     finalize = getattr(mod, "finalize", None)
     summary = finalize(store, spec, iteration, summaries) if finalize else aggregate(summaries)
+    loaded = [m for s in summaries for m in (s.get("loadedModels") or [])]
+    if loaded:  # every shard's models, each once, in shard order
+        summary["loadedModels"] = list(dict.fromkeys(loaded))
     summary.update({"phase": phase, "iteration": iteration, "numShards": num_shards})
     store.write_json(layout.summary_path(iteration, phase), summary)
     return summary
