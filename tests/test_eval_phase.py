@@ -15,6 +15,7 @@ come from, and the gate.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -261,3 +262,38 @@ def test_bad_verifier_and_judge_set_name_the_line(models_dir, tmp_path, monkeypa
     write_jsonl(tmp_path / "judgeset.jsonl", [JUDGE_SET[0], {"prompt": "x", "responses": [{"response": "y"}]}])
     with pytest.raises(PhaseError, match=r"judgeset.jsonl line 2: responses\[0\] needs"):
         run_phase(parse_spec(doc), "eval", 0)
+
+
+def test_local_run_with_eval_stops_early_and_shows_the_eval_columns(models_dir, tmp_path, monkeypatch, capsys):
+    """`selfreward run` (a worker subprocess per step) with an eval gate that stops:
+    the run ends after iteration 1's eval with the best model, and the final table
+    carries the eval columns."""
+    from selfreward.local import ITERATIONS_JSON, run_local
+
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setenv("SELFREWARD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("SELFREWARD_PROGRESS_PORT", raising=False)
+    doc = eval_spec(tmp_path, *models_dir, iterations=3,
+                    gate={"metric": "verifierScore", "minChange": 1000, "action": "stop"})
+    doc["eval"].pop("evaluator")  # the head to head is covered above; one model load less per eval
+    spec = parse_spec(doc)
+    assert run_local(spec, "evalrun", quiet=True, state_dir=tmp_path / "state") == 0
+    out = capsys.readouterr().out
+    store = Store.for_spec(spec)
+    ev = store.read_json(layout.summary_path(1, "eval"))
+    assert ev["gateAction"] == "stop" and ev["gatePassed"] is False
+    assert not store.exists(layout.summary_path(2, "generate"))  # iteration 2 never ran
+    figures = store.read_json(ITERATIONS_JSON)
+    assert figures["earlyStopped"] is True
+    best = ev["bestCheckpoint"]
+    assert figures["finalCheckpoint"] == (store.url(best) if best else spec.model.uri)
+    its = {r["iteration"]: r for r in figures["iterations"]}
+    assert its[0]["verifierScore"] == store.read_json(layout.summary_path(0, "eval"))["verifierScore"]
+    assert its[1]["verifierScore"] == ev["verifierScore"] and its[1]["judgePairwiseAccuracy"] == ev["judgePairwiseAccuracy"]
+    assert "EarlyStopped" in out
+    table = out[out.index("run evalrun: "):]
+    for column in ("pairs", "DPO loss", "verifier", "judge acc", "judge rho", "eval tokens", "checkpoint"):
+        assert column in table, (column, table)
+    rows = [line for line in table.splitlines() if line.startswith("│ 0 (M1)") or line.startswith("│ 1 ")]
+    assert len(rows) == 2, table

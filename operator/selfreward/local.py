@@ -257,9 +257,11 @@ class Display:
             return uri[len(root):] if uri and uri.startswith(root) else (uri or "-")
 
         t = Table(title=f"run {self.title}: {store.url('')}")
-        # the registry's figures that have a column, for the phases this spec runs
+        # the registry's figures that have a column, for the phases this spec runs, less
+        # the ones no iteration measured (an eval without an evaluator has no win rates)
         shown = [f for p, f in phases.figures() if f.column and any(
             p.enabled(spec) and p.runs_in(it) for it in range(spec.iterations + 1))]
+        shown = [f for f in shown if not records or any(getattr(r, f.name) is not None for r in records)]
         t.add_column("iter", justify="right")
         for f in shown:
             t.add_column(f.column, justify="right")
@@ -273,7 +275,9 @@ class Display:
         else:
             from rich.console import Console
 
-            Console(width=max(140, self.console.width), force_terminal=False, no_color=True).print(t)
+            longest = max([len(rel(r.checkpoint)) for r in records] + [10])
+            width = max(140, self.console.width, 15 * len(shown) + 20 + longest)  # room for every column
+            Console(width=width, force_terminal=False, no_color=True).print(t)
 
 
 # --- running workers --------------------------------------------------------------
