@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -295,5 +296,6 @@ def test_local_run_with_eval_stops_early_and_shows_the_eval_columns(models_dir, 
     table = out[out.index("run evalrun: "):]
     for column in ("pairs", "DPO loss", "verifier", "judge acc", "judge rho", "eval tokens", "checkpoint"):
         assert column in table, (column, table)
-    rows = [line for line in table.splitlines() if line.startswith("│ 0 (M1)") or line.startswith("│ 1 ")]
-    assert len(rows) == 2, table
+    rows = [line for line in table.splitlines() if re.match(r"│\s*(0 \(M1\)|1)\s*│", line)]
+    assert len(rows) == 2, table  # iterations 0 and 1 only: the gate stopped the run
+    assert f"{ev['verifierScore']:.1f}" in rows[1]
