@@ -299,3 +299,27 @@ def test_local_run_with_eval_stops_early_and_shows_the_eval_columns(models_dir, 
     rows = [line for line in table.splitlines() if re.match(r"│\s*(0 \(M1\)|1)\s*│", line)]
     assert len(rows) == 2, table  # iterations 0 and 1 only: the gate stopped the run
     assert f"{ev['verifierScore']:.1f}" in rows[1]
+
+
+def test_sharded_eval_gives_the_figures_of_one_pod(models_dir, tmp_path, monkeypatch):
+    """Two shards (two pods of the Indexed Job) and one shard compute the same figures:
+    finalize pools every shard's records rather than averaging shard figures."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("SELFREWARD_CACHE", str(tmp_path / "cache"))
+    out = {}
+    for shards in (1, 2):
+        doc = eval_spec(tmp_path, *models_dir, iterations=1, storage={"uri": f"file://{tmp_path}/s{shards}"})
+        doc["eval"].update(shards=shards, generation={"temperature": 0.0, "maxNewTokens": 6})
+        doc["eval"].pop("evaluator")
+        doc["judge"]["temperature"] = 0.0  # greedy: the same verdicts whichever pod asks
+        spec = parse_spec(doc)
+        store = Store.for_spec(spec)
+        first = run_phase(spec, "eval", 0, shard=0, num_shards=shards, store=store)
+        if shards == 2:
+            assert "shard" in first and not store.exists(layout.summary_path(0, "eval"))  # waits for shard 1
+            run_phase(spec, "eval", 0, shard=1, num_shards=shards, store=store)
+        summary = store.read_json(layout.summary_path(0, "eval"))
+        assert summary["numShards"] == shards
+        out[shards] = {k: v for k, v in summary.items() if k not in ("numShards", "durationSeconds", "loadedModels")}
+    assert out[1] == out[2]
+    assert out[2]["judgeSetPairs"] == 4 and out[2]["heldOutPrompts"] == len(HELD_OUT)

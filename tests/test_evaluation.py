@@ -171,3 +171,29 @@ def test_gate_missing_value_fails_and_no_gate_never_acts():
     assert out["gateAction"] == "none" and out["gatePassed"] is True and out["bestModel"] == "M1"
     # a tie keeps the earlier model
     assert decide(None, [ev(0, 40.0)], ev(1, 40.0))["bestModel"] == "M1"
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.floats(0, 100)), min_size=1, max_size=8),
+       st.sampled_from(["warn", "stop", "rollback"]), st.floats(-5, 5), st.integers(0, 3))
+def test_gate_over_a_run_of_evaluations(values, action, min_change, max_rollbacks):
+    """Fed its own outputs eval after eval: the best is the best value seen, rollbacks
+    stay within maxRollbacks, and a rollback always names the best model."""
+    gate = {"action": action, "minChange": min_change, "maxRollbacks": max_rollbacks}
+    previous: list[dict] = []
+    for t, v in enumerate(values):
+        cur = {"iteration": t, "model": f"M{t + 1}", "checkpoint": f"c{t}", **({"verifierScore": v} if v is not None else {})}
+        out = decide(gate, previous, cur)
+        seen = [x for x in values[:t + 1] if x is not None]
+        if seen:
+            assert out["bestValue"] == max(seen)
+            first_best = next(i for i, x in enumerate(values[:t + 1]) if x == max(seen))
+            assert out["bestModel"] == f"M{first_best + 1}"
+        assert out["rollbacks"] <= max_rollbacks
+        if out["gateAction"] == "rollback":
+            assert out["nextPolicy"] == out["bestCheckpoint"] and out["gatePassed"] is False
+        elif out["gateAction"] == "none":
+            assert out["gatePassed"] is True and out["nextPolicy"] == f"c{t}"
+        previous.append({**cur, **out})
+        if out["gateAction"] == "stop":
+            break
