@@ -213,7 +213,9 @@ def _head_to_head(ctx: PhaseContext, answers: list[dict]) -> None:
     model's answers to the same prompt (``vs``: {"<eval iteration>": {...}})."""
     spec, store, t = ctx.spec, ctx.store, ctx.iteration
     evaluator = spec.eval.evaluator
-    others = {k for k in (previous_eval(spec, store, t), 0) if k is not None}
+    # (an eval added to the spec mid-run has no baseline: then there is nothing to compare with)
+    others = {k for k in (previous_eval(spec, store, t), 0)
+              if k is not None and store.exists(layout.summary_path(k, "eval"))}
     theirs = {k: {r["index"]: r for r in read_phase_records(store, k, "eval") if r.get("kind") == "answer"}
               for k in others}
     asks: list[tuple[int, int, int]] = []  # (answer position, other eval iteration, order)
@@ -318,7 +320,7 @@ def finalize(store: Store, spec: RunSpec, iteration: int, shard_summaries: list[
     if spec.eval.evaluator is not None and t >= 1:
         prev = previous_eval(spec, store, t)
         for name, side, k in (("VsPrevious", "previous", prev), ("VsBaseline", "baseline", 0)):
-            if k is None:
+            if k is None or not store.exists(layout.summary_path(k, "eval")):
                 continue
             rows = [(r["outcome"], a["tokens"], r["otherTokens"]) for a in answers
                     for r in [a.get("vs", {}).get(str(k))] if r is not None]
@@ -334,12 +336,9 @@ def finalize(store: Store, spec: RunSpec, iteration: int, shard_summaries: list[
         summary.update(_training_data_figures(store, t))
 
     metric = headline_metric(spec)
-    previous = []
-    for k in range(t):
-        rel_k = layout.summary_path(k, "eval")
-        if not store.exists(rel_k):
-            raise PhaseError(f"iter-{t}/eval: {store.url(rel_k)} is missing; the earlier evals must run first")
-        previous.append(store.read_json(rel_k))
+    # the earlier evaluations (all of them, unless eval was added to the spec mid-run)
+    previous = [store.read_json(layout.summary_path(k, "eval")) for k in range(t)
+                if store.exists(layout.summary_path(k, "eval"))]
     gate = spec.eval.gate.model_dump() if spec.eval.gate is not None else None
     summary.update(E.gate_decision(metric, GATE_METRICS.get(metric, True), gate, previous,
                                    {**summary, "iteration": t}))
