@@ -323,3 +323,20 @@ def test_sharded_eval_gives_the_figures_of_one_pod(models_dir, tmp_path, monkeyp
         out[shards] = {k: v for k, v in summary.items() if k not in ("numShards", "durationSeconds", "loadedModels")}
     assert out[1] == out[2]
     assert out[2]["judgeSetPairs"] == 4 and out[2]["heldOutPrompts"] == len(HELD_OUT)
+
+
+def test_eval_added_mid_run_compares_only_with_what_exists(run, tmp_path, monkeypatch):
+    """Without iter-0/eval (eval came into the spec after iteration 0), iteration 1's
+    eval still runs: no baseline win rate, and a gate with nothing to compare passes."""
+    spec, store, _s = run
+    monkeypatch.setenv("SELFREWARD_CACHE", str(tmp_path / "cache"))
+    copy = tmp_path / "store"
+    shutil.copytree(store.path(""), copy)
+    shutil.rmtree(copy / "iter-0" / "eval")
+    shutil.rmtree(copy / "iter-1" / "eval")
+    moved = spec.model_copy(deep=True)
+    moved.storage.uri = f"file://{copy}"
+    ev = run_phase(moved, "eval", 1, store=Store.for_spec(moved))
+    assert ev["model"] == "M2" and "verifierScore" in ev
+    assert "winRateVsBaseline" not in ev and "winRateVsPrevious" not in ev
+    assert ev["gatePassed"] is True and ev["bestModel"] == "M2"
