@@ -74,7 +74,11 @@ def test_gate_stop_ends_the_run_early_with_the_best_model():
     stop = [e for e in res.of(Event) if e.reason == "EarlyStopped"]
     assert len(stop) == 1 and "verifierScore 30 (-10)" in stop[0].message and "M1 at 40" in stop[0].message
     assert "Succeeded" in [e.reason for e in res.of(Event)]
-    # it stays stopped: later passes create nothing and send no Event
+    # it stays stopped: later passes create nothing and send no Event (the next pass lets
+    # the recorded eval Job expire, as for any finished step)
+    from selfreward.reconcile import SetJobTTL
+
+    assert sim.step(60).actions == [SetJobTTL("r-i1-eval", 86400)]
     again = sim.step(60)
     assert again.actions == [] and again.status["phase"] == "Succeeded"
     assert sim.cond("Ready")["reason"] == "EarlyStopped"
