@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_TEST := $(VENV)/.installed-test
 
-.PHONY: run test install install-test crd bench clean
+.PHONY: run test install install-test crd bench gpu-check gpu-check-distributed clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -41,6 +41,18 @@ crd: $(STAMP_RUN)
 
 bench: $(STAMP_TEST)
 	$(BIN)/python bench/pipeline.py
+
+# One device, no downloads, <= 8 minutes on an H100/H200: a random 1.2B Llama stored in bf16
+# through generate, judge, DPO and a checkpoint commit; exits non-zero on a wrong dtype or
+# no learning. DEVICE=cpu runs the same script with a small shape (tests/test_gpu_check.py).
+DEVICE ?= cuda
+gpu-check: $(STAMP_RUN)
+	$(BIN)/python -P bench/gpu_check.py --device $(DEVICE)
+
+# On a GPU machine: torchrun + FSDP2 on NCCL (2 processes with 2+ GPUs, else 1) against
+# one process; prints "no CUDA GPU" and exits 0 elsewhere. 
+gpu-check-distributed: $(STAMP_TEST)
+	$(BIN)/python bench/gpu_check_distributed.py
 
 clean:
 	rm -rf .quickstart

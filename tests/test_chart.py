@@ -47,6 +47,7 @@ ALLOWED = {
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "pods"): {"list", "watch"},
     ("", "events"): {"create"},
+    ("", "services"): {"create"},
     ("kopf.dev", "kopfpeerings"): {"get", "list", "watch", "patch"},
     ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch", "patch"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
@@ -58,6 +59,7 @@ REQUIRED = {
     ("batch", "jobs"): {"list", "watch", "create", "delete", "patch"},
     ("", "pods"): {"list"},
     ("", "events"): {"create"},
+    ("", "services"): {"create"},
 }
 
 
@@ -591,7 +593,9 @@ def test_rbac_allows_every_request_the_operator_sends(chart, mode, tmp_path):
                                 env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
         try:
             with JobRunner(kube, policy=policy):
-                kube.create(run_manifest("r", ns, storage={"uri": "s3://bucket/a/r", "deleteOnRunDeletion": True}))
+                # r trains on two nodes: its train step also creates the run's headless Service
+                kube.create(run_manifest("r", ns, storage={"uri": "s3://bucket/a/r", "deleteOnRunDeletion": True},
+                                         training={"distributed": "fsdp"}, resources={"train": {"nodes": 2}}))
                 kube.create(run_manifest("held", ns, storage={"uri": "s3://bucket/a/held",
                                                               "deleteOnRunDeletion": True}))
 
@@ -640,7 +644,7 @@ def test_rbac_allows_every_request_the_operator_sends(chart, mode, tmp_path):
     for expected in [("selfreward.dev", "selfrewardruns", "watch"), ("selfreward.dev", "selfrewardruns/status", "patch"),
                      ("selfreward.dev", "selfrewardruns", "patch"), ("batch", "jobs", "create"),
                      ("batch", "jobs", "patch"), ("batch", "jobs", "delete"), ("batch", "jobs", "watch"),
-                     ("", "pods", "watch"), ("", "events", "create")]:
+                     ("", "pods", "watch"), ("", "events", "create"), ("", "services", "create")]:
         assert expected in sent, f"the scenario never sent {expected}; sent: {sorted(sent)}"
     # And nothing granted is unused by the operator, bar what only happens in edge
     # cases (a 409 on create, kopf's CRD watch in the cluster-wide mode).

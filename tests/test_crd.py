@@ -8,6 +8,7 @@ field validation does), and the CEL rules (two independent CEL implementations).
 from __future__ import annotations
 
 import copy
+import json
 import re
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -554,7 +555,7 @@ INVALID = [
     ("minChars above maxChars", "prompts.selfInstruct", {"minChars": 500, "maxChars": 100}, {"cel", "parse_spec"}),
     ("storage over http", "storage.uri", "http://example.com/runs", {"cel", "parse_spec"}),
     ("s3 without a bucket", "storage.uri", "s3://", {"cel", "parse_spec"}),
-    ("vllm generation without GPUs", "generation.backend", "vllm", {"cel"}),
+    ("vllm generation without GPUs", "generation.backend", "vllm", {"cel", "parse_spec"}),
     ("template with another placeholder", "judge.template", "{prompt} {response} {rubric}", {"parse_spec"}),
     ("score pattern without a group", "judge.scorePattern", r"Score: \d+", {"parse_spec"}),
     ("score pattern not a regex", "judge.scorePattern", "Score: ([0-9]", {"parse_spec"}),
@@ -606,6 +607,33 @@ def test_vllm_needs_gpus_where_generation_runs(schema, resources, ok):
     _, errors, msgs = admit(schema, obj)
     assert errors == []
     assert (msgs == []) == ok, msgs
+
+
+@pytest.mark.parametrize("spec", [
+    {},
+    {"resources": {"train": {"gpus": 8}}},
+    {"resources": {"default": {"gpus": 4}}},
+    {"resources": {"default": {"gpus": 4}, "train": {"gpus": 1}}},  # issue 11: no sft phase to check
+    {"resources": {"default": {"gpus": 4}, "train": {"gpus": 1}}, "sft": {"instructionDataUri": "ift"}},
+    {"resources": {"default": {"gpus": 4}, "train": {"gpus": 1}}, "sft": {"instructionDataUri": "i", "enabled": False}},
+    {"resources": {"train": {"nodes": 2}}},
+    {"resources": {"train": {"nodes": 2, "gpus": 8}}, "training": {"distributed": "fsdp"}},
+    {"resources": {"generate": {"nodes": 2}}, "training": {"distributed": "fsdp"}},
+    {"resources": {"default": {"nodes": 3}}, "training": {"distributed": "fsdp"}},
+    {"training": {"distributed": "deepspeed"}},
+], ids=lambda s: json.dumps(s, sort_keys=True))
+def test_cel_topology_rules_agree_with_the_spec_model(schema, spec):
+    """The CEL rules are a subset of RunSpec's: where CEL refuses, pydantic refuses too,
+    and for these cases (no gradientCheckpointing) they agree exactly."""
+    obj = _minimal(**spec)
+    _, errors, msgs = admit(schema, obj)
+    assert errors == []
+    try:
+        spec_from_document(obj)
+        accepted = True
+    except SpecError:
+        accepted = False
+    assert (msgs == []) == accepted, msgs
 
 
 def test_storage_uri_is_immutable(schema):

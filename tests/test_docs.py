@@ -122,6 +122,9 @@ def test_make_targets_exist():
     for where, argv in all_commands():
         if argv[0] == "make":
             for t in argv[1:]:
+                if "=" in t:  # a variable assignment (make gpu-check DEVICE=cpu)
+                    assert re.match(r"^[A-Z_]+=", t) and f"{t.split('=')[0]} ?=" in (ROOT / "Makefile").read_text(), t
+                    continue
                 assert t in targets, f"{where}: make {t}: no such target"
 
 
@@ -393,3 +396,18 @@ def test_environment_variables_exist():
             if var == "HF_ENDPOINT":  # huggingface_hub's own setting, read by the library
                 continue
             assert var in where, f"{doc_id(doc)}: {var} appears nowhere in the code"
+
+
+def test_sizing_examples_have_the_shape_the_page_states():
+    """docs/sizing.md names each example manifest with its nodes x GPUs; the manifests
+    load and train with that shape (and with FSDP exactly when they use several GPUs)."""
+    from selfreward.spec import load_spec_file
+
+    text = (ROOT / "docs" / "sizing.md").read_text()
+    claims = re.findall(r"\[`(examples/runs/[\w.-]+\.yaml)`\]\([^)]*\): (\d+) nodes? x (\d+) GPUs?", text)
+    assert len(claims) >= 3, claims
+    for path, nodes, gpus in claims:
+        spec, _ = load_spec_file(ROOT / path)
+        assert spec.training_world("train") == (int(nodes), int(gpus)), path
+        assert (spec.training.distributed == "fsdp") == (int(nodes) * int(gpus) > 1), path
+        assert spec.resources.for_phase("train").gpus == int(gpus), path

@@ -114,7 +114,7 @@ def test_resources_scheduling_and_security():
         serviceAccountName="trainer",
         resources={
             "default": {"cpu": "2", "memory": "8Gi", "nodeSelector": {"pool": "cpu"},
-                        "env": [{"name": "EXTRA", "value": "1"}, {"name": "SELFREWARD_RUN", "value": "evil"}]},
+                        "env": [{"name": "EXTRA", "value": "1"}]},
             "train": {"gpus": 1, "gpuResourceName": "amd.com/gpu", "memory": "64Gi", "shmSize": "16Gi",
                       "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
                       "affinity": {"nodeAffinity": {}}, "priorityClassName": "high", "activeDeadlineSeconds": 3600},
@@ -138,7 +138,6 @@ def test_resources_scheduling_and_security():
     assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
     env = _env(job)
     assert env["EXTRA"]["value"] == "1"
-    assert env["SELFREWARD_RUN"]["value"] == "demo"  # user env cannot override the product's
     assert pod["restartPolicy"] == "Never"
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1000
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -331,3 +330,70 @@ def test_a_document_over_the_bound_is_refused_with_the_limit_named():
         J.build_job(META, huge, Step(1, "generate"), 1)
     assert J.MAX_DOCUMENT_BYTES + 8 * 1024 == 256 * 1024  # the API server's annotation limit, less headroom
     assert J.MAX_JOB_NAME == 63 - len(f"-{J.MAX_SHARDS - 1}")
+
+
+def _multi_node(**over):
+    return _spec(training={"distributed": "fsdp"},
+                 resources={"train": {"gpus": 8, "nodes": 4, "shmSize": "16Gi"}}, **over)
+
+
+def test_multi_node_step_is_an_indexed_job_of_torchrun_pods_under_a_headless_service():
+    spec = _multi_node()
+    job = J.build_job(META, spec, Step(2, "train"), 1)
+    s = job["spec"]
+    assert s["completionMode"] == "Indexed" and s["completions"] == s["parallelism"] == 4
+    pod = s["template"]["spec"]
+    assert pod["subdomain"] == J.service_name("demo") == "ranks-demo"
+    assert s["template"]["metadata"]["labels"][J.LABEL_RANKS] == "true"
+    cmd = _container(job)["command"]
+    assert cmd[:3] == ["torchrun", "--nnodes=4", "--nproc-per-node=8"]
+    assert "--node-rank=$(JOB_COMPLETION_INDEX)" in cmd and "--master-port=29500" in cmd
+    assert cmd[cmd.index("-m"):] == ["-m", "selfreward", "worker", "train", "--iteration", "2", "--spec", J.SPEC_FILE]
+    # rank 0's stable DNS name: hostname <job>-0 under the Service, in the run's namespace
+    assert _env(job)["SELFREWARD_MASTER_ADDR"]["value"] == "demo-i2-train-0.ranks-demo.ml.svc"
+    assert _container(job)["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    # any rank's failure fails the Job (the retry re-creates all ranks); disruptions still first
+    rules = s["podFailurePolicy"]["rules"]
+    assert rules[0]["action"] == "Ignore"
+    assert rules[-1] == {"action": "FailJob",
+                         "onExitCodes": {"containerName": "worker", "operator": "NotIn", "values": [0]}}
+    assert s["backoffLimit"] == 0
+
+    svc = J.build_service(META)
+    assert svc["metadata"]["name"] == pod["subdomain"] and svc["metadata"]["namespace"] == "ml"
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    # the selector picks the Job's pods (their labels), and only pods of this run that join ranks
+    labels = s["template"]["metadata"]["labels"]
+    assert all(labels[k] == v for k, v in svc["spec"]["selector"].items())
+    assert J.LABEL_RANKS in svc["spec"]["selector"] and J.LABEL_RUN in svc["spec"]["selector"]
+    assert svc["metadata"]["ownerReferences"] == job["metadata"]["ownerReferences"]
+
+    # other phases, and one-node training, stay as they were
+    gen = J.build_job(META, spec, Step(2, "generate", 2), 1)
+    assert _container(gen)["command"][0] == "selfreward" and "subdomain" not in gen["spec"]["template"]["spec"]
+    one = J.build_job(META, _spec(training={"distributed": "fsdp"}, resources={"train": {"gpus": 4}}),
+                      Step(1, "train"), 1)
+    assert "--standalone" in _container(one)["command"] and "completionMode" not in one["spec"]
+    assert "SELFREWARD_MASTER_ADDR" not in _env(one) and "subdomain" not in one["spec"]["template"]["spec"]
+
+
+def test_multi_node_names_leave_room_for_the_pod_index():
+    long = "r" * 80
+    spec = _multi_node()
+    job = J.build_job({**META, "name": long}, spec, Step(12, "train"), 3)
+    name = job["metadata"]["name"]
+    assert name == J.job_name(long, Step(12, "train"), 3)
+    for index in range(512):  # resources.train.nodes is at most 512
+        assert len(f"{name}-{index}") <= 63 and DNS_LABEL.match(f"{name}-{index}")
+    svc = J.service_name(long)
+    assert len(svc) <= 63 and re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", svc)
+    assert J.service_name("1run")[0].isalpha()  # a Service name is a DNS-1035 label
+
+
+def test_multi_node_manifests_validate_against_the_kubernetes_schemas():
+    import kubernetes_validate
+
+    spec = _multi_node(kueue={"queueName": "q"})
+    for version in ("1.30.0", "1.37.0"):
+        kubernetes_validate.validate(J.build_job(META, spec, Step(1, "train"), 2), version, strict=True)
+        kubernetes_validate.validate(J.build_service(META), version, strict=True)

@@ -78,7 +78,7 @@ def test_run_json_written_then_refused_for_another_recipe(tmp_path):
     spec = make_spec("/models/m", "/data/p.jsonl", store_uri)
     store = Store.for_spec(spec)
     assert check_run_json(store, spec) == "new"
-    assert store.read_json(RUN_JSON)["model"]["uri"] == "/models/m"
+    assert store.read_json(RUN_JSON)["spec"]["model"]["uri"] == "/models/m"
     assert check_run_json(store, spec) == "same"
 
     # mutable: more iterations, speed and Kubernetes settings; run.json follows
@@ -86,14 +86,14 @@ def test_run_json_written_then_refused_for_another_recipe(tmp_path):
                       retry={"maxRetries": 5})
     assert spec_differences(spec, grown) == []
     assert check_run_json(store, grown) == "updated"
-    assert store.read_json(RUN_JSON)["iterations"] == 3
+    assert store.read_json(RUN_JSON)["spec"]["iterations"] == 3
 
     other = make_spec("/models/other", "/data/p.jsonl", store_uri, iterations=3, judge={"samplesPerResponse": 5},
                       generation={"batchSize": 2}, retry={"maxRetries": 5})
     with pytest.raises(RunError) as info:
         check_run_json(store, other)
     assert "model.uri" in str(info.value) and "judge.samplesPerResponse" in str(info.value)
-    assert store.read_json(RUN_JSON)["model"]["uri"] == "/models/m"  # untouched
+    assert store.read_json(RUN_JSON)["spec"]["model"]["uri"] == "/models/m"  # untouched
 
 
 def test_run_local_refuses_a_store_of_another_run(tmp_path, capsys):
@@ -126,7 +126,7 @@ def test_two_iterations_on_s3_then_the_final_checkpoint_generates(env, tiny_mode
         for step in layout.steps(spec):
             assert store.exists(layout.summary_path(step.iteration, step.phase)), step
             assert len(worker_logs(state, f"iter-{step.iteration}-{step.phase}*.log")) == step.shards
-        assert store.read_json(RUN_JSON)["storage"]["uri"] == "s3://runs/quick"
+        assert store.read_json(RUN_JSON)["spec"]["storage"]["uri"] == "s3://runs/quick"
         figures = store.read_json(ITERATIONS_JSON)
         its = {r["iteration"]: r for r in figures["iterations"]}
         assert set(its) == {1, 2}
@@ -144,6 +144,35 @@ def test_two_iterations_on_s3_then_the_final_checkpoint_generates(env, tiny_mode
         assert len(list((state / "logs").iterdir())) == n_logs
         assert "iter-2/train: done" in capsys.readouterr().out
 
+        # reproducible: run.json and every phase summary name the runtime; describe reads it back
+        from importlib.metadata import version
+
+        from selfreward.describe import history, render
+
+        doc = store.read_json(RUN_JSON)
+        assert doc["createdBy"] == "local" and doc["runtime"]["versions"]["trl"] == version("trl")
+        h = history(store)
+        assert [it["iteration"] for it in h["iterations"]] == [1, 2]
+        for it in h["iterations"]:
+            assert [(p["phase"], p["state"]) for p in it["phases"]] == [
+                ("generate", "done"), ("judge", "done"), ("pairs", "done"), ("train", "done")]
+            assert all(p["summary"]["runtime"]["versions"]["torch"] == version("torch") for p in it["phases"])
+        assert f"steps={h['iterations'][1]['phases'][3]['summary']['steps']}" in render(h)
+
+        # the final model out to another bucket (no --iteration: the final checkpoint), then back
+        from selfreward.cli import main as cli
+
+        make_bucket(endpoint, "exports")
+        assert cli(["export", "s3://runs/quick", "s3://exports/m3"]) == 0
+        exported = Store("s3://exports/m3")
+        assert "# M3 of a Self-Rewarding run" in exported.read_text("README.md")
+        final_manifest = checkpoint.read_manifest(store, layout.final_checkpoint(spec))
+        for name, info in final_manifest["files"].items():
+            assert exported.size(name) == info["size"]
+        exported_dir = tmp / "exported"
+        for name in exported.walk_files(""):
+            exported.get_file(name, exported_dir / name)
+
         # M_3 is a verified checkpoint that transformers loads and generates with
         local = checkpoint.fetch(store, layout.final_checkpoint(spec), cache=tmp / "fetched")
         manifest = checkpoint.read_manifest(store, layout.final_checkpoint(spec))
@@ -153,6 +182,8 @@ def test_two_iterations_on_s3_then_the_final_checkpoint_generates(env, tiny_mode
 
     tok = AutoTokenizer.from_pretrained(local)
     model = AutoModelForCausalLM.from_pretrained(local)
+    from_export = AutoModelForCausalLM.from_pretrained(exported_dir).state_dict()
+    assert all((from_export[k] == v).all() for k, v in model.state_dict().items())
     ids = tok.apply_chat_template([{"role": "user", "content": "Say hello."}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
@@ -257,7 +288,7 @@ def test_failing_worker_surfaces_its_error_then_the_fixed_run_continues(env, tin
     assert "line 5" in captured.err and "not JSON" in captured.err  # the worker's own error line
     assert "worker log:" in captured.err
     assert not store.exists(layout.summary_path(2, "generate"))
-    assert store.read_json(RUN_JSON)["iterations"] == 2
+    assert store.read_json(RUN_JSON)["spec"]["iterations"] == 2
 
     # fixed: the re-run skips iteration 1 and finishes iteration 2
     write_prompts(prompts, PROMPTS[:4])

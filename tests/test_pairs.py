@@ -1,7 +1,7 @@
 """Building preference pairs from judged records (pure, no storage)."""
 from hypothesis import given, settings, strategies as st
 
-from selfreward.worker.pairs import MARGIN, TIE, TOO_FEW, build_pair, build_pairs
+from selfreward.worker.pairs import IDENTICAL, MARGIN, TIE, TOO_FEW, TRUNCATED, build_pair, build_pairs
 
 
 def rec(pid, *scores):
@@ -41,12 +41,63 @@ def test_summary_figures():
     pairs, s = build_pairs(records, min_margin=0.5)
     assert [p["promptId"] for p in pairs] == ["a", "b"]
     assert s == {"prompts": 5, "pairs": 2, "pairsDropped": 3, "droppedTies": 1, "droppedTooFewScored": 1,
-                 "droppedMargin": 1, "meanMargin": 2.5, "chosenMeanScore": 4.0, "rejectedMeanScore": 1.5}
+                 "droppedMargin": 1, "droppedTruncated": 0, "droppedIdentical": 0, "meanMargin": 2.5,
+                 "chosenMeanScore": 4.0, "rejectedMeanScore": 1.5}
     none, s0 = build_pairs([rec("c", 3.0, 3.0)])
     assert none == [] and s0["pairs"] == 0 and s0["meanMargin"] is None and s0["chosenMeanScore"] is None
 
 
+def judged(pid, *responses):
+    """responses: (text, score, truncated)"""
+    return {"promptId": pid, "prompt": f"prompt {pid}",
+            "responses": [{"text": t, "score": s, "truncated": cut} for t, s, cut in responses]}
+
+
+def test_a_truncated_response_is_never_chosen():
+    # the best-scored response was cut at maxNewTokens: the best finished one is chosen
+    pair, why = build_pair(judged("a", ("cut off mid-sent", 5.0, True), ("full answer.", 4.0, False),
+                                  ("bad.", 1.0, False)))
+    assert why is None and pair["chosen"] == "full answer." and pair["chosenScore"] == 4.0
+    # a truncated response may still be the rejected one
+    pair, _ = build_pair(judged("b", ("good.", 4.0, False), ("rambling and cut", 0.5, True)))
+    assert pair["chosen"] == "good." and pair["rejected"] == "rambling and cut"
+    # every scored response truncated: no pair, counted under its own reason
+    assert build_pair(judged("c", ("x", 5.0, True), ("y", 1.0, True))) == (None, TRUNCATED)
+    # the only finished response scores lowest: only truncated ones score above it, no pair
+    assert build_pair(judged("d", ("x", 5.0, True), ("y", 1.0, False))) == (None, TRUNCATED)
+    _, s = build_pairs([judged("c", ("x", 5.0, True), ("y", 1.0, True))])
+    assert s["droppedTruncated"] == 1 and s["pairs"] == 0
+
+
+def test_identical_texts_never_form_a_pair():
+    # the same text judged twice with different scores (judge noise) is not a preference
+    assert build_pair(judged("a", ("same", 5.0, False), (" same\n", 1.0, False))) == (None, IDENTICAL)
+    # with a third, different text, that one is the rejected response
+    pair, _ = build_pair(judged("b", ("same", 5.0, False), ("same", 1.0, False), ("other", 3.0, False)))
+    assert pair["chosen"] == "same" and pair["rejected"] == "other" and pair["rejectedScore"] == 3.0
+    _, s = build_pairs([judged("a", ("same", 5.0, False), ("same", 1.0, False))])
+    assert s["droppedIdentical"] == 1 and s["pairsDropped"] == 1
+
+
 scores = st.lists(st.one_of(st.none(), st.floats(0, 5, allow_nan=False)), max_size=8)
+responses = st.lists(st.tuples(st.sampled_from(["a", "b", "a ", "c", ""]),
+                               st.one_of(st.none(), st.floats(0, 5, allow_nan=False)), st.booleans()), max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(all_responses=st.lists(responses, max_size=8), margin=st.sampled_from([0.0, 0.5]))
+def test_pairs_properties_with_truncation_and_duplicates(all_responses, margin):
+    records = [judged(str(i), *r) for i, r in enumerate(all_responses)]
+    pairs, s = build_pairs(records, margin)
+    assert s["pairs"] + s["pairsDropped"] == len(records)
+    for p in pairs:
+        rs = [r for r in all_responses[int(p["promptId"])] if r[1] is not None and r[0].strip()]
+        assert p["chosen"].strip() != p["rejected"].strip()
+        assert p["chosenScore"] > p["rejectedScore"]
+        finished = [r for r in rs if not r[2]]
+        assert p["chosenScore"] == max(r[1] for r in finished)
+        assert any(r[0] == p["chosen"] and not r[2] and r[1] == p["chosenScore"] for r in rs)
+        assert p["rejectedScore"] == min(r[1] for r in rs if r[0].strip() != p["chosen"].strip())
 
 
 @settings(max_examples=300, deadline=None)

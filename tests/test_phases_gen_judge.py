@@ -99,8 +99,36 @@ def test_chat_template_and_plain_fallback(tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     text, templated = chat_format(tok, "What is 2+2?")
     assert templated and text == "<|user|>\nWhat is 2+2?\n<|assistant|>\n"
+    tok.chat_template = None  # a base model: the documented plain format, not the bare prompt
+    assert chat_format(tok, "What is {2}+2?") == ("### Instruction:\nWhat is {2}+2?\n\n### Response:\n", False)
+
+
+def test_one_prompt_format_for_generation_judging_and_training(tiny_model):
+    """Without a chat template the hf backend, the vllm backend and SFT/DPO rows all use
+    prompt_format's plain format (one function), never the bare prompt."""
+    from transformers import AutoTokenizer
+
+    from selfreward import prompt_format, training
+    from selfreward.backends import hf, vllm
+
+    assert hf.format_prompt is vllm.format_prompt is prompt_format.format_prompt
+    b = TransformersBackend(tiny_model)
+    try:
+        b.tokenizer.chat_template = None
+        (ids,) = b._encode(["What is 2+2?"], max_new_tokens=4)
+        shown = b.tokenizer.decode(ids, skip_special_tokens=True)
+        assert shown == prompt_format.plain_prompt("What is 2+2?") == "### Instruction:\nWhat is 2+2?\n\n### Response:\n"
+        assert b.generate(["What is 2+2?"], n=2, max_new_tokens=3, seed=1)[0][0].tokens >= 1
+    finally:
+        b.close()
+    tok = AutoTokenizer.from_pretrained(tiny_model)
     tok.chat_template = None
-    assert chat_format(tok, "What is 2+2?") == ("What is 2+2?", False)
+    assert training.chat_format(tok) is False
+    pair = {"prompt": "What is 2+2?", "chosen": "4.", "rejected": "5."}
+    (row,) = training.preference_rows([pair], training.chat_format(tok), "pairs")
+    assert row == {"prompt": shown, "chosen": "4.", "rejected": "5."}
+    (row,) = training.completion_rows([{"prompt": "What is 2+2?", "response": "4."}], False, "ift")
+    assert row == {"prompt": shown, "completion": "4."}
 
 
 def test_backend_names():
@@ -136,6 +164,12 @@ def test_generate_judge_pairs_end_to_end(tmp_path, tiny_model):
         assert r["promptId"] == prompt_id(r["prompt"])
         assert len(r["responses"]) == len(r["tokens"]) == 3
         assert all(isinstance(t, str) for t in r["responses"]) and all(1 <= n <= 12 for n in r["tokens"])
+        # cut at maxNewTokens without an end-of-sequence token: marked, and only then
+        assert len(r["truncated"]) == 3 and all(isinstance(f, bool) for f in r["truncated"])
+        assert all(n == 12 for n, cut in zip(r["tokens"], r["truncated"]) if cut)
+    generated = read_phase_records(store, 1, "generate")
+    assert any(f for r in generated for f in r["truncated"])  # random text rarely ends within 12 tokens
+    assert gen["truncatedResponses"] == sum(f for r in generated for f in r["truncated"])
     assert gen["generatedTokens"] == sum(sum(r["tokens"]) for r in read_phase_records(store, 1, "generate"))
 
     # judge: two shards over all generate records
@@ -144,8 +178,11 @@ def test_generate_judge_pairs_end_to_end(tmp_path, tiny_model):
     records = read_phase_records(store, 1, "judge")
     assert sorted(r["promptId"] for r in records) == sorted(prompt_id(p) for p in SEEDS)
     scores = []
+    generated_by_id = {r["promptId"]: r for r in generated}
     for rec in records:
         assert len(rec["responses"]) == 3
+        # the judge record carries each response's truncation mark over
+        assert [resp["truncated"] for resp in rec["responses"]] == generated_by_id[rec["promptId"]]["truncated"]
         for resp in rec["responses"]:
             assert len(resp["verdicts"]) == 2  # raw verdicts kept
             # the stored scores are exactly what the parser reads from the raw verdicts
@@ -178,6 +215,7 @@ def test_generate_judge_pairs_end_to_end(tmp_path, tiny_model):
         assert p["chosenScore"] > p["rejectedScore"]
         texts = {r["text"]: r["score"] for r in by_id[p["promptId"]]["responses"]}
         assert texts[p["chosen"]] == p["chosenScore"] and texts[p["rejected"]] == p["rejectedScore"]
+        assert not any(r["truncated"] for r in by_id[p["promptId"]]["responses"] if r["text"] == p["chosen"])
 
 
 def test_unparseable_verdicts_are_counted_and_the_run_goes_on(tmp_path, tiny_model):

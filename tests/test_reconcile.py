@@ -5,8 +5,8 @@ import json
 from datetime import datetime, timedelta, timezone
 
 from selfreward import jobs as J
-from selfreward.reconcile import (FINALIZER, CreateJob, DeleteJob, Event, SetFinalizer, SetJobTTL, SuspendJob,
-                                  reconcile)
+from selfreward.reconcile import (FINALIZER, CreateJob, CreateService, DeleteJob, Event, SetFinalizer, SetJobTTL,
+                                  SuspendJob, reconcile)
 from selfreward.status import HISTORY_LIMIT, RunStatus
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
@@ -492,8 +492,9 @@ def test_a_permanent_api_refusal_fails_the_run_and_a_new_spec_resumes_it():
 
 def test_a_spec_too_large_for_a_job_is_refused_as_an_invalid_spec():
     big = make_run(resources={"default": {"tolerations": [
-        {"key": f"example.com/taint-{i:05d}", "operator": "Equal", "value": "v" * 200, "effect": "NoSchedule"}
-        for i in range(1200)]}})
+        # toleration values are label values (at most 63 characters): many of them instead
+        {"key": f"example.com/taint-{i:05d}", "operator": "Equal", "value": "v" * 60, "effect": "NoSchedule"}
+        for i in range(2400)]}})
     res = reconcile(big, {}, [], T0, SETTINGS)
     assert created(res) == [] and res.status["phase"] == "Failed"
     assert next(c for c in res.status["conditions"] if c["type"] == "Failed")["reason"] == "InvalidSpec"
@@ -540,10 +541,38 @@ def test_a_store_at_a_root_is_never_cleaned_up():
     for uri in ("s3://bucket", "s3://bucket/", "file:///", "/"):
         run = make_run(storage={"uri": uri, "deleteOnRunDeletion": True})
         res = _deleting(run)
-        if res.status.get("phase") == "Failed":  # the spec itself refuses such a URI: no cleanup either
-            assert not res.of(CreateJob)
+        if res.status.get("phase") == "Failed" or [e for e in res.of(Event) if e.reason == "CleanupSkipped"]:
+            # the spec itself refuses such a URI (spec.uri_problem): no cleanup either
+            assert not res.of(CreateJob) and res.of(SetFinalizer) == [SetFinalizer(False)]
             continue
         assert not res.of(CreateJob), uri
         assert res.of(SetFinalizer) == [SetFinalizer(False)]
         [ev] = res.of(Event)
         assert (ev.type, ev.reason) == ("Warning", "CleanupRefused") and "nothing was deleted" in ev.message
+
+
+def test_multi_node_train_step_creates_the_headless_service_before_each_of_its_jobs():
+    run = make_run(iterations=1, training={"distributed": "fsdp"}, resources={"train": {"nodes": 2, "gpus": 4}})
+    sim = Sim(run)
+    for phase in ("generate", "judge", "pairs"):
+        res = sim.step()
+        assert res.of(CreateService) == []  # one-pod steps need no Service
+        sim.complete(f"r-i1-{phase}")
+    res = sim.step()
+    kinds = [type(a).__name__ for a in res.actions if isinstance(a, (CreateService, CreateJob))]
+    assert kinds == ["CreateService", "CreateJob"]  # the DNS names exist before the pods
+    (svc,) = res.of(CreateService)
+    assert svc.manifest == J.build_service(run["metadata"], SETTINGS)
+    assert svc.manifest["metadata"]["ownerReferences"][0]["uid"] == "uid-r"
+    job = res.of(CreateJob)[0].manifest
+    assert job["spec"]["completions"] == 2 and job["spec"]["template"]["spec"]["subdomain"] == svc.name
+    # one rank fails: the Job fails as a whole, and the retry re-creates the Service (409 if
+    # it is there) and a new Job of every rank
+    sim.fail("r-i1-train")
+    sim.step()  # the failure is recorded and the retry scheduled
+    res = sim.step(dt=10)
+    assert [a.name for a in res.of(CreateService)] == [svc.name]
+    assert created(res) == ["r-i1-train-r2"]
+    assert res.of(CreateJob)[0].manifest["spec"]["completions"] == 2
+    sim.complete("r-i1-train-r2")
+    assert sim.step().status["phase"] == "Succeeded"

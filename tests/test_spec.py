@@ -50,7 +50,7 @@ def fields(err: SpecError) -> dict[str, str]:
         ("judge.scorePattern", r"Score:\s*[0-9]+", "judge.scorePattern", "capturing group"),
         ("judge.scorePattern", r"Score: ([0-9]", "judge.scorePattern", "not a valid regular expression"),
         ("judge.template", "Rate {prompt} out of 5.", "judge.template", "{response}"),
-        ("judge.template", "Rate {prompt} {response} {extra}", "judge.template", "placeholder other than"),
+        ("judge.template", "Rate {prompt} {response} {extra}", "judge.template", "the only placeholders are"),
         ("storage.uri", "http://example.com/run", "storage.uri", "unsupported scheme"),
         ("generation.backend", "tensorrt", "generation.backend", "transformers"),
         ("training.beta", 0, "training.beta", "greater than 0"),
@@ -197,18 +197,110 @@ def test_validate_command_reports_the_field(tmp_path, capsys):
     from selfreward.cli import main
 
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(with_("generation.responsesPerPrompt", 1)))
-    assert main(["validate", str(tmp_path / "bad.yaml")]) == 2
+    assert main(["validate", str(tmp_path / "bad.yaml")]) == 1  # 1: invalid (2: a path cannot be read)
     assert "generation.responsesPerPrompt" in capsys.readouterr().err
 
 
-def test_training_phases_take_at_most_one_gpu():
-    from selfreward.spec import SpecError, parse_spec
+SFT = {"instructionDataUri": "/ift.jsonl"}
 
-    base = {"model": {"uri": "/m"}, "prompts": {"uri": "/p.jsonl"}, "storage": {"uri": "/s"}}
-    with pytest.raises(SpecError, match=r"resources.train.gpus is 8"):
-        parse_spec({**base, "resources": {"train": {"gpus": 8}}})
-    # inherited from the default: generation may use 4 GPUs, training still needs its own 1
-    with pytest.raises(SpecError, match=r"resources.sft.gpus is 4"):
-        parse_spec({**base, "resources": {"default": {"gpus": 4}}})
-    ok = parse_spec({**base, "resources": {"default": {"gpus": 4}, "train": {"gpus": 1}, "sft": {"gpus": 1}}})
-    assert ok.resources.for_phase("generate").gpus == 4 and ok.resources.for_phase("train").gpus == 1
+
+@pytest.mark.parametrize("extra, words", [
+    ({"resources": {"train": {"gpus": 8}}}, "resources.train.gpus is 8"),
+    # inherited from the default: generation may use 4 GPUs, training needs its own 1
+    ({"resources": {"default": {"gpus": 4}}}, "resources.default.gpus is 4 for the train phase"),
+    ({"resources": {"train": {"nodes": 2}}}, "resources.train.nodes is 2"),
+    ({"sft": SFT, "resources": {"default": {"gpus": 4}, "train": {"gpus": 1}}},
+     "resources.default.gpus is 4 for the sft phase"),
+    ({"sft": SFT, "resources": {"sft": {"gpus": 2}}}, "resources.sft.gpus is 2"),
+    ({"training": {"distributed": "fsdp"}, "resources": {"generate": {"nodes": 2}}}, "resources.generate.nodes is 2"),
+    ({"training": {"distributed": "fsdp"}, "resources": {"default": {"nodes": 2}}}, "resources.default.nodes is 2"),
+    ({"training": {"distributed": "deepspeed"}}, "DeepSpeed is not in the worker image"),
+    ({"training": {"distributed": "fsdp", "gradientCheckpointing": True}}, "training.fsdp.activationCheckpointing"),
+])
+def test_training_topology_that_cannot_run_is_refused_with_the_field(extra, words):
+    err = rejected({**BASE, **extra})
+    assert words in str(err)
+
+
+@pytest.mark.parametrize("extra, phase, world", [
+    # issue 11: no iteration 0, 4 GPUs by default for generation, train at 1: no sft rule applies
+    ({"resources": {"default": {"gpus": 4}, "train": {"gpus": 1}}}, "train", (1, 1)),
+    ({"resources": {"default": {"gpus": 4}, "train": {"gpus": 1}, "sft": {"gpus": 8}}}, "train", (1, 1)),
+    ({"training": {"distributed": "fsdp"}, "resources": {"train": {"gpus": 8, "nodes": 4}}}, "train", (4, 8)),
+    ({"training": {"distributed": "fsdp"}, "resources": {"default": {"gpus": 2}}}, "train", (1, 2)),
+    ({"training": {"distributed": "fsdp"}, "resources": {"train": {"gpus": 0, "nodes": 2}}}, "train", (2, 1)),
+    ({"training": {"distributed": "fsdp"}, "sft": SFT, "resources": {"sft": {"gpus": 4}}}, "sft", (1, 4)),
+    ({"training": {"distributed": "fsdp"}}, "train", (1, 1)),
+])
+def test_training_topology_that_can_run_is_accepted(extra, phase, world):
+    spec = parse_spec({**BASE, **extra})
+    assert spec.training_world(phase) == world
+
+
+def test_fsdp_defaults_are_full_sharding_without_offload():
+    spec = parse_spec({**BASE, "training": {"distributed": "fsdp"}})
+    assert spec.training.fsdp.reshardAfterForward is True
+    assert spec.training.fsdp.cpuOffload is False and spec.training.fsdp.activationCheckpointing is False
+    assert parse_spec(BASE).training.distributed == "none"
+
+
+def _topology_cases():
+    from hypothesis import strategies as st
+
+    res = st.one_of(st.none(), st.fixed_dictionaries({}, optional={"gpus": st.integers(0, 9),
+                                                                   "nodes": st.integers(1, 5)}))
+    return st.fixed_dictionaries({
+        "distributed": st.sampled_from(["none", "fsdp"]), "with_sft": st.booleans(),
+        **{phase: res for phase in ("default", "sft", "train", "generate", "judge", "pairs")},
+    })
+
+
+def test_topology_rules_match_an_independent_statement_of_them():
+    """Random GPU/node layouts: accepted exactly when every phase the run has can run,
+    and then the training world is nodes x GPUs (one process without fsdp); refused with
+    the offending field named otherwise. Accepted layouts give Jobs of that shape."""
+    from hypothesis import given, settings as hsettings
+
+    from selfreward import jobs as J
+    from selfreward.layout import steps
+
+    @hsettings(max_examples=150, deadline=None)
+    @given(_topology_cases())
+    def check(case):
+        resources = {k: case[k] for k in ("default", "sft", "train", "generate", "judge", "pairs") if case[k] is not None}
+        doc = {**BASE, "training": {"distributed": case["distributed"]}, "resources": resources}
+        if case["with_sft"]:
+            doc["sft"] = {"instructionDataUri": "/ift.jsonl"}
+
+        def eff(phase, field):
+            own = resources.get(phase) or {}
+            return own[field] if field in own else (resources.get("default") or {}).get(field)
+
+        bad = []
+        for phase in (["sft"] if case["with_sft"] else []) + ["train"]:
+            gpus, nodes = eff(phase, "gpus") or 0, eff(phase, "nodes") or 1
+            if case["distributed"] == "none" and (gpus > 1 or nodes > 1):
+                bad.append(phase)
+        for phase in ("default", "generate", "judge", "pairs"):
+            if (resources.get(phase) or {}).get("nodes", 1) > 1:
+                bad.append(phase)
+        try:
+            spec = parse_spec(doc)
+        except SpecError as e:
+            assert bad, f"refused a layout that can run: {doc}: {e}"
+            assert any(f"resources.{p}." in str(e) or "resources.default." in str(e) for p in bad), str(e)
+            return
+        assert not bad, f"accepted a layout that cannot run ({bad}): {doc}"
+        for phase in (["sft"] if case["with_sft"] else []) + ["train"]:
+            want = ((eff(phase, "nodes") or 1, max(1, eff(phase, "gpus") or 0)) if case["distributed"] == "fsdp"
+                    else (1, 1))
+            assert spec.training_world(phase) == want
+            step = next(s for s in steps(spec) if s.phase == phase)
+            job = J.build_job({"name": "r" * 60, "namespace": "ns", "uid": "u"}, spec, step, 3)
+            assert job["spec"]["completions"] == want[0]
+            name = job["metadata"]["name"]
+            assert len(name) <= 63
+            if want[0] > 1:  # pod hostnames <job>-<index> must be DNS labels too
+                assert len(f"{name}-{want[0] - 1}") <= 63
+
+    check()

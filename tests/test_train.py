@@ -159,6 +159,42 @@ def test_dpo_reference_model_choice(tmp_path, tiny_model, reference):
         layout.checkpoint_dir(1, "train") if reference == "current" else tiny_model)
 
 
+@pytest.mark.parametrize("reference", ["current", "base"])
+def test_precomputed_reference_log_probs_train_the_same_without_a_reference_copy(tmp_path, tiny_model, monkeypatch,
+                                                                                 reference):
+    """training.precomputeRefLogProbs: the same losses step by step as with a reference
+    model in memory (so the log-probs come from the right model: M_2 for current, the
+    base for base), and while training runs only the policy is alive."""
+    import gc
+
+    from transformers import LlamaForCausalLM
+
+    live: list[int] = []
+    kept = training.kept_examples
+
+    def counting(trainer, *args):  # called after the trainer is built, before it trains
+        gc.collect()
+        live.append(sum(isinstance(o, LlamaForCausalLM) for o in gc.get_objects()))
+        return kept(trainer, *args)
+
+    monkeypatch.setattr(training, "kept_examples", counting)
+    losses = {}
+    for precompute in (False, True):
+        spec = _spec(tmp_path / str(precompute), tiny_model,
+                     {"reference": reference, "maxSteps": 3, "precomputeRefLogProbs": precompute})
+        store = Store.for_spec(spec)
+        _perturbed_checkpoint(tiny_model, tmp_path / str(precompute), store, layout.checkpoint_dir(1, "train"))
+        store.write_jsonl(pairs_path(2), _pairs(8))
+        progress: list[dict] = []
+        summary = run_phase(spec, "train", 2, store=store, progress=progress.append)
+        assert summary["precomputeRefLogProbs"] is precompute
+        losses[precompute] = [p["loss"] for p in progress]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-5)
+    assert (abs(losses[True][0] - math.log(2)) < 1e-3) == (reference == "current")
+    # without precomputing: the policy and a reference copy; with it: the policy only
+    assert live == [2, 1]
+
+
 def test_fewer_pairs_than_the_batch_still_train(tmp_path, tiny_model):
     spec = _spec(tmp_path, tiny_model, {"batchSize": 8, "gradientAccumulation": 4, "epochs": 1,
                                            "gradientCheckpointing": True})

@@ -42,8 +42,8 @@ from typing import Any, Optional
 from urllib.parse import quote
 
 from . import jobs as J
-from .reconcile import (PERMANENT_API_STATUS, CreateJob, DeleteJob, Event, Result, SetFinalizer, SetJobTTL,
-                        SuspendJob, api_refused, reconcile, reconcile_error)
+from .reconcile import (PERMANENT_API_STATUS, CreateJob, CreateService, DeleteJob, Event, Result, SetFinalizer,
+                        SetJobTTL, SuspendJob, api_refused, reconcile, reconcile_error)
 
 try:  # Prometheus metrics (selfreward.metrics); optional so the operator runs without it
     from . import metrics as _metrics
@@ -129,6 +129,16 @@ class Kube:
         if existing is None:  # deleted in between: try once more
             return self.request("POST", path, manifest), True
         return existing, False
+
+    def create_service(self, ns: str, manifest: dict) -> bool:
+        """Create a Service; False when it exists already (409)."""
+        try:
+            self.request("POST", f"/api/v1/namespaces/{ns}/services", manifest)
+            return True
+        except KubeError as e:
+            if e.status != 409:
+                raise
+        return False
 
     def delete_job(self, ns: str, name: str) -> None:
         self.request("DELETE", f"/apis/batch/v1/namespaces/{ns}/jobs/{quote(name)}",
@@ -605,6 +615,9 @@ class Controller:
             elif _metrics is not None:
                 _metrics.job_created(ns, name, action.manifest["metadata"]["labels"].get(J.LABEL_PHASE))
             self.job_event("ADDED", obj)
+        elif isinstance(action, CreateService):
+            if await asyncio.to_thread(self.kube.create_service, ns, action.manifest):
+                log.info("%s/%s: created Service %s", ns, name, action.name)
         elif isinstance(action, DeleteJob):
             log.info("%s/%s: deleting Job %s", ns, name, action.name)
             await asyncio.to_thread(self.kube.delete_job, ns, action.name)
@@ -721,6 +734,7 @@ def operator_settings(worker_image: str) -> J.Settings:
                                                       defaults.image_pull_grace_seconds)),
         unschedulable_grace_seconds=float(os.environ.get("SELFREWARD_UNSCHEDULABLE_GRACE_SECONDS",
                                                          defaults.unschedulable_grace_seconds)),
+        rendezvous_port=int(os.environ.get("SELFREWARD_RENDEZVOUS_PORT", defaults.rendezvous_port)),
     )
 
 

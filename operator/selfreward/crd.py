@@ -27,7 +27,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema, NoDefault
 
-from .spec import RunSpec
+from .spec import PHASES, TRAINING_PHASES, RunSpec
 from .status import HISTORY_LIMIT, RunStatus
 
 GROUP = "selfreward.dev"
@@ -163,9 +163,43 @@ def _gpus_rule(section: str, phase: str) -> dict:
     }
 
 
+def _one_process_rule(phase: str) -> dict:
+    """training.distributed none runs the phase as one process: at most one GPU and one
+    node, the phase's own value winning over resources.default's. The sft rule applies
+    only when the run has iteration 0 (spec.sft set and enabled), as in RunSpec."""
+    own = f"self.resources.{phase}"
+    dflt = "self.resources.default"
+
+    def value(field: str) -> str:
+        return (f"((has({own}) && has({own}.{field})) ? {own}.{field} : "
+                f"((has({dflt}) && has({dflt}.{field})) ? {dflt}.{field} : 0))")
+
+    has_phase = "" if phase == "train" else "!has(self.sft) || (has(self.sft.enabled) && !self.sft.enabled) || "
+    return {
+        "rule": (
+            f"{has_phase}(has(self.training) && has(self.training.distributed) && self.training.distributed != 'none') || "
+            f"!has(self.resources) || ({value('gpus')} <= 1 && {value('nodes')} <= 1)"
+        ),
+        "message": f"resources.{phase}.gpus and nodes above 1 need training.distributed fsdp (none is one process)",
+        "fieldPath": f".resources.{phase}",
+        "reason": "FieldValueInvalid",
+    }
+
+
+_ONE_NODE = [{"rule": "!has(self.nodes) || self.nodes <= 1",
+              "message": "nodes above 1: only resources.train and resources.sft run across nodes"}]
+
+
 # Rules per schema node, as paths of property names from the CRD's version schema root.
 VALIDATIONS: dict[tuple[str, ...], list[dict]] = {
-    ("spec",): [_gpus_rule("generation", "generate"), _gpus_rule("judge", "judge")],
+    ("spec",): [_gpus_rule("generation", "generate"), _gpus_rule("judge", "judge"),
+                _one_process_rule("train"), _one_process_rule("sft")],
+    ("spec", "training"): [{
+        "rule": "!has(self.distributed) || self.distributed != 'deepspeed'",
+        "message": "training.distributed deepspeed is not supported (DeepSpeed is not in the worker image): use fsdp",
+        "fieldPath": ".distributed",
+    }],
+    **{("spec", "resources", phase): _ONE_NODE for phase in ("default",) + tuple(p for p in PHASES if p not in TRAINING_PHASES)},
     ("spec", "judge"): [{
         "rule": "!has(self.minScore) || !has(self.maxScore) || self.minScore < self.maxScore",
         "message": "judge.minScore must be below judge.maxScore",

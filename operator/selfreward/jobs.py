@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Optional
 
+from . import distributed
 from .layout import Step
-from .spec import GenerationSpec, JudgeSpec, RunSpec, SpecError
+from .spec import GenerationSpec, JudgeSpec, PhaseResources, RunSpec, SpecError, reserved_env
 
 GROUP = "selfreward.dev"
 VERSION = "v1alpha1"
@@ -42,6 +44,7 @@ LABEL_PHASE = "selfreward.dev/phase"
 LABEL_ATTEMPT = "selfreward.dev/attempt"
 LABEL_JOB = "selfreward.dev/job"
 LABEL_ROLE = "selfreward.dev/role"  # "step" or "cleanup"
+LABEL_RANKS = "selfreward.dev/ranks"  # "true" on the pods of a multi-node step (the headless Service selects them)
 ANN_RUN_NAME = "selfreward.dev/run-name"
 ANN_GENERATION = "selfreward.dev/spec-generation"
 ANN_SUSPENDED = "selfreward.dev/suspended-by-operator"
@@ -56,8 +59,10 @@ MAX_OBJECT_NAME = 253  # a DNS subdomain: the run's own name, an Event's
 
 
 def _max_shards() -> int:
-    """The most completions (pods) an Indexed Job of a run can have: the spec's bound."""
-    bounds = [m.le for f in (GenerationSpec.model_fields["shards"], JudgeSpec.model_fields["shards"])
+    """The most completions (pods) an Indexed Job of a run can have: the spec's bounds on
+    shards and on training nodes."""
+    bounds = [m.le for f in (GenerationSpec.model_fields["shards"], JudgeSpec.model_fields["shards"],
+                             PhaseResources.model_fields["nodes"])
               for m in f.metadata if getattr(m, "le", None) is not None]
     return max(bounds)
 
@@ -81,7 +86,8 @@ class Settings:
     image_pull_grace_seconds: float = 120.0  # a pod stuck pulling its image fails the attempt after this
     unschedulable_grace_seconds: float = 900.0  # a pod that cannot be scheduled fails the attempt after this
     run_as_user: int = 1000
-    tmp_size_limit: str = "20Gi"
+    scratch_gib: int = 20  # the scratch size without model.sizeGiB, and the least with it
+    rendezvous_port: int = distributed.RENDEZVOUS_PORT  # rank 0's TCP store in multi-node training pods
 
 
 # --- names and labels ---------------------------------------------------------------
@@ -124,6 +130,23 @@ def job_name(run_name: str, step: Step, attempt: int = 1) -> str:
     back from the Job's labels (job_step_of), never parsed from the name."""
     suffix = job_suffix(step, attempt)
     return _dns_label(run_name, MAX_JOB_NAME - len(suffix)) + suffix
+
+
+def step_nodes(spec: RunSpec, step: Step) -> int:
+    """Pods that train together in this step (1 unless training.distributed and nodes say more)."""
+    return spec.training_world(step.phase)[0] if distributed.launches(spec, step.phase) else 1
+
+
+def service_name(run_name: str) -> str:
+    """The run's headless Service for multi-node rendezvous (a DNS-1035 label: it starts
+    with a letter whatever the run is called)."""
+    return "ranks-" + _dns_label(run_name, MAX_NAME - len("ranks-"))
+
+
+def master_address(run_meta: dict, job: str) -> str:
+    """Pod 0's stable DNS name: hostname <job>-0 (the Indexed Job's pod hostnames) under
+    the Service's subdomain."""
+    return f"{job}-0.{service_name(run_meta['name'])}.{run_meta.get('namespace') or 'default'}.svc"
 
 
 def cleanup_job_name(run_name: str) -> str:
@@ -201,6 +224,75 @@ def _storage_env(spec: RunSpec) -> list[dict]:
     return env
 
 
+# --- scratch, model volumes and the model cache ----------------------------------------
+
+PVC_MOUNT_ROOT = "/mnt/selfreward/pvc"  # models.pvc_path reads pvc://claim/path at ROOT/claim/path
+MODEL_CACHE_MOUNT = "/cache/selfreward"
+# Copies of the model (of model.sizeGiB each) a phase's scratch holds, without and with a
+# shared model cache (fetched models then live in the cache): generate and judge fetch
+# M_t (instruct: M_t or its own writer model); sft and train fetch M_t and, with
+# training.reference: base, the base model, and save M_{t+1}. docs/storage.md has the table.
+SCRATCH_MODEL_COPIES = {"generate": (1, 0), "judge": (1, 0), "instruct": (1, 0), "sft": (2, 1), "train": (3, 1),
+                        "pairs": (0, 0)}
+SCRATCH_HEADROOM_GIB = 10  # hub and compile caches, logs, a save's temporary files
+
+
+def scratch_size(spec: RunSpec, phase: str, res: PhaseResources, settings: Settings) -> str:
+    """The scratch volume's size: the phase's own, else 1.1 x the model copies it holds
+    + headroom, never less than settings.scratch_gib."""
+    if res.scratch is not None and res.scratch.size:
+        return res.scratch.size
+    if spec.model.sizeGiB is None:
+        return f"{settings.scratch_gib}Gi"
+    copies = SCRATCH_MODEL_COPIES.get(phase, (0, 0))[1 if spec.resources.modelCache else 0]
+    return f"{max(settings.scratch_gib, math.ceil(copies * spec.model.sizeGiB * 1.1) + SCRATCH_HEADROOM_GIB)}Gi"
+
+
+def _scratch_volume(spec: RunSpec, phase: str, res: PhaseResources, settings: Settings, labels: dict) -> dict:
+    scratch = res.scratch
+    if scratch is None or scratch.type == "emptyDir":
+        return {"name": "tmp", "emptyDir": {"sizeLimit": scratch_size(spec, phase, res, settings)}}
+    if scratch.type == "claim":
+        return {"name": "tmp", "persistentVolumeClaim": {"claimName": scratch.claimName}}
+    claim_spec: dict[str, Any] = {"accessModes": ["ReadWriteOnce"],
+                                  "resources": {"requests": {"storage": scratch_size(spec, phase, res, settings)}}}
+    if scratch.storageClassName:
+        claim_spec["storageClassName"] = scratch.storageClassName
+    return {"name": "tmp", "ephemeral": {"volumeClaimTemplate": {
+        "metadata": {"labels": {LABEL_RUN: labels[LABEL_RUN], LABEL_PHASE: phase}}, "spec": claim_spec}}}
+
+
+def model_claims(spec: RunSpec) -> list[str]:
+    """The PersistentVolumeClaims that pvc:// model URIs of the spec name."""
+    uris = [spec.model.uri]
+    if spec.prompts.selfInstruct and spec.prompts.selfInstruct.modelUri:
+        uris.append(spec.prompts.selfInstruct.modelUri)
+    return sorted({u[len("pvc://"):].partition("/")[0] for u in uris if u.startswith("pvc://")})
+
+
+def _model_volumes(spec: RunSpec) -> tuple[list[dict], list[dict], list[dict]]:
+    """(volumes, mounts, env) of the phases that load a model: each pvc:// claim mounted
+    read-only, the shared model cache, the hub token as a secretKeyRef."""
+    volumes, mounts, env = [], [], []
+    for claim in model_claims(spec):
+        name = f"model-pvc-{_hash(claim)}"
+        volumes.append({"name": name, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        mounts.append({"name": name, "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": True})
+    cache = spec.resources.modelCache
+    if cache is not None:
+        if cache.type == "claim":
+            volumes.append({"name": "model-cache", "persistentVolumeClaim": {"claimName": cache.claimName}})
+        else:
+            volumes.append({"name": "model-cache", "hostPath": {"path": cache.path, "type": "DirectoryOrCreate"}})
+        mounts.append({"name": "model-cache", "mountPath": MODEL_CACHE_MOUNT})
+        env += [{"name": "SELFREWARD_CACHE", "value": MODEL_CACHE_MOUNT},
+                {"name": "HF_HUB_CACHE", "value": f"{MODEL_CACHE_MOUNT}/hub"}]
+    if spec.model.hubTokenSecret:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": spec.model.hubTokenSecret,
+                                                                       "key": "HF_TOKEN"}}})
+    return volumes, mounts, env
+
+
 def _security_context_pod(settings: Settings) -> dict:
     return {
         "runAsNonRoot": True,
@@ -247,12 +339,17 @@ def _job_shell(
         limits[res.gpuResourceName or DEFAULT_GPU_RESOURCE] = str(res.gpus)
 
     volumes = [
-        {"name": "tmp", "emptyDir": {"sizeLimit": settings.tmp_size_limit}},
+        _scratch_volume(spec, phase_for_resources, res, settings, labels),
         {"name": "run", "downwardAPI": {"items": [
             {"path": SPEC_FILE[len(SPEC_DIR) + 1:],
              "fieldRef": {"fieldPath": f"metadata.annotations['{ANN_DOCUMENT}']"}}]}},
     ]
     mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "run", "mountPath": SPEC_DIR, "readOnly": True}]
+    model_env: list[dict] = []
+    if phase_for_resources != "pairs":  # pairs (and cleanup, which runs with pairs' settings) load no model
+        model_volumes, model_mounts, model_env = _model_volumes(spec)
+        volumes += model_volumes
+        mounts += model_mounts
     if res.shmSize:
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shmSize}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
@@ -263,11 +360,14 @@ def _job_shell(
         {"name": "HF_HOME", "value": "/tmp/.cache/huggingface"},
         {"name": "TRITON_CACHE_DIR", "value": "/tmp/.cache/triton"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        # the worker records the image it runs in (run.json, summaries); the digest is in pod status only
+        {"name": "SELFREWARD_IMAGE", "value": spec.image or settings.worker_image},
     ]
-    env += _storage_env(spec)
+    env += _storage_env(spec) + model_env
     reserved = {e["name"] for e in env}
     for extra in res.env or []:
-        if extra.name not in reserved:  # user env may not override the spec or credentials
+        # the spec refuses reserved names at load (spec.reserved_env); never override one here either
+        if extra.name not in reserved and not reserved_env(extra.name):
             env.append({"name": extra.name, "value": extra.value})
 
     container: dict[str, Any] = {
@@ -295,6 +395,10 @@ def _job_shell(
         "securityContext": _security_context_pod(settings),
         "enableServiceLinks": False,
     }
+    if phase_for_resources in ("sft", "train"):  # SIGTERM first saves a resume checkpoint (selfreward.resume)
+        owner = spec.sft if phase_for_resources == "sft" else spec.training
+        if owner is not None:
+            pod_spec["terminationGracePeriodSeconds"] = owner.checkpointing.terminationGraceSeconds
     if res.nodeSelector:
         pod_spec["nodeSelector"] = dict(res.nodeSelector)
     if res.tolerations:
@@ -356,6 +460,7 @@ def build_job(run_meta: dict, spec: RunSpec, step: Step, attempt: int, settings:
     settings = settings or Settings()
     run_name = run_meta["name"]
     name = job_name(run_name, step, attempt)
+    nodes = step_nodes(spec, step)
     labels = base_labels(run_name)
     labels.update({
         LABEL_ITERATION: str(step.iteration),
@@ -369,14 +474,62 @@ def build_job(run_meta: dict, spec: RunSpec, step: Step, attempt: int, settings:
     command = ["selfreward", "worker", step.phase, "--iteration", str(step.iteration), "--spec", SPEC_FILE]
     if step.sharded:
         command += ["--num-shards", str(step.shards)]
+    if distributed.launches(spec, step.phase):
+        command = distributed.torchrun_command(spec, step.phase, command[1:], settings.rendezvous_port)
     env = [
         {"name": "SELFREWARD_RUN", "value": run_name},
         {"name": "SELFREWARD_ITERATION", "value": str(step.iteration)},
         {"name": "SELFREWARD_PHASE", "value": step.phase},
     ]
-    return _job_shell(run_meta, spec, name, labels, annotations, command, env, step.phase, settings,
-                      completions=step.shards if step.sharded else 1,
-                      backoff_limit=spec.retry.podBackoffLimit)
+    if nodes > 1:
+        env.append({"name": distributed.MASTER_ADDR_ENV, "value": master_address(run_meta, name)})
+    job = _job_shell(run_meta, spec, name, labels, annotations, command, env, step.phase, settings,
+                     completions=step.shards if step.sharded else nodes,
+                     backoff_limit=spec.retry.podBackoffLimit)
+    if nodes > 1:
+        _gang(job, run_name)
+    return job
+
+
+def _gang(job: dict, run_name: str) -> None:
+    """Make an Indexed Job of N pods one training launch: the pods join the run's headless
+    Service (subdomain; the Job controller names each pod's host <job>-<index>), and any
+    rank that fails fails the whole Job at once (its other pods are stopped), so the
+    operator's retry re-creates every rank in a new Job. A disrupted pod is still not
+    counted, but its peers then fail, which fails the Job the same way."""
+    template = job["spec"]["template"]
+    template["metadata"]["labels"][LABEL_RANKS] = "true"
+    template["spec"]["subdomain"] = service_name(run_name)
+    job["spec"]["podFailurePolicy"]["rules"].append(
+        {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "NotIn", "values": [0]}})
+    job["spec"]["backoffLimit"] = 0
+
+
+def build_service(run_meta: dict, settings: Optional[Settings] = None) -> dict:
+    """The run's headless Service: DNS names for the pods of its multi-node steps, ready
+    or not (rank 0 must be reachable before any probe could pass), owned by the run."""
+    settings = settings or Settings()
+    run_name = run_meta["name"]
+    labels = base_labels(run_name)
+    labels[LABEL_ROLE] = "rendezvous"
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": service_name(run_name),
+            "namespace": run_meta.get("namespace"),
+            "labels": labels,
+            "annotations": {ANN_RUN_NAME: run_name},
+            "ownerReferences": [owner_reference(run_meta)],
+        },
+        "spec": {
+            "clusterIP": "None",
+            "selector": {LABEL_RUN: run_label(run_name), LABEL_RANKS: "true"},
+            "publishNotReadyAddresses": True,
+            "ports": [{"name": "rendezvous", "port": settings.rendezvous_port,
+                       "targetPort": settings.rendezvous_port, "protocol": "TCP"}],
+        },
+    }
 
 
 def build_cleanup_job(run_meta: dict, spec: RunSpec, settings: Optional[Settings] = None) -> dict:
@@ -506,6 +659,16 @@ def pod_reports(pods: list[dict]) -> list[dict]:
             if obj is not None:
                 out.append(obj)
     return out
+
+
+def job_image_id(job: dict) -> Optional[str]:
+    """The worker image as the kubelet resolved it (a container status's imageID, which
+    carries the digest), from the Job's pods; None until a pod has started."""
+    for pod in sorted(job.get("pods") or [], key=lambda p: (p.get("metadata") or {}).get("name", "")):
+        for cs in _statuses(pod):
+            if cs.get("name") in (None, CONTAINER) and cs.get("imageID"):
+                return str(cs["imageID"])
+    return None
 
 
 def job_summary(job: dict) -> Optional[dict]:

@@ -1,20 +1,33 @@
 """LLM-as-a-judge: the judge prompt, the strict score parser, and aggregation.
 
+Where a verdict's score is (docs/judging.md): the pattern (``judge.scorePattern``, RE2)
+is matched against the verdict's *statement* text (:func:`verdict_text`): the verdict
+normalised with NFKC (full-width digits and colons become ASCII), with reasoning blocks
+(``<think>...</think>``, ``<thinking>``, ``<reasoning>``) and block-quoted lines
+(``> ...``) removed, then with Markdown emphasis removed; the first group of the *last*
+match is the score. The default pattern only matches a score statement that starts a
+line or a sentence, so "a response would need examples to earn Score: 5" after the real
+score is not read.
+
 The parser is strict on purpose. A verdict whose score cannot be read (no match, not a
 number, NaN or infinite, outside minScore..maxScore) is a *parse failure*: it yields no
 score and a reason, never a stand-in value such as 0 or -1 that would quietly rank a
 response. A response whose verdicts all fail has no score and is left out of the pairs.
+RE2 matches in time linear in the verdict, and a verdict longer than
+:data:`MAX_VERDICT_CHARS` is read from its last lines only, so no verdict and no
+accepted pattern can stall a judge worker.
 """
 from __future__ import annotations
 
 import math
 import re
 import statistics
+import unicodedata
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Iterable, Optional
 
-from .spec import JudgeSpec
+from .spec import JudgeSpec, compile_score_pattern
+from .template import render_template
 
 # Why a verdict gave no score (counted in the judge summary).
 NO_MATCH = "noMatch"
@@ -24,7 +37,14 @@ OUT_OF_RANGE = "outOfRange"
 REASONS = (NO_MATCH, NOT_A_NUMBER, NOT_FINITE, OUT_OF_RANGE)
 
 # Markdown emphasis a judge may wrap around the score line: "**Score:** 4", "`Score: 4`".
+# (Fixed patterns of our own, without nested quantifiers: Python's re is linear on them.)
 _MARKDOWN = re.compile(r"\*\*|__|`|(?<!\w)\*(?!\s)|(?<!\s)\*(?!\w)")
+# Reasoning blocks a chat model writes before its answer: a draft, not the verdict.
+_REASONING_TAG = re.compile(r"<(/?)(think|thinking|reasoning)\s*>", re.IGNORECASE)
+_QUOTED_LINE = re.compile(r"^[ \t]*>.*$", re.MULTILINE)
+_INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
+# A verdict is read from at most its last this many characters (at a line start).
+MAX_VERDICT_CHARS = 200_000
 
 
 @dataclass(frozen=True)
@@ -41,17 +61,47 @@ class Verdict:
 
 
 def render_judge_prompt(judge: JudgeSpec, prompt: str, response: str) -> str:
-    """The judge's input for one (prompt, response). Only the template's own braces are
-    placeholders; braces inside the prompt or response are copied as they are."""
-    return judge.prompt_template.format(prompt=prompt, response=response)
+    """The judge's input for one (prompt, response), by selfreward.template: only the
+    template's {prompt} and {response} are placeholders ({{ and }} are literal braces);
+    braces inside the prompt or response are copied as they are."""
+    return render_template(judge.prompt_template, prompt, response)
 
 
-@lru_cache(maxsize=64)
-def _compile(pattern: str) -> re.Pattern:
-    return re.compile(pattern)
+def _without_reasoning(text: str) -> str:
+    """The text outside reasoning blocks. An opening tag that is never closed hides the
+    rest (an unfinished draft); a closing tag without an opening one hides what comes
+    before it (the chat template opened the block in the prompt)."""
+    out: list[str] = []
+    depth = last = 0
+    for m in _REASONING_TAG.finditer(text):
+        if depth == 0:
+            out.append(text[last:m.start()])
+        if m.group(1):  # a closing tag
+            if depth == 0:
+                out = []  # everything so far was the model's reasoning
+            else:
+                depth -= 1
+        else:
+            depth += 1
+        last = m.end()
+    if depth == 0:
+        out.append(text[last:])
+    return "".join(out)
 
 
-def _last_match(regex: re.Pattern, text: str) -> Optional[re.Match]:
+def verdict_text(text: str) -> str:
+    """The part of a verdict a score may be read from (see the module docstring)."""
+    # lone surrogates (possible in JSON text) cannot reach RE2, which matches UTF-8
+    text = text.encode("utf-8", "replace").decode("utf-8")
+    text = unicodedata.normalize("NFKC", text).translate(_INVISIBLE).replace("\r\n", "\n").replace("\r", "\n")
+    text = _without_reasoning(text)
+    if len(text) > MAX_VERDICT_CHARS:
+        tail = text[-MAX_VERDICT_CHARS:]
+        text = tail[tail.find("\n") + 1:] if "\n" in tail else tail
+    return _QUOTED_LINE.sub("", text)
+
+
+def _last_match(regex, text: str):
     last = None
     for m in regex.finditer(text):
         last = m
@@ -59,16 +109,18 @@ def _last_match(regex: re.Pattern, text: str) -> Optional[re.Match]:
 
 
 def parse_score(text: str, pattern: str, min_score: float, max_score: float) -> Verdict:
-    """Read the score of one verdict: the first group of the *last* match of pattern.
+    """Read the score of one verdict: the first group of the *last* match of pattern
+    (RE2) in :func:`verdict_text`.
 
     Markdown emphasis (``**``, ``__``, backticks, single ``*``) is removed before
-    matching; the raw text is tried only when that finds nothing, so a pattern written
-    with the markup in it still works.
+    matching; the text with the markup is tried only when that finds nothing, so a
+    pattern written with the markup in it still works.
     """
     if not isinstance(text, str):
         return Verdict(None, NO_MATCH, f"verdict is {type(text).__name__}, not text")
-    regex = _compile(pattern)
-    m = _last_match(regex, _MARKDOWN.sub("", text)) or _last_match(regex, text)
+    regex = compile_score_pattern(pattern)
+    body = verdict_text(text)
+    m = _last_match(regex, _MARKDOWN.sub("", body)) or _last_match(regex, body)
     if m is None:
         return Verdict(None, NO_MATCH, "the score pattern does not match")
     raw = m.group(1)

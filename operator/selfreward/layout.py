@@ -13,6 +13,8 @@ Layout under the run's storage root::
     iter-<t>/judge/shard-00000-of-00002.jsonl     (+ .summary.json per shard)
     iter-<t>/pairs/pairs.jsonl
     iter-<t>/train/checkpoint/...          M_{t+1}: safetensors + MANIFEST.json
+    iter-<t>/train/adapter/...             training.mode lora: the PEFT adapter (before merging)
+    iter-<t>/train/resume/checkpoint-<n>/  while training: the newest intermediate checkpoint
     iter-<t>/eval/shard-00000-of-00001.jsonl      evaluation of M_{t+1} (iter-0/eval: of M_1)
     iter-<t>/<phase>/summary.json          written last: the phase's commit marker
 
@@ -110,3 +112,8 @@ def reference_checkpoint(spec: RunSpec, iteration: int) -> Optional[str]:
 
 def final_checkpoint(spec: RunSpec) -> str:
     return checkpoint_dir(spec.iterations, "train")
+
+
+def adapter_dir(checkpoint_rel: str) -> str:
+    """Where a LoRA phase commits its adapter: next to its checkpoint."""
+    return checkpoint_rel.rsplit("/", 1)[0] + "/adapter" if "/" in checkpoint_rel else "adapter"

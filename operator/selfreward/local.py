@@ -13,8 +13,8 @@ whose shard summary exists is not run again. Re-running the same command after a
 failure, Ctrl-C or a crash continues where the run stopped, and the workers themselves
 skip committed output, so nothing is produced twice.
 
-run.json: the first run writes the spec to ``run.json`` at the root of the artifact
-store. A later ``selfreward run`` against the same store must carry the same recipe;
+run.json: the first run writes the spec (with the runtime it ran with, see
+``provenance``) to ``run.json`` at the root of the artifact store. A later ``selfreward run`` against the same store must carry the same recipe;
 only the fields in :data:`MUTABLE_FIELDS` may differ (more or fewer iterations, how
 fast or where the phases run, Kubernetes-only settings). Anything else, such as another
 model, other prompts or judge settings, is refused with the fields named, since the
@@ -38,13 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from . import layout, phases
+from . import distributed, layout, phases, provenance
 from .layout import Step
 from .spec import RunSpec, parse_spec
 from .status import IterationRecord
 from .storage import Store
 
-RUN_JSON = "run.json"
+RUN_JSON = provenance.RUN_JSON
 ITERATIONS_JSON = "iterations.json"
 
 # Dotted spec paths that may change between invocations of the same run. Everything
@@ -56,6 +56,10 @@ MUTABLE_FIELDS = (
     "generation.batchSize",
     "judge.backend",
     "judge.batchSize",
+    "generation.vllm",
+    "judge.vllm",
+    "training.distributed",
+    "training.fsdp",
     "storage.endpoint",
     "storage.region",
     "storage.credentialsSecret",
@@ -68,6 +72,8 @@ MUTABLE_FIELDS = (
     "retry",
     "kueue",
     "ttlSecondsAfterFinished",
+    "training.checkpointing",
+    "sft.checkpointing",
 )
 
 TERM_GRACE_SECONDS = 5.0
@@ -105,11 +111,11 @@ def check_run_json(store: Store, spec: RunSpec) -> str:
     """Write run.json, or check the one in the store against spec. Returns "new",
     "same" or "updated"; raises RunError for a different recipe."""
     doc = spec.model_dump(mode="json", exclude_none=True)
-    if not store.exists(RUN_JSON):
-        store.write_json(RUN_JSON, doc)
+    if provenance.ensure_run_json(store, spec, "local"):
         return "new"
     try:
-        old = parse_spec(store.read_json(RUN_JSON), store.url(RUN_JSON))
+        record = store.read_json(RUN_JSON)
+        old = parse_spec(provenance.run_json_spec(record), store.url(RUN_JSON))
     except ValueError as e:
         raise RunError(f"{store.url(RUN_JSON)} is not a valid run spec ({e}); this store holds something else") from None
     diffs = spec_differences(old, spec)
@@ -122,7 +128,11 @@ def check_run_json(store: Store, spec: RunSpec) -> str:
         )
     if old.model_dump(mode="json", exclude_none=True) == doc:
         return "same"
-    store.write_json(RUN_JSON, doc)
+    if not (isinstance(record, dict) and "runJsonVersion" in record):
+        record = provenance.run_record(spec, "local")  # a run.json of the bare-spec format
+    record["spec"] = doc
+    record["updatedAt"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    store.write_json(RUN_JSON, record)
     return "updated"
 
 
@@ -294,6 +304,7 @@ class Task:
     log_path: Optional[Path] = None
     log_file: Any = None
     result: dict = field(default_factory=dict)
+    slot: int = 0  # which of the --parallel places it runs in (its GPUs, see gpu_groups)
 
     @property
     def termination_log(self) -> Path:
@@ -302,6 +313,28 @@ class Task:
     @property
     def progress_file(self) -> Path:
         return self.files.with_suffix(".progress.json")
+
+
+def visible_gpu_ids() -> list[str]:
+    """The GPUs this machine lets the runner use: $CUDA_VISIBLE_DEVICES as written, else
+    every CUDA device torch sees, else none."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip() and d.strip() != "-1"]
+    return [str(i) for i in range(distributed.visible_gpus())]
+
+
+def gpu_groups(visible: list[str], parallel: int) -> list[list[str]]:
+    """The GPUs of each of ``parallel`` concurrently running shards: the visible GPUs split
+    into equal disjoint groups (the remainder idle), one GPU per shard when there are at
+    least as many shards as GPUs (then shards share them in turn). No GPUs: no groups."""
+    if not visible:
+        return []
+    slots = max(1, parallel)
+    if slots >= len(visible):
+        return [[visible[i % len(visible)]] for i in range(slots)]
+    per = len(visible) // slots
+    return [visible[i * per:(i + 1) * per] for i in range(slots)]
 
 
 def _child_setup() -> None:  # pragma: no cover - runs in the forked child
@@ -345,8 +378,10 @@ def _last_error_line(log_path: Optional[Path]) -> str:
 
 
 class Runner:
-    def __init__(self, spec: RunSpec, name: str, quiet: bool, python: str, parallel: int, state_dir: Path):
+    def __init__(self, spec: RunSpec, name: str, quiet: bool, python: str, parallel: int, state_dir: Path,
+                 nproc_per_node: Optional[int] = None):
         self.spec = spec
+        self.nproc_per_node = nproc_per_node
         self.name = name
         self.python = python
         self.parallel = max(1, parallel)
@@ -355,14 +390,23 @@ class Runner:
         self.display = Display(quiet, name)
         self.spec_file = state_dir / "spec.json"
         self.logs = state_dir / "logs"
+        self._groups: Optional[list[list[str]]] = None
+
+    def _gpu_groups(self) -> list[list[str]]:
+        if self._groups is None:
+            self._groups = gpu_groups(visible_gpu_ids(), self.parallel)
+        return self._groups
 
     # one subprocess per shard
     def _start(self, task: Task) -> None:
         step = task.step
-        cmd = [self.python, "-m", "selfreward", "worker", step.phase, "--spec", str(self.spec_file),
-               "--iteration", str(step.iteration)]
+        args = ["worker", step.phase, "--spec", str(self.spec_file), "--iteration", str(step.iteration)]
         if task.shard is not None:
-            cmd += ["--shard", str(task.shard), "--num-shards", str(step.shards)]
+            args += ["--shard", str(task.shard), "--num-shards", str(step.shards)]
+        if distributed.launches(self.spec, step.phase):  # torchrun: one process per visible GPU
+            cmd = distributed.local_launch(self.python, distributed.local_nproc(self.nproc_per_node), args)
+        else:
+            cmd = [self.python, "-m", "selfreward"] + args
         for p in (task.termination_log, task.progress_file):
             p.unlink(missing_ok=True)
         env = dict(os.environ)
@@ -372,6 +416,9 @@ class Runner:
             "PYTHONUNBUFFERED": "1",
         })
         env.pop("SELFREWARD_PROGRESS_PORT", None)  # one exporter port cannot serve parallel shards
+        groups = self._gpu_groups() if task.shard is not None and self.parallel > 1 else []
+        if groups:  # each concurrent shard on its own GPUs instead of all on cuda:0
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(groups[task.slot % len(groups)])
         stamp = time.strftime("%Y%m%dT%H%M%S")
         task.log_path = self.logs / f"{task.files.name}.{stamp}.{os.getpid()}.{time.time_ns() % 10**6}.log"
         task.log_file = open(task.log_path, "wb")
@@ -415,6 +462,7 @@ class Runner:
             while pending or running:
                 while pending and len(running) < self.parallel and error is None:
                     t = pending.pop(0)
+                    t.slot = min(set(range(self.parallel)) - {r.slot for r in running})
                     self._start(t)
                     running.append(t)
                 if not running:
@@ -527,11 +575,13 @@ def _raise_terminated(signum, frame):
 
 
 def run_local(spec: RunSpec, name: str = "run", quiet: bool = False, python: Optional[str] = None,
-              parallel: int = 1, state_dir: Optional[str | Path] = None) -> int:
-    """Run every unfinished step of spec on this machine; 0 when the run is complete."""
+              parallel: int = 1, state_dir: Optional[str | Path] = None, nproc_per_node: Optional[int] = None) -> int:
+    """Run every unfinished step of spec on this machine; 0 when the run is complete.
+    With training.distributed fsdp the sft/train steps run under torchrun with
+    ``nproc_per_node`` processes (default: selfreward.distributed.local_nproc)."""
     state = Path(state_dir) if state_dir else default_state_dir(spec, name)
     state.mkdir(parents=True, exist_ok=True)
-    runner = Runner(spec, name, quiet, python or sys.executable, parallel, state)
+    runner = Runner(spec, name, quiet, python or sys.executable, parallel, state, nproc_per_node)
     old_term = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return runner.run()

@@ -39,7 +39,7 @@ from . import conditions as cond
 from . import jobs as J
 from . import layout, phases
 from .layout import Step
-from .spec import RunSpec, SpecError, parse_spec, spec_from_document
+from .spec import PRUNED_FIELD, RunSpec, SpecError, check_applied_configuration, parse_spec, spec_from_document
 from .storage import storage_root_problem
 from .status import HISTORY_LIMIT, IterationRecord, RunStatus
 
@@ -50,6 +50,17 @@ FINALIZER = "selfreward.dev/artifacts"
 
 @dataclass(frozen=True)
 class CreateJob:
+    manifest: dict
+
+    @property
+    def name(self) -> str:
+        return self.manifest["metadata"]["name"]
+
+
+@dataclass(frozen=True)
+class CreateService:
+    """Create the run's headless Service (a 409 means it is there already: fine)."""
+
     manifest: dict
 
     @property
@@ -88,7 +99,7 @@ class SetJobTTL:
     seconds: int
 
 
-Action = Union[CreateJob, DeleteJob, SuspendJob, Event, SetFinalizer, SetJobTTL]
+Action = Union[CreateJob, CreateService, DeleteJob, SuspendJob, Event, SetFinalizer, SetJobTTL]
 
 # A pass that raised is retried after this long, growing with how long the error has
 # lasted (the Stalled condition's age), between these bounds.
@@ -323,6 +334,17 @@ def _progress(spec: RunSpec, done: tuple[int, int]) -> str:
 
 
 
+def _create_step_job(p: "_Pass", it_spec: RunSpec, step: Step, attempt: int) -> dict:
+    """Append the actions that create a step's Job; a multi-node step needs the run's
+    headless Service first (its pods' DNS names), created before every such Job rather
+    than observed: creating it again is a harmless 409, and a deleted one comes back."""
+    manifest = J.build_job(p.meta, it_spec, step, attempt, p.settings)
+    if J.step_nodes(it_spec, step) > 1:
+        p.actions.append(CreateService(J.build_service(p.meta, p.settings)))
+    p.actions.append(CreateJob(manifest))
+    return manifest
+
+
 def _working(p, st: RunStatus, where: str, step: Step, queue: Optional[str], note: str = "") -> None:
     """Status of a step whose Job exists: waiting for Kueue admission in `queue`, or running."""
     if queue is not None:
@@ -427,10 +449,13 @@ def _reconcile(run: dict, status: Any, jobs: list[dict], now: datetime, settings
     jobs = [j for j in jobs if _owned(j, uid)]
 
     # 1. the spec: what pydantic rejects (and the CRD schema could not) stalls the run;
-    # so does one too large to travel in a Job
+    # so does one too large to travel in a Job, and a field the API server pruned from
+    # what kubectl applied (a typo runs nothing)
     try:
         spec = parse_spec(run.get("spec"))
         J.checked_document(p.meta, spec)
+        if not p.meta.get("deletionTimestamp"):
+            check_applied_configuration(p.meta)
     except SpecError as e:
         if p.meta.get("deletionTimestamp"):
             if FINALIZER in (p.meta.get("finalizers") or []):
@@ -455,10 +480,12 @@ def _reconcile(run: dict, status: Any, jobs: list[dict], now: datetime, settings
     elif not spec.storage.deleteOnRunDeletion and FINALIZER in finalizers:
         p.actions.append(SetFinalizer(False))
 
-    # 3. a failed run stays failed (an invalid spec that was fixed resumes)
+    # 3. a failed run stays failed (an invalid spec that was fixed resumes; so does one whose
+    # applied manifest lost its pruned typo, which changes no generation)
     if st.phase == "Failed":
         failed = cond.get(st.conditions, "Failed")
-        if not (failed and failed.reason in CURABLE_FAILURES and failed.observedGeneration != p.gen):
+        fixed = failed is not None and (failed.observedGeneration != p.gen or PRUNED_FIELD in (failed.message or ""))
+        if not (failed and failed.reason in CURABLE_FAILURES and fixed):
             _expire_recorded(p, spec, jobs, recorded)
             return p.result()
     if cond.is_true(st.conditions, "Stalled") and (cond.get(st.conditions, "Stalled").reason == "ReconcileError"):
@@ -495,6 +522,7 @@ def _reconcile(run: dict, status: Any, jobs: list[dict], now: datetime, settings
         if job is not None and J.job_complete(job):
             summary = J.job_summary(job)
             _record(st, it_spec, step, job, summary, now)
+            st.workerImageID = J.job_image_id(job) or st.workerImageID
             done = _pos(step.iteration, step.phase)
             st.completedStep = key
             st.retryAfter = None
@@ -555,8 +583,7 @@ def _reconcile(run: dict, status: Any, jobs: list[dict], now: datetime, settings
                     st.message = f"{key} attempt {attempt} failed ({failure.reason}): {failure.message}"[:1000]
                 if now >= retry_at:
                     nxt = attempt + 1
-                    manifest = J.build_job(p.meta, it_spec, step, nxt, settings)
-                    p.actions.append(CreateJob(manifest))
+                    manifest = _create_step_job(p, it_spec, step, nxt)
                     attempts[key] = nxt
                     st.retryAfter = None
                     st.activeJob = manifest["metadata"]["name"]
@@ -583,8 +610,7 @@ def _reconcile(run: dict, status: Any, jobs: list[dict], now: datetime, settings
 
         if job is None:
             n = attempt or 1
-            manifest = J.build_job(p.meta, it_spec, step, n, settings)
-            p.actions.append(CreateJob(manifest))
+            manifest = _create_step_job(p, it_spec, step, n)
             if attempts.get(key, 0) < n:
                 p.event("Normal", "JobCreated", f"{key}: created Job {manifest['metadata']['name']}")
             attempts[key] = n

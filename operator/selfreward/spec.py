@@ -10,17 +10,26 @@ ignored setting.
 """
 from __future__ import annotations
 
+import json
 import re
+import unicodedata
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
+import re2
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .template import template_problem
 
 from .phases import NAMES as PHASES  # the phase registry is the one list of phases
 
-# Our own wording of the additive 0-5 rubric of Yuan et al. (2024). The
-# placeholders are filled with str.format: {prompt} and {response}.
+TRAINING_PHASES = ("sft", "train")  # the phases that may run distributed (resources.<phase>.nodes, gpus > 1)
+
+# Our own wording of the additive 0-5 rubric of Yuan et al. (2024). Its two
+# placeholders, {prompt} and {response}, are filled by selfreward.template (not
+# str.format: no other brace syntax means anything; {{ and }} are literal braces).
 DEFAULT_JUDGE_TEMPLATE = """\
 Review the user's question and the assistant's answer below, and grade the answer \
 with the additive five-point scale that follows. Points add up: each criterion that \
@@ -46,15 +55,437 @@ Explain your grading in at most 100 words, then end with a line of the form \
 "Score: <points>".
 """
 
-DEFAULT_SCORE_PATTERN = r"Score:\s*([0-9]+(?:\.[0-9]+)?)"
+# The default score rule (RE2 syntax, case-insensitive, within one line): a statement
+# that starts a line or a sentence (after ". ", "! ", "? " or "; ") with "Score"
+# (optionally "Final", "Total" or "Overall" before it; at a line's start also a list
+# bullet, heading marks or a list number), a separator (":", "=", "is", " - "), the
+# number (optionally in <>, [] or ()), an optional "/ N" or "out of N", and then
+# nothing that would make the number part of something else (a range "3-4", a decimal
+# comma "4,5", "1e1", another digit). The verdict text is normalised first
+# (judging.verdict_text: NFKC, so full-width digits and colons count; reasoning blocks,
+# block quotes and Markdown emphasis removed) and the last matching line counts.
+DEFAULT_SCORE_PATTERN = (
+    r"(?im)(?:^[ \t]*(?:[-*+#>][ \t]*)*(?:[0-9]+[.)][ \t]+)?|[.!?;][ \t]+)"
+    r"(?:(?:final|total|overall)[ \t]+)?score[ \t]*(?:[:=][ \t]*|is[ \t]+|-[ \t]+)?"
+    r"[<\[(]?[ \t]*([0-9]+(?:\.[0-9]+)?)[ \t]*[>\])]?"
+    r"(?:[ \t]*(?:/|out of)[ \t]*[0-9]+(?:\.[0-9]+)?)?(?:[ \t]*points?)?"
+    r"(?:[ \t]*$|[^0-9A-Za-z\-–,.\s]|[,.](?:[^0-9]|$)|[ \t]+[^0-9\-–\s])"
+)
 
 QUANTITY_RE = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|Pi|Ei|M|G|T|P|E|e[0-9]+)?$"
+# Kubernetes' own name rules (k8s.io/apimachinery/pkg/util/validation).
 DNS_LABEL_RE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN_RE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+LABEL_VALUE_RE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+_QUALIFIED_NAME_PART = r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]"
+QUALIFIED_NAME_RE = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?" + _QUALIFIED_NAME_PART + "$"
+
+# Integer bounds of what the product hands on: numpy/torch seeds are 32-bit unsigned,
+# and the Job fields the spec sets (ttlSecondsAfterFinished, backoffLimit, completions)
+# are int32 in batch/v1.
+SEED_MAX = 2**32 - 1
+INT32_MAX = 2**31 - 1
+# Bounds that also size a run's Job and pod names (MAX_RUN_NAME_LENGTH).
+ITERATIONS_MAX = 100
+RETRIES_MAX = 100
+SHARDS_MAX = 1024
+
+# What a whole spec may expand to (after YAML aliases) before it is validated at all:
+# far above any real spec, far below what could hang validation or exhaust memory.
+MAX_SPEC_DEPTH = 32
+MAX_SPEC_NODES = 100_000
+MAX_SPEC_CHARS = 4 * 1024 * 1024
+
+
+def _check_qualified_name(v: str) -> str:
+    """The length limits of a qualified name's parts (prefix up to 253, name up to 63)."""
+    prefix, _, name = v.rpartition("/")
+    if len(name) > 63:
+        raise ValueError(f"{v!r}: the name part after the prefix may be at most 63 characters")
+    if len(prefix) > 253:
+        raise ValueError(f"{v!r}: the prefix may be at most 253 characters")
+    return v
+
+
+def _check_extended_resource(v: str) -> str:
+    """Kubernetes' IsExtendedResourceName: a domain-prefixed name outside kubernetes.io."""
+    prefix, _, _ = v.rpartition("/")
+    if not prefix:
+        raise ValueError(f"{v!r} is not an extended resource name: it needs a domain prefix, e.g. nvidia.com/gpu")
+    if prefix == "kubernetes.io" or prefix.endswith(".kubernetes.io") or v.startswith("requests."):
+        raise ValueError(f"{v!r} is a native resource name, not an extended one (e.g. nvidia.com/gpu)")
+    return v
+
+
+DnsLabel = Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL_RE)]
+DnsSubdomain = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_RE)]
+LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE_RE)]
+QualifiedName = Annotated[str, Field(min_length=1, max_length=317, pattern=QUALIFIED_NAME_RE),
+                          AfterValidator(_check_qualified_name)]
+ExtendedResourceName = Annotated[QualifiedName, AfterValidator(_check_extended_resource)]
+
+
+# --- URIs -------------------------------------------------------------------------
+#
+# Every URI field names one location in one of the kinds below; each field lists the
+# kinds it accepts. A URI with a scheme has an authority (the bucket) where the scheme
+# needs one, and no path segment is empty, "." or "..": what a URI names is what it
+# says, never a parent reached by traversal. A bare relative path (local runner only)
+# is resolved against the spec file's directory and may start with "./" or "../".
+
+URI_S3, URI_FILE, URI_PVC, URI_PATH = "s3", "file", "pvc", "path"
+# scheme -> (prefix, the authority's pattern and what it is; None: file-style absolute path)
+URI_SCHEMES: dict[str, tuple[str, Optional[tuple[str, str]]]] = {
+    # lowercase letters, digits, '.' and '-', up to 63 (S3-compatible stores also take
+    # names shorter than AWS's 3 characters)
+    URI_S3: ("s3://", (r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$", "bucket")),
+    URI_FILE: ("file://", None),
+    # a PersistentVolumeClaim (a DNS subdomain) mounted read-only into the pods, and a path in it
+    URI_PVC: ("pvc://", (DNS_SUBDOMAIN_RE, "PersistentVolumeClaim")),
+}
+STORAGE_URI_KINDS = frozenset({URI_S3, URI_FILE, URI_PATH})
+DATA_URI_KINDS = frozenset({URI_S3, URI_FILE, URI_PATH})
+MODEL_URI_KINDS = frozenset({URI_S3, URI_FILE, URI_PVC, URI_PATH})  # a bare path may also be a Hugging Face id
+MAX_URI_LENGTH = 4096
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def uri_kind(uri: str) -> str:
+    """s3, file, path (no scheme) or the unsupported scheme as written."""
+    m = _SCHEME.match(uri)
+    return m.group(1).lower() if m else URI_PATH
+
+
+def _segments_problem(path: str, *, relative: bool) -> Optional[str]:
+    segments = path.split("/")
+    if segments and segments[-1] == "" and len(segments) > 1:
+        segments = segments[:-1]  # one trailing slash is the same location
+    climbing = relative
+    for seg in segments:
+        if climbing and seg in (".", ".."):
+            continue  # ./x and ../x: relative to the spec file
+        climbing = False
+        if seg == "":
+            return "has an empty path segment ('//')"
+        if seg in (".", ".."):
+            return f"has a {seg!r} path segment: name the location itself, without traversal"
+    return None
+
+
+def uri_problem(uri: Any, kinds: frozenset, *, prefix: bool = False) -> Optional[str]:
+    """Why ``uri`` cannot be used for a field that accepts ``kinds`` (None when it can).
+    ``prefix``: the URI is a run's own store root, which must be below a bucket (never
+    the bucket's root, which other runs may share) and never the filesystem root."""
+    if not isinstance(uri, str) or not uri:
+        return "is empty"
+    if len(uri) > MAX_URI_LENGTH:
+        return f"is longer than {MAX_URI_LENGTH} characters"
+    if uri != uri.strip():
+        return "has leading or trailing whitespace"
+    for ch in uri:
+        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
+            return f"contains the control character {ch!r}"
+    kind = uri_kind(uri)
+    allowed = sorted(kinds)
+    if kind not in kinds:
+        names = ", ".join(f"{URI_SCHEMES[k][0]}..." if k in URI_SCHEMES else "a local path" for k in allowed)
+        return f"has the unsupported scheme {kind}://: use {names}"
+    if kind == URI_PATH:
+        relative = not uri.startswith("/")
+        if not [s for s in uri.split("/") if s not in ("", ".", "..")]:
+            return "names no file or directory" if relative else "is the filesystem root"
+        return _segments_problem(uri if relative else uri[1:], relative=relative)
+    scheme_prefix, authority = URI_SCHEMES[kind]
+    rest = uri[len(scheme_prefix):]
+    if authority is None:  # file:///absolute/path
+        if not rest.startswith("/"):
+            return f"{scheme_prefix} names an absolute path: write {scheme_prefix}/dir/..."
+        if not [s for s in rest.split("/") if s not in ("", ".", "..")]:
+            return "is the filesystem root"
+        return _segments_problem(rest[1:], relative=False)
+    pattern, what = authority
+    name, _, path = rest.partition("/")
+    if not name:
+        return f"has no {what}: write {scheme_prefix}{what}/prefix"
+    if not re.match(pattern, name):
+        return f"{name!r} is not a valid {what} name"
+    if not path.strip("/"):
+        if prefix:
+            return (f"is the root of {what} {name!r}: a run's store must be a prefix of its own "
+                    f"({scheme_prefix}{name}/runs/<run>), never a whole {what} other runs may share")
+        return f"names the whole {what} {name!r}: add the object's key"
+    return _segments_problem(path, relative=False)
+
+
+def run_prefix_problem(uri: Any) -> Optional[str]:
+    """Why ``uri`` is not provably one run's own store prefix (None when it is). The
+    cleanup Job deletes everything below a run's prefix, so a prefix must be absolute,
+    below a bucket or the filesystem root, and free of traversal."""
+    problem = uri_problem(uri, STORAGE_URI_KINDS, prefix=True)
+    if problem:
+        return problem
+    if uri_kind(uri) == URI_PATH and not uri.startswith("/"):
+        return "is a relative path: only an absolute path or a URI can be proven to be the run's own"
+    return None
+
+
+def _uri_validator(kinds: frozenset, prefix: bool = False):
+    def check(v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return v
+        problem = uri_problem(v, kinds, prefix=prefix)
+        if problem:
+            raise ValueError(f"{v[:200]!r} {problem}")
+        return v
+    return AfterValidator(check)
+
+
+StorageUri = Annotated[str, Field(min_length=1, max_length=MAX_URI_LENGTH), _uri_validator(STORAGE_URI_KINDS, True)]
+DataUri = Annotated[str, Field(min_length=1, max_length=MAX_URI_LENGTH), _uri_validator(DATA_URI_KINDS)]
+ModelUri = Annotated[str, Field(min_length=1, max_length=MAX_URI_LENGTH), _uri_validator(MODEL_URI_KINDS)]
+
+
+# --- environment variables the product sets or relies on ------------------------------
+#
+# User env (resources.*.env) may not set these: jobs.py sets them, the worker reads them,
+# or Kubernetes and torch's launcher set them per pod (an overridden JOB_COMPLETION_INDEX
+# makes every pod of a sharded Job do shard 0). Hub settings that are not cache paths
+# (HF_ENDPOINT, HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE, ...) stay the user's.
+RESERVED_ENV_NAMES = frozenset({
+    # Kubernetes and the device plugins, per pod
+    "JOB_COMPLETION_INDEX", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES",
+    # torch.distributed (torchrun) per process
+    "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK",
+    "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME",
+    # the process and its writable paths (jobs.py: the root filesystem is read-only)
+    "HOME", "PATH", "PYTHONPATH", "PYTHONHOME", "PYTHONUNBUFFERED", "XDG_CACHE_HOME", "HF_HOME",
+    "TRITON_CACHE_DIR", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE",
+    # storage: credentials come only from spec.storage.credentialsSecret as secretKeyRefs
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
+    "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN", "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+})
+# every SELFREWARD_ variable is the product's; torchrun reads its arguments from PET_*
+RESERVED_ENV_PREFIXES = ("SELFREWARD_", "TORCHELASTIC_", "PET_", "KUBERNETES_")
+# cache locations of the ML libraries (HF_HUB_CACHE, HF_DATASETS_CACHE, TORCH_HOME, ...)
+_RESERVED_ENV_CACHE = re.compile(r"^(HF|HUGGINGFACE|TRANSFORMERS|TORCH|TORCHINDUCTOR|TRITON|XDG)_\w*(CACHE|HOME)\w*$")
+
+
+def reserved_env(name: str) -> bool:
+    """Whether the product owns the environment variable ``name``."""
+    return (name in RESERVED_ENV_NAMES or name.startswith(RESERVED_ENV_PREFIXES)
+            or _RESERVED_ENV_CACHE.match(name) is not None)
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+    # strict: "3" is not 3 and true is not 1 (the API server's types); an int is still a
+    # float. No NaN or infinity anywhere: every comparison against them is false.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True,
+                              strict=True, allow_inf_nan=False)
 
+
+# --- a core/v1 Affinity, checked field by field ---------------------------------------
+
+_MAX_TERMS = 32
+_MAX_VALUES = 256
+
+
+class _LabelSelectorRequirement(_Model):
+    key: QualifiedName
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: Optional[list[LabelValue]] = Field(None, max_length=_MAX_VALUES)
+
+
+class _LabelSelector(_Model):
+    matchLabels: Optional[dict[QualifiedName, LabelValue]] = Field(None, max_length=_MAX_VALUES)
+    matchExpressions: Optional[list[_LabelSelectorRequirement]] = Field(None, max_length=_MAX_TERMS)
+
+
+class _NodeSelectorRequirement(_Model):
+    key: QualifiedName
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"]
+    values: Optional[list[LabelValue]] = Field(None, max_length=_MAX_VALUES)
+
+
+class _NodeSelectorTerm(_Model):
+    matchExpressions: Optional[list[_NodeSelectorRequirement]] = Field(None, max_length=_MAX_TERMS)
+    matchFields: Optional[list[_NodeSelectorRequirement]] = Field(None, max_length=_MAX_TERMS)
+
+
+class _NodeSelector(_Model):
+    nodeSelectorTerms: list[_NodeSelectorTerm] = Field(..., min_length=1, max_length=_MAX_TERMS)
+
+
+class _PreferredSchedulingTerm(_Model):
+    weight: int = Field(..., ge=1, le=100)
+    preference: _NodeSelectorTerm
+
+
+class _NodeAffinity(_Model):
+    requiredDuringSchedulingIgnoredDuringExecution: Optional[_NodeSelector] = None
+    preferredDuringSchedulingIgnoredDuringExecution: Optional[list[_PreferredSchedulingTerm]] = Field(
+        None, max_length=_MAX_TERMS)
+
+
+class _PodAffinityTerm(_Model):
+    labelSelector: Optional[_LabelSelector] = None
+    namespaceSelector: Optional[_LabelSelector] = None
+    namespaces: Optional[list[DnsLabel]] = Field(None, max_length=_MAX_VALUES)
+    topologyKey: QualifiedName
+    matchLabelKeys: Optional[list[QualifiedName]] = Field(None, max_length=_MAX_VALUES)
+    mismatchLabelKeys: Optional[list[QualifiedName]] = Field(None, max_length=_MAX_VALUES)
+
+
+class _WeightedPodAffinityTerm(_Model):
+    weight: int = Field(..., ge=1, le=100)
+    podAffinityTerm: _PodAffinityTerm
+
+
+class _PodAffinity(_Model):
+    requiredDuringSchedulingIgnoredDuringExecution: Optional[list[_PodAffinityTerm]] = Field(None, max_length=_MAX_TERMS)
+    preferredDuringSchedulingIgnoredDuringExecution: Optional[list[_WeightedPodAffinityTerm]] = Field(
+        None, max_length=_MAX_TERMS)
+
+
+class Affinity(_Model):
+    """The fields of a core/v1 Affinity, with Kubernetes' rules for keys and values."""
+
+    nodeAffinity: Optional[_NodeAffinity] = None
+    podAffinity: Optional[_PodAffinity] = None
+    podAntiAffinity: Optional[_PodAffinity] = None
+
+
+def _size_problem(data: Any, max_depth: int, max_nodes: int, max_chars: int) -> Optional[tuple[str, str]]:
+    """(where, why) when ``data`` nests deeper, has more nodes or more text than allowed.
+    Iterative, and shared references count once per reference, as a dump would write them."""
+    nodes = chars = 0
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while stack:
+        value, where, depth = stack.pop()
+        nodes += 1
+        if nodes > max_nodes:
+            return where or "spec", f"has more than {max_nodes} values (after expanding YAML aliases)"
+        if depth > max_depth:
+            return where or "spec", f"nests deeper than {max_depth} levels"
+        if isinstance(value, dict):
+            for k, v in value.items():
+                chars += len(k) if isinstance(k, str) else 0
+                stack.append((v, f"{where}.{k}" if where else str(k), depth + 1))
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                stack.append((v, f"{where}[{i}]", depth + 1))
+        elif isinstance(value, str):
+            chars += len(value)
+        if chars > max_chars:
+            return where or "spec", f"holds more than {max_chars} characters of text"
+    return None
+
+
+def _affinity(v: Optional[dict]) -> Optional[dict]:
+    if v is None:
+        return v
+    too_big = _size_problem(v, 12, 5000, 256 * 1024)
+    if too_big:
+        raise ValueError(f"{too_big[0]} {too_big[1]}")
+    try:
+        parsed = Affinity.model_validate(v)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = _loc(first["loc"])
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        msg = "unknown field" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
+        raise ValueError(f"not a core/v1 Affinity: {where}: {msg}{more}") from None
+    return parsed.model_dump(exclude_unset=True)
+
+
+# --- judge score patterns --------------------------------------------------------------
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False
+
+
+@lru_cache(maxsize=64)
+def compile_score_pattern(pattern: str):
+    """The pattern compiled by RE2: matching time is linear in the verdict's length
+    whatever the pattern (no backtracking, so "(a+)+$" cannot hang a judge)."""
+    return re2.compile(pattern, _RE2_OPTIONS)
+
+
+def _can_match_a_digit(items) -> bool:
+    """Whether a parsed (sre) pattern can match a string that contains a digit."""
+    from re import _constants as c  # noqa: PLC0415 - the stdlib's parser, read only
+
+    def in_set(members, ch: str) -> bool:
+        negate, hit = False, False
+        for op, av in members:
+            if op is c.NEGATE:
+                negate = True
+            elif op is c.LITERAL:
+                hit |= chr(av) == ch
+            elif op is c.RANGE:
+                hit |= av[0] <= ord(ch) <= av[1]
+            elif op is c.CATEGORY:
+                hit |= av in (c.CATEGORY_DIGIT, c.CATEGORY_WORD, c.CATEGORY_NOT_SPACE)
+        return hit != negate
+
+    for op, av in items:
+        if op is c.ANY or (op is c.LITERAL and chr(av).isdigit()) or (op is c.NOT_LITERAL):
+            return True
+        if op is c.IN and any(in_set(av, d) for d in "0123456789"):
+            return True
+        if op is c.BRANCH and any(_can_match_a_digit(b) for b in av[1]):
+            return True
+        if op is c.SUBPATTERN and _can_match_a_digit(av[-1]):
+            return True
+        if op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", None)) and av[1] > 0 \
+                and _can_match_a_digit(av[2]):
+            return True
+        if op is getattr(c, "ATOMIC_GROUP", None) and _can_match_a_digit(av):
+            return True
+    return False
+
+
+def _first_group(items):
+    from re import _constants as c  # noqa: PLC0415
+
+    for op, av in items:
+        if op is c.SUBPATTERN:
+            if av[0] == 1:
+                return av[-1]
+            inner = _first_group(av[-1])
+        elif op is c.BRANCH:
+            inner = next((g for b in av[1] if (g := _first_group(b)) is not None), None)
+        elif op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", None)):
+            inner = _first_group(av[2])
+        else:
+            inner = None
+        if inner is not None:
+            return inner
+    return None
+
+
+def score_pattern_problem(pattern: str) -> Optional[str]:
+    """Why ``pattern`` cannot be a judge's score pattern (None when it can): RE2 must
+    compile it, and its first group must be able to capture a number."""
+    try:
+        compiled = compile_score_pattern(pattern)
+    except re2.error as e:
+        detail = e.args[0].decode() if e.args and isinstance(e.args[0], bytes) else str(e)
+        return (f"not a valid regular expression for RE2 ({detail}); score patterns run on RE2, which takes "
+                "linear time and has no backreferences or lookaround")
+    if compiled.groups < 1:
+        return "needs one capturing group around the score"
+    try:
+        from re import _parser  # noqa: PLC0415 - Python's parser of (nearly) the same syntax
+        group = _first_group(_parser.parse(pattern).data)
+    except Exception:  # noqa: BLE001 - RE2-only syntax (\pN, [[:digit:]]): RE2 accepted it
+        return None
+    if group is not None and not _can_match_a_digit(group.data):
+        return "its first group can never capture a number (it matches no digit)"
+    return None
 
 class LoraSpec(_Model):
     """LoRA adapter settings; used when ``training.mode`` is ``lora``."""
@@ -72,11 +503,30 @@ class LoraSpec(_Model):
 class ModelSpec(_Model):
     """The base model M_0 (or the model that iteration 0 fine-tunes into M_1)."""
 
-    uri: str = Field(
+    uri: ModelUri = Field(
         ...,
-        min_length=1,
-        description="Base model: a local path, file://..., s3://..., or a Hugging Face id "
-        "(resolved by the worker's own hub or mirror; never fetched by the operator).",
+        description="Base model: a local path, file://..., s3://bucket/prefix (a committed checkpoint with "
+        "MANIFEST.json, or a plain Hugging Face directory, verified by size and ETag), pvc://claim/path "
+        "(a PersistentVolumeClaim mounted read-only into the pods), or a Hugging Face id such as "
+        "Qwen/Qwen2.5-0.5B-Instruct (downloaded by the worker from its hub or mirror; never by the operator).",
+    )
+    revision: Optional[str] = Field(
+        None, min_length=1, max_length=256, pattern=r"^[^\s]+$",
+        description="Hub revision (branch, tag or commit) of model.uri when it is a Hugging Face id.",
+    )
+    hubTokenSecret: Optional[str] = Field(
+        None, pattern=DNS_SUBDOMAIN_RE, max_length=253,
+        description="Secret whose key HF_TOKEN is the hub token for gated or private models; given to the pods "
+        "as a secretKeyRef (the operator never reads it).",
+    )
+    trustRemoteCode: bool = Field(
+        False, description="Let transformers run the Python code that a model repository ships (auto_map). "
+        "Off by default: such code runs with the pod's credentials.",
+    )
+    sizeGiB: Optional[float] = Field(
+        None, gt=0.0, le=100_000.0,
+        description="Size of the stored weights in GiB (e.g. 15 for an 8B model in bfloat16); sizes the "
+        "default scratch volumes (docs/storage.md).",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype for generation and judging; auto = bfloat16 on GPU, float32 on CPU."
@@ -90,8 +540,10 @@ class SelfInstructSpec(_Model):
     enabled: bool = Field(True, description="Write new prompts before generating.")
     count: int = Field(16, ge=1, le=1_000_000, description="New prompts to keep per iteration.")
     fewShot: int = Field(8, ge=1, le=64, description="Seed prompts shown per few-shot request.")
-    modelUri: Optional[str] = Field(
-        None, description="A fixed model that writes the prompts (the paper used one); default: M_t."
+    modelUri: Optional[ModelUri] = Field(
+        None,
+        description="A fixed model that writes the prompts (the paper used one), any model URI that "
+        "model.uri accepts; default: M_t.",
     )
     maxSimilarity: float = Field(
         0.7, gt=0.0, le=1.0, description="Drop a new prompt whose word-level similarity to any kept prompt is above this."
@@ -111,21 +563,40 @@ class SelfInstructSpec(_Model):
 
 
 class PromptsSpec(_Model):
-    uri: str = Field(..., min_length=1, description="Seed prompts, JSONL with a 'prompt' field per line.")
+    uri: DataUri = Field(..., description="Seed prompts, JSONL with a 'prompt' field per line.")
     perIteration: Optional[int] = Field(
         None, ge=1, le=10_000_000, description="Prompts used per iteration (a seeded sample); default: all."
     )
     selfInstruct: Optional[SelfInstructSpec] = Field(None, description="Optional self-instruction of new prompts.")
 
 
+class CheckpointingSpec(_Model):
+    """Intermediate checkpoints of a training phase (model, optimizer, scheduler, RNG and
+    data position, through the Trainer's own checkpoints), kept in the artifact store under
+    ``iter-<t>/<phase>/resume/`` so a killed or preempted pod resumes from the last one.
+    Only the newest is kept; they are deleted once the phase's final checkpoint commits.
+    SIGTERM (node drain, spot preemption) always saves one before the worker exits."""
+
+    enabled: bool = Field(True, description="Write intermediate checkpoints and resume from them.")
+    everySteps: int = Field(500, ge=0, description="Save every this many optimizer steps (0: no step trigger).")
+    everyMinutes: float = Field(
+        30.0, ge=0.0, le=10080.0, description="Save when this many minutes passed since the last save (0: none)."
+    )
+    terminationGraceSeconds: int = Field(
+        120, ge=1, le=86400,
+        description="The training pods' terminationGracePeriodSeconds: time between SIGTERM and SIGKILL for "
+        "finishing the current step and uploading a checkpoint.",
+    )
+
+
 class SFTSpec(_Model):
     """Iteration 0: supervised fine-tuning of the base model into M_1 (IFT + optional EFT data)."""
 
     enabled: bool = Field(True)
-    instructionDataUri: str = Field(
-        ..., min_length=1, description="JSONL with 'prompt' and 'response' per line (instruction fine-tuning)."
+    instructionDataUri: DataUri = Field(
+        ..., description="JSONL with 'prompt' and 'response' per line (instruction fine-tuning)."
     )
-    judgeDataUri: Optional[str] = Field(
+    judgeDataUri: Optional[DataUri] = Field(
         None, description="JSONL with 'prompt' and 'response' per line: judge-training (EFT) examples."
     )
     learningRate: float = Field(5.5e-6, gt=0.0, le=1.0)
@@ -134,19 +605,50 @@ class SFTSpec(_Model):
     gradientAccumulation: int = Field(1, ge=1, le=4096)
     maxLength: int = Field(1024, ge=8, le=1_048_576)
     maxSteps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    checkpointing: CheckpointingSpec = Field(
+        default_factory=CheckpointingSpec, description="Intermediate checkpoints of the sft phase (preemption)."
+    )
 
 
-class GenerationSpec(_Model):
+class VLLMSpec(_Model):
+    """vLLM engine settings (read when the phase's backend is vllm). Tensor parallelism is
+    not a setting: it is the GPUs of the phase's pod (resources.<phase>.gpus), so one
+    engine spans them; more pods are more shards (data parallel), not a bigger engine."""
+
+    gpuMemoryUtilization: float = Field(
+        0.9, gt=0.0, le=1.0,
+        description="Fraction of each GPU's memory vLLM may take for weights, activations and KV cache.",
+    )
+    maxModelLen: Optional[int] = Field(
+        None, ge=16, le=1_048_576,
+        description="Longest prompt + completion in tokens (sizes the KV cache); default: the model's context length.",
+    )
+    enforceEager: bool = Field(
+        False, description="Skip CUDA graph capture: faster start-up and less memory, slower decoding."
+    )
+    prefixCaching: bool = Field(
+        True,
+        description="Reuse the KV cache of shared prompt prefixes (judge prompts share the whole rubric).",
+    )
+
+
+class _SamplingPhase(_Model):
+    """Settings that generation and judging share."""
+
+    vllm: VLLMSpec = Field(default_factory=VLLMSpec, description="vLLM engine settings (backend vllm).")
+
+
+class GenerationSpec(_SamplingPhase):
     responsesPerPrompt: int = Field(4, ge=2, le=64, description="Candidate responses per prompt (paper: 4).")
     temperature: float = Field(0.7, ge=0.0, le=5.0)
     topP: float = Field(0.9, gt=0.0, le=1.0)
     maxNewTokens: int = Field(256, ge=1, le=131072)
     backend: Literal["transformers", "vllm"] = Field("transformers", description="vllm needs a GPU image.")
     batchSize: int = Field(16, ge=1, le=4096, description="Prompts per generate() call (transformers backend).")
-    shards: int = Field(1, ge=1, le=1024, description="Indexed Job completions (pods) for generation.")
+    shards: int = Field(1, ge=1, le=SHARDS_MAX, description="Indexed Job completions (pods) for generation.")
 
 
-class JudgeSpec(_Model):
+class JudgeSpec(_SamplingPhase):
     samplesPerResponse: int = Field(3, ge=1, le=64, description="Judge verdicts per response, aggregated (paper: 3).")
     aggregation: Literal["mean", "median"] = Field("mean")
     template: Optional[str] = Field(
@@ -156,26 +658,26 @@ class JudgeSpec(_Model):
     scorePattern: str = Field(
         DEFAULT_SCORE_PATTERN,
         min_length=1,
-        description="Regular expression with one group that captures the score; the last match counts.",
+        max_length=4096,
+        description="RE2 regular expression (linear time: no backreferences or lookaround) whose first group "
+        "captures the score; it is matched against the normalised verdict and the last match counts. "
+        "Default: the last line that starts with Score (see docs/judging.md).",
     )
-    minScore: float = Field(0.0)
-    maxScore: float = Field(5.0)
+    minScore: float = Field(0.0, ge=-1e9, le=1e9, description="Lowest valid score; a verdict below it is a parse failure.")
+    maxScore: float = Field(5.0, ge=-1e9, le=1e9, description="Highest valid score; a verdict above it is a parse failure.")
     temperature: float = Field(0.7, ge=0.0, le=5.0)
     topP: float = Field(0.9, gt=0.0, le=1.0)
     maxNewTokens: int = Field(256, ge=1, le=131072)
     backend: Literal["transformers", "vllm"] = Field("transformers")
     batchSize: int = Field(16, ge=1, le=4096)
-    shards: int = Field(1, ge=1, le=1024)
+    shards: int = Field(1, ge=1, le=SHARDS_MAX)
 
     @field_validator("scorePattern")
     @classmethod
     def _pattern(cls, v: str) -> str:
-        try:
-            compiled = re.compile(v)
-        except re.error as e:
-            raise ValueError(f"not a valid regular expression: {e}") from e
-        if compiled.groups < 1:
-            raise ValueError("needs one capturing group around the score")
+        problem = score_pattern_problem(v)
+        if problem:
+            raise ValueError(problem)
         return v
 
     @field_validator("template")
@@ -183,13 +685,9 @@ class JudgeSpec(_Model):
     def _template(cls, v: Optional[str]) -> Optional[str]:
         if v is None:
             return v
-        for key in ("{prompt}", "{response}"):
-            if key not in v:
-                raise ValueError(f"must contain the placeholder {key}")
-        try:
-            v.format(prompt="p", response="r")
-        except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(f"has a placeholder other than {{prompt}} and {{response}} ({e!r}); write literal braces as {{{{ }}}}") from e
+        problem = template_problem(v)
+        if problem:
+            raise ValueError(problem)
         return v
 
     @model_validator(mode="after")
@@ -209,6 +707,29 @@ class PairsSpec(_Model):
     )
 
 
+class FSDPSpec(_Model):
+    """FSDP2 settings (``training.distributed: fsdp``): torch's ``fully_shard`` through
+    accelerate, one wrapped unit per transformer block."""
+
+    reshardAfterForward: bool = Field(
+        True,
+        description="Free each block's gathered parameters after its forward pass (FULL_SHARD, ZeRO-3-like: "
+        "least memory). false keeps them until backward (SHARD_GRAD_OP, ZeRO-2-like: one all-gather fewer "
+        "per step, the full parameters of every block held once).",
+    )
+    cpuOffload: bool = Field(
+        False,
+        description="Keep parameter shards, gradients and optimizer state in host memory and run the optimizer "
+        "step on the CPU: fits a model several times larger than GPU memory, at a large cost in speed; "
+        "size resources.<phase>.memory for it (docs/sizing.md).",
+    )
+    activationCheckpointing: bool = Field(
+        False,
+        description="Recompute each block's activations in backward instead of keeping them (FSDP's own "
+        "checkpointing; use this, not training.gradientCheckpointing, with fsdp).",
+    )
+
+
 class TrainingSpec(_Model):
     beta: float = Field(0.1, gt=0.0, le=100.0, description="DPO beta.")
     learningRate: float = Field(1e-6, gt=0.0, le=1.0)
@@ -217,7 +738,28 @@ class TrainingSpec(_Model):
     gradientAccumulation: int = Field(1, ge=1, le=4096)
     maxLength: int = Field(1024, ge=8, le=1_048_576)
     maxSteps: Optional[int] = Field(None, ge=1)
-    bf16: Optional[bool] = Field(None, description="bfloat16 training; default: on when a GPU is present.")
+    bf16: Optional[bool] = Field(
+        None,
+        description="bfloat16 mixed precision: bfloat16 autocast over float32 master weights (AdamW state in "
+        "float32); default: on when a GPU is present. model.dtype does not change the training weights.",
+    )
+    pureBf16: bool = Field(
+        False,
+        description="Load and update the weights in bfloat16, with no float32 master copy: about half the memory of "
+        "weights, gradients and optimizer state, but updates under bfloat16's resolution (about 0.4% of a weight) "
+        "are rounded away; at DPO learning rates most weights then never change. See docs/precision.md.",
+    )
+    checkpointDtype: Literal["stored", "float32", "bfloat16"] = Field(
+        "stored",
+        description="dtype of the trained checkpoints: stored = the dtype the start model is stored in (a bf16 "
+        "base gives bf16 checkpoints, half the bytes of float32). A bf16 checkpoint keeps an update only where it "
+        "moves a weight by half a bf16 step; float32 keeps every update of the float32 master weights.",
+    )
+    precomputeRefLogProbs: bool = Field(
+        False,
+        description="Compute the DPO reference log-probs of every pair once before training, so no reference model "
+        "is in memory during training (saves one copy of the weights in the training dtype).",
+    )
     gradientCheckpointing: bool = Field(False)
     mode: Literal["full", "lora"] = Field("full", description="lora uses model.lora (or its defaults).")
     lossType: Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down"] = Field(
@@ -226,69 +768,189 @@ class TrainingSpec(_Model):
     reference: Literal["current", "base"] = Field(
         "current", description="DPO reference model: current = M_t (the paper), base = the fixed base/SFT model."
     )
-    seed: int = Field(42, ge=0)
+    seed: int = Field(42, ge=0, le=SEED_MAX, description="Training seed (32-bit unsigned).")
+    checkpointing: CheckpointingSpec = Field(
+        default_factory=CheckpointingSpec, description="Intermediate checkpoints of the train phase (preemption)."
+    )
+    distributed: Literal["none", "fsdp", "deepspeed"] = Field(
+        "none",
+        description="How the sft and train phases use more than one GPU or node. none: one process "
+        "(resources.<phase>.gpus and nodes at most 1). fsdp: torchrun starts one process per GPU of every "
+        "pod (resources.<phase>.gpus x nodes processes; one per pod on CPU) and the model is sharded with "
+        "FSDP2; batchSize stays per process, so the global batch is batchSize x processes x "
+        "gradientAccumulation. deepspeed: refused, DeepSpeed is not in the worker image; use fsdp.",
+    )
+    fsdp: FSDPSpec = Field(default_factory=FSDPSpec, description="FSDP settings; read when distributed is fsdp.")
 
 
 class StorageSpec(_Model):
-    uri: str = Field(
+    uri: StorageUri = Field(
         ...,
-        min_length=1,
-        max_length=4096,
-        description="Artifacts root: file:///path, a local path, or s3://bucket/prefix. Cannot change once set.",
+        description="Artifacts root, the run's own prefix: s3://bucket/prefix (never a bucket's root), "
+        "file:///dir/run or a local path (never /); no '..', '.' or empty segments. "
+        "Cannot change once set.",
     )
-    endpoint: Optional[str] = Field(None, description="S3 endpoint URL (S3-compatible stores).")
-    region: Optional[str] = Field(None)
+    endpoint: Optional[str] = Field(
+        None, max_length=2048, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+        description="S3 endpoint URL (S3-compatible stores): http(s)://host[:port][/path].",
+    )
+    region: Optional[str] = Field(None, max_length=64, pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]*$")
     credentialsSecret: Optional[str] = Field(
         None,
-        pattern=DNS_LABEL_RE[:-1] + r"(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+        max_length=253,
+        pattern=DNS_SUBDOMAIN_RE,
         description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (operator only; read as secretKeyRefs).",
     )
     deleteOnRunDeletion: bool = Field(False, description="Delete the run's artifacts and checkpoints with the resource.")
 
-    @field_validator("uri")
-    @classmethod
-    def _uri(cls, v: str) -> str:
-        if "://" in v and not (v.startswith("s3://") or v.startswith("file://")):
-            raise ValueError(f"unsupported scheme in {v!r}: use file://, s3:// or a local path")
-        if v.startswith("s3://") and len(v) <= len("s3://"):
-            raise ValueError("s3:// URI needs a bucket")
-        return v
 
 
 # --- Kubernetes scheduling (used by the operator only; the local runner ignores them) ---
 
 
+# Credentials travel only as secretKeyRefs; a plain env value would sit in the spec,
+# the status and every Job for anyone who can read them.
+CREDENTIAL_ENV = {"HF_TOKEN": "model.hubTokenSecret", "HUGGING_FACE_HUB_TOKEN": "model.hubTokenSecret",
+                  "AWS_ACCESS_KEY_ID": "storage.credentialsSecret",
+                  "AWS_SECRET_ACCESS_KEY": "storage.credentialsSecret",
+                  "AWS_SESSION_TOKEN": "storage.credentialsSecret"}
+
+
 class EnvVar(_Model):
-    name: str = Field(..., min_length=1, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
-    value: str = Field("")
+    name: str = Field(..., min_length=1, max_length=256, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$",
+                      description="Not one the product sets or relies on (spec.RESERVED_ENV_NAMES and prefixes).")
+    value: str = Field("", max_length=32768)
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, v: str) -> str:
+        if reserved_env(v):
+            raise ValueError(f"{v} is set by selfreward, Kubernetes or torch's launcher and may not be overridden "
+                             "(see docs/gpu-scheduling.md#reserved-environment-variables)")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _no_credentials(cls, v: str) -> str:
+        if v in CREDENTIAL_ENV:
+            raise ValueError(f"{v} is a credential: env values are plain text in the spec; "
+                             f"name a Secret in {CREDENTIAL_ENV[v]} instead")
+        return v
 
 
 class Toleration(_Model):
-    key: Optional[str] = None
+    key: Optional[QualifiedName] = None
     operator: Optional[Literal["Exists", "Equal"]] = None
-    value: Optional[str] = None
+    value: Optional[LabelValue] = None
     effect: Optional[Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]] = None
-    tolerationSeconds: Optional[int] = None
+    tolerationSeconds: Optional[int] = Field(None, ge=0, le=2**63 - 1, description="Only with effect NoExecute.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Toleration":
+        # the API server's own rules for a toleration
+        if self.operator == "Exists" and self.value:
+            raise ValueError("a toleration with operator Exists has no value")
+        if self.key is None and self.operator != "Exists":
+            raise ValueError("a toleration without a key needs operator Exists")
+        if self.tolerationSeconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds applies only to effect NoExecute")
+        return self
+
+
+class ScratchSpec(_Model):
+    """The pod's scratch volume at /tmp: the hub cache, the fetched checkpoints (unless
+    resources.modelCache is set) and the directory a trained model is saved to."""
+
+    type: Literal["emptyDir", "ephemeral", "claim"] = Field(
+        "emptyDir",
+        description="emptyDir: node-local disk, limited to size; ephemeral: a generic ephemeral volume (a PVC "
+        "made for the pod and deleted with it) of size from storageClassName; claim: the existing "
+        "PersistentVolumeClaim claimName (shared by every pod of the phase).",
+    )
+    size: Optional[str] = Field(
+        None, pattern=QUANTITY_RE,
+        description="emptyDir sizeLimit or the ephemeral volume's storage request; default: from model.sizeGiB "
+        "(the table in docs/storage.md), 20Gi without it.",
+    )
+    storageClassName: Optional[str] = Field(None, min_length=1, description="StorageClass of an ephemeral volume.")
+    claimName: Optional[str] = Field(None, pattern=DNS_SUBDOMAIN_RE, max_length=253,
+                                     description="The PersistentVolumeClaim of type claim.")
+
+    @model_validator(mode="after")
+    def _fits_type(self) -> "ScratchSpec":
+        if self.type == "claim" and not self.claimName:
+            raise ValueError("type claim needs claimName")
+        if self.type != "claim" and self.claimName:
+            raise ValueError(f"claimName is only for type claim (type is {self.type})")
+        if self.type != "ephemeral" and self.storageClassName:
+            raise ValueError(f"storageClassName is only for type ephemeral (type is {self.type})")
+        if self.type == "claim" and self.size:
+            raise ValueError("size does not apply to type claim (the claim has its own size)")
+        return self
+
+
+class ModelCacheSpec(_Model):
+    """A cache of fetched models shared by the pods of a run: a model that generate fetched
+    is not fetched again by judge. Entries are named by the checksum of the model's manifest
+    (or listing) and written to a temporary name, then renamed, so concurrent pods are safe."""
+
+    type: Literal["claim", "hostPath"] = Field(
+        ...,
+        description="claim: a ReadWriteMany PersistentVolumeClaim (works under Pod Security restricted); "
+        "hostPath: a directory on each node (needs a namespace at Pod Security level privileged).",
+    )
+    claimName: Optional[str] = Field(None, pattern=DNS_SUBDOMAIN_RE, max_length=253,
+                                     description="The PersistentVolumeClaim of type claim.")
+    path: Optional[str] = Field(None, pattern=r"^/", description="The node directory of type hostPath.")
+
+    @model_validator(mode="after")
+    def _fits_type(self) -> "ModelCacheSpec":
+        if self.type == "claim" and (not self.claimName or self.path):
+            raise ValueError("type claim needs claimName (and no path)")
+        if self.type == "hostPath" and (not self.path or self.claimName):
+            raise ValueError("type hostPath needs path (and no claimName)")
+        return self
 
 
 class PhaseResources(_Model):
     """Pod settings of one phase's Jobs. Unset fields fall back to ``resources.default``."""
 
     gpus: Optional[int] = Field(None, ge=0, le=64, description="GPUs per pod.")
-    gpuResourceName: Optional[str] = Field(None, description="Extended resource name; default nvidia.com/gpu.")
+    nodes: Optional[int] = Field(
+        None, ge=1, le=512,
+        description="Pods that train together (sft and train only; needs training.distributed fsdp): an Indexed "
+        "Job of this many pods plus a headless Service for the rendezvous; default 1.",
+    )
+    gpuResourceName: Optional[ExtendedResourceName] = Field(None, description="Extended resource name; default nvidia.com/gpu.")
     cpu: Optional[str] = Field(None, pattern=QUANTITY_RE)
     memory: Optional[str] = Field(None, pattern=QUANTITY_RE)
     shmSize: Optional[str] = Field(None, pattern=QUANTITY_RE, description="Memory-backed /dev/shm for NCCL/vLLM.")
-    nodeSelector: Optional[dict[str, str]] = None
+    nodeSelector: Optional[dict[QualifiedName, LabelValue]] = Field(
+        None, max_length=64, description="Node labels (Kubernetes label keys and values).")
     tolerations: Optional[list[Toleration]] = None
-    affinity: Optional[dict[str, Any]] = Field(None, description="A core/v1 Affinity, passed through as written.")
-    priorityClassName: Optional[str] = None
+    affinity: Annotated[Optional[dict[str, Any]], AfterValidator(_affinity)] = Field(
+        None, max_length=3, description="A core/v1 Affinity (nodeAffinity, podAffinity, podAntiAffinity), "
+        "checked field by field at load.")
+    priorityClassName: Optional[DnsSubdomain] = None
     env: Optional[list[EnvVar]] = None
-    activeDeadlineSeconds: Optional[int] = Field(None, ge=1)
+    activeDeadlineSeconds: Optional[int] = Field(None, ge=1, le=INT32_MAX)
+    scratch: Optional[ScratchSpec] = Field(
+        None, description="The scratch volume at /tmp; a phase's own setting replaces the default's whole."
+    )
+
+    @field_validator("env")
+    @classmethod
+    def _unique_env(cls, v: Optional[list[EnvVar]]) -> Optional[list[EnvVar]]:
+        names = [e.name for e in v or []]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"sets {', '.join(dup)} more than once")
+        return v
 
 
 class ResourcesSpec(_Model):
     default: PhaseResources = Field(default_factory=PhaseResources)
+    modelCache: Optional[ModelCacheSpec] = Field(None, description="Opt-in cache of fetched models shared by the pods.")
     sft: Optional[PhaseResources] = None
     instruct: Optional[PhaseResources] = None
     generate: Optional[PhaseResources] = None
@@ -307,13 +969,16 @@ class ResourcesSpec(_Model):
 
 
 class RetrySpec(_Model):
-    maxRetries: int = Field(2, ge=0, le=100, description="Job re-creations per step before the run fails.")
+    maxRetries: int = Field(2, ge=0, le=RETRIES_MAX, description="Job re-creations per step before the run fails.")
     backoffSeconds: int = Field(30, ge=0, le=86400, description="First retry delay; doubles per retry.")
     podBackoffLimit: int = Field(1, ge=0, le=100, description="The Job's own backoffLimit (pod restarts).")
 
 
 class KueueSpec(_Model):
-    queueName: str = Field(..., min_length=1, description="kueue.x-k8s.io/queue-name; Jobs are created suspended.")
+    queueName: str = Field(
+        ..., min_length=1, max_length=63, pattern=DNS_SUBDOMAIN_RE,
+        description="kueue.x-k8s.io/queue-name (a LocalQueue's name, also a label value); Jobs are created suspended.",
+    )
 
 
 DEFAULT_EVALUATOR_TEMPLATE = """\
@@ -469,7 +1134,7 @@ class RunSpec(_Model):
 
     model: ModelSpec
     prompts: PromptsSpec
-    iterations: int = Field(3, ge=1, le=100, description="Self-rewarding iterations after iteration 0.")
+    iterations: int = Field(3, ge=1, le=ITERATIONS_MAX, description="Self-rewarding iterations after iteration 0.")
     sft: Optional[SFTSpec] = Field(None, description="Optional iteration 0 (SFT on IFT + EFT data) that makes M_1.")
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     judge: JudgeSpec = Field(default_factory=JudgeSpec)
@@ -477,31 +1142,88 @@ class RunSpec(_Model):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     eval: Optional[EvalSpec] = Field(None, description="Optional evaluation after each iteration (and of M_1).")
     storage: StorageSpec
-    seed: int = Field(0, ge=0, description="Seed of prompt sampling and generation.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of prompt sampling and generation (32-bit unsigned).")
     suspend: bool = Field(False, description="Stop creating Jobs and suspend running ones (operator).")
     # Kubernetes-only settings
-    image: Optional[str] = Field(None, description="Worker image; default: the operator's configured worker image.")
+    image: Optional[str] = Field(None, max_length=4096, pattern=r"^[^\s]+$",
+                                 description="Worker image; default: the operator's configured worker image.")
     imagePullPolicy: Optional[Literal["Always", "IfNotPresent", "Never"]] = None
-    imagePullSecrets: Optional[list[str]] = None
-    serviceAccountName: Optional[str] = None
+    imagePullSecrets: Optional[list[DnsSubdomain]] = Field(None, max_length=16, description="Secret names.")
+    serviceAccountName: Optional[DnsSubdomain] = None
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     retry: RetrySpec = Field(default_factory=RetrySpec)
     kueue: Optional[KueueSpec] = None
-    ttlSecondsAfterFinished: Optional[int] = Field(86400, ge=0)
+    ttlSecondsAfterFinished: Optional[int] = Field(86400, ge=0, le=INT32_MAX)
 
     @model_validator(mode="after")
-    def _one_gpu_for_training(self) -> "RunSpec":
-        # The sft and train phases run one training process per pod (no distributed
-        # launcher), and one process drives one GPU: refuse more at load time rather
-        # than in a pod that has already been scheduled on a multi-GPU node.
-        for phase in ("sft", "train"):
-            gpus = self.resources.for_phase(phase).gpus
-            if gpus is not None and gpus > 1:
-                raise ValueError(
-                    f"resources.{phase}.gpus is {gpus} (or inherited from resources.default): the {phase} phase "
-                    "trains in one process on one GPU; set resources.train.gpus (and resources.sft.gpus) to 1"
+    def _training_topology(self) -> "RunSpec":
+        # Only combinations that can run are accepted, each refusal naming the field to
+        # change; only the phases this run has are checked (no sft phase without spec.sft).
+        for phase in TRAINING_PHASES:
+            if phase == "sft" and not self.sft_enabled:
+                continue
+            own = getattr(self.resources, phase)
+            res = self.resources.for_phase(phase)
+            gpus, nodes = res.gpus or 0, res.nodes or 1
+            if self.training.distributed == "none" and (gpus > 1 or nodes > 1):
+                where = (f"resources.{phase}.gpus" if gpus > 1 and own is not None and own.gpus is not None
+                         else "resources.default.gpus" if gpus > 1
+                         else f"resources.{phase}.nodes")
+                value = gpus if gpus > 1 else nodes
+                raise FieldError(where,
+                    f"{where} is {value} for the {phase} phase but training.distributed is none (one process): "
+                    f"set training.distributed to fsdp, or resources.{phase}.gpus and nodes to 1"
                 )
+        for phase in ("default",) + tuple(p for p in PHASES if p not in TRAINING_PHASES):
+            res = getattr(self.resources, phase)
+            if res is not None and (res.nodes or 1) > 1:
+                raise FieldError(f"resources.{phase}.nodes",
+                    f"resources.{phase}.nodes is {res.nodes}: only the sft and train phases run across nodes "
+                    "(generation and judging scale with shards); set nodes on resources.train / resources.sft"
+                )
+        if self.training.distributed == "deepspeed":
+            raise FieldError("training.distributed",
+                "training.distributed deepspeed is not supported: DeepSpeed is not in the worker image; use "
+                "fsdp (training.fsdp.reshardAfterForward true shards like ZeRO-3)"
+            )
+        if self.training.distributed == "fsdp" and self.training.gradientCheckpointing:
+            raise FieldError("training.gradientCheckpointing",
+                "training.gradientCheckpointing with training.distributed fsdp: use "
+                "training.fsdp.activationCheckpointing (FSDP's own checkpointing) instead"
+            )
         return self
+
+    @model_validator(mode="after")
+    def _vllm_needs_a_gpu(self) -> "RunSpec":
+        # the twin of the CRD's CEL rule (crd._gpus_rule): vLLM runs on CUDA only
+        for section, phase in (("generation", "generate"), ("judge", "judge")):
+            if getattr(self, section).backend == "vllm" and not self.resources.for_phase(phase).gpus:
+                raise FieldError(f"{section}.backend", f"vllm needs a GPU: set resources.{phase}.gpus or "
+                                 "resources.default.gpus to 1 or more")
+        return self
+
+    @model_validator(mode="after")
+    def _shards_have_prompts(self) -> "RunSpec":
+        # With perIteration set, an iteration has at most perIteration seed prompts plus
+        # the self-instructed ones; a shard beyond that would have no prompt to work on.
+        if self.prompts.perIteration is None:
+            return self
+        most = self.prompts.perIteration + (self.prompts.selfInstruct.count if self.instruct_enabled else 0)
+        for section in ("generation", "judge"):
+            shards = getattr(self, section).shards
+            if shards > most:
+                raise FieldError(f"{section}.shards", f"{shards} shards for at most {most} prompts per iteration "
+                                 "(prompts.perIteration, plus prompts.selfInstruct.count when on): a shard would "
+                                 "have nothing to do")
+        return self
+
+    def training_world(self, phase: str) -> tuple[int, int]:
+        """(nodes, processes per node) of a training phase: one process per GPU of a pod
+        (one on CPU) with training.distributed fsdp, else one process."""
+        if self.training.distributed == "none":
+            return 1, 1
+        res = self.resources.for_phase(phase)
+        return res.nodes or 1, max(1, res.gpus or 0)
 
     # --- derived facts used by planning ---
     @property
@@ -516,6 +1238,14 @@ class RunSpec(_Model):
     @property
     def eval_enabled(self) -> bool:
         return self.eval is not None and self.eval.enabled
+
+
+class FieldError(ValueError):
+    """A model-level rule's failure that names the field it is about, relative to the model."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(message)
 
 
 class SpecError(ValueError):
@@ -537,46 +1267,324 @@ def _loc(loc: tuple) -> str:
     return out or "spec"
 
 
+_TYPE_ERRORS = ("int_type", "float_type", "bool_type", "string_type", "dict_type", "list_type", "model_type",
+                "literal_error", "finite_number")
+
+
+def _messages(e: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+    errors = []
+    for err in e.errors():
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        loc = _loc(err["loc"])
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, FieldError):
+            loc = cause.field if loc == "spec" else f"{loc}.{cause.field}"
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif err["type"] in _TYPE_ERRORS and err["type"] != "literal_error":
+            shown = repr(err["input"])
+            msg += f" (got {type(err['input']).__name__} {shown[:60]})"
+        errors.append((f"{prefix}{loc}" if prefix else loc, msg))
+    return errors
+
+
 def parse_spec(data: Any, source: str = "spec") -> RunSpec:
     """Validate a spec mapping; raise SpecError naming every bad field."""
     if not isinstance(data, dict):
         raise SpecError([("spec", f"expected a mapping, got {type(data).__name__}")], source)
+    too_big = _size_problem(data, MAX_SPEC_DEPTH, MAX_SPEC_NODES, MAX_SPEC_CHARS)
+    if too_big:
+        raise SpecError([too_big], source)
     try:
         return RunSpec.model_validate(data)
     except ValidationError as e:
-        errors = []
-        for err in e.errors():
-            msg = err["msg"]
-            if msg.startswith("Value error, "):
-                msg = msg[len("Value error, "):]
-            if err["type"] == "extra_forbidden":
-                msg = "unknown field"
-            errors.append((_loc(err["loc"]), msg))
-        raise SpecError(errors, source) from None
+        raise SpecError(_messages(e), source) from None
+    except (RecursionError, MemoryError) as e:  # bounded above; never a traceback either way
+        raise SpecError([("spec", f"cannot be validated: {type(e).__name__}")], source) from None
 
 
-def spec_from_document(doc: Any, source: str = "spec") -> tuple[RunSpec, dict]:
-    """Accept a bare spec or a ``kind: SelfRewardRun`` manifest; return (spec, metadata)."""
-    if isinstance(doc, dict) and "kind" in doc:
-        if doc.get("kind") != "SelfRewardRun":
-            raise SpecError([("kind", f"expected SelfRewardRun, got {doc.get('kind')!r}")], source)
-        api = str(doc.get("apiVersion", ""))
-        if api and not api.startswith("selfreward.dev/"):
-            raise SpecError([("apiVersion", f"expected selfreward.dev/v1alpha1, got {api!r}")], source)
-        return parse_spec(doc.get("spec"), source), dict(doc.get("metadata") or {})
+# --- the manifest around the spec -------------------------------------------------------
+
+API_VERSION = "selfreward.dev/v1alpha1"
+KIND = "SelfRewardRun"
+# The API server checks that a custom resource's name is a DNS subdomain (253). Job and
+# pod names derived from it are cut and hashed by jobs.job_name to fit 63, so any name
+# the API server accepts works: no tighter bound here.
+MAX_RUN_NAME_LENGTH = 253
+
+
+def metadata_problems(meta: Any) -> list[tuple[str, str]]:
+    """What the API server, or the Jobs named after the run, would refuse in metadata."""
+    if not isinstance(meta, dict):
+        return [("metadata", f"expected a mapping, got {type(meta).__name__}")]
+    out = []
+    name, generate = meta.get("name"), meta.get("generateName")
+    if name is None and generate is None:
+        out.append(("metadata.name", "required (or metadata.generateName)"))
+    for field, value, room in (("name", name, 0), ("generateName", generate, 5)):
+        if value is None:
+            continue
+        limit = MAX_RUN_NAME_LENGTH - room  # the API server appends 5 characters to generateName
+        if not isinstance(value, str):
+            out.append((f"metadata.{field}", f"must be a string, got {type(value).__name__}"))
+        elif len(value) > limit:
+            out.append((f"metadata.{field}", f"{len(value)} characters; at most {limit} (a DNS subdomain)"))
+        elif not re.match(DNS_SUBDOMAIN_RE if field == "name" else r"^[a-z0-9]([-.a-z0-9]*)?$", value):
+            out.append((f"metadata.{field}", f"{value[:80]!r} is not a DNS subdomain (lowercase letters, digits, "
+                        "'-' and '.', each part starting and ending with a letter or digit)"))
+    ns = meta.get("namespace")
+    if ns is not None and not (isinstance(ns, str) and len(ns) <= 63 and re.match(DNS_LABEL_RE, ns)):
+        out.append(("metadata.namespace", f"{str(ns)[:80]!r} is not a DNS label"))
+    return out
+
+
+def spec_from_document(doc: Any, source: str = "spec", require_name: bool = False) -> tuple[RunSpec, dict]:
+    """Accept a bare spec or a ``kind: SelfRewardRun`` manifest; return (spec, metadata).
+    A manifest's apiVersion and kind are checked; with ``require_name`` (selfreward
+    validate: as the API server will check it) also its metadata, name required. A worker
+    reading its run document does not judge the name again: the cluster accepted it."""
+    if isinstance(doc, dict) and ("kind" in doc or "apiVersion" in doc):
+        errors: list[tuple[str, str]] = []
+        if doc.get("kind") != KIND:
+            errors.append(("kind", f"expected {KIND}, got {doc.get('kind')!r}"))
+        if doc.get("apiVersion") != API_VERSION:
+            errors.append(("apiVersion", f"expected {API_VERSION}, got {doc.get('apiVersion')!r}"))
+        meta = doc.get("metadata")
+        if require_name:
+            errors += metadata_problems(meta if meta is not None else {})
+        elif meta is not None and not isinstance(meta, dict):
+            errors.append(("metadata", f"expected a mapping, got {type(meta).__name__}"))
+        extra = sorted(str(k) for k in doc if k not in ("apiVersion", "kind", "metadata", "spec", "status"))
+        errors += [(k, "unknown field") for k in extra]
+        try:
+            spec = parse_spec(doc.get("spec"), source)
+        except SpecError as e:
+            errors += e.errors  # named as in a bare spec: storage.uri is spec.storage.uri
+            spec = None
+        if errors:
+            raise SpecError(errors, source)
+        return spec, dict(meta or {})
     return parse_spec(doc, source), {}
+
+
+# --- YAML, bounded ----------------------------------------------------------------------
+
+MAX_FILE_BYTES = 8 * 1024 * 1024
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with the limits a spec needs: nesting depth while composing
+    (before Python's recursion limit), no duplicate keys (kubectl refuses them), and the
+    size each document expands to once its aliases are followed (a "billion laughs"
+    document is a few lines that expand to gigabytes when dumped or validated)."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_SPEC_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nests deeper than {MAX_SPEC_DEPTH} levels",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self):
+        node = super().compose_document()
+        _check_expansion(node)
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                duplicate = False  # an unhashable key: the constructor names it below
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key) if not isinstance(key, (list, dict)) else None
+        return super().construct_mapping(node, deep=deep)
+
+
+# PyYAML follows YAML 1.1, where a float needs a dot: "1e-6" would be the string "1e-6".
+# kubectl's YAML (go-yaml), YAML 1.2 and JSON read it as a number, and so does a spec
+# file here (tried after YAML 1.1's own int and float rules, so "12" stays an int).
+_BoundedLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _check_expansion(root) -> None:
+    """Nodes, characters and depth of the document with every alias expanded, computed
+    over the node graph once per distinct node (linear in the document, not in its
+    expansion); a node that contains itself is refused."""
+    memo: dict[int, tuple[int, int, int]] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            on_path.discard(key)
+            children = ([k for pair in node.value for k in pair] if isinstance(node, yaml.MappingNode)
+                        else list(node.value) if isinstance(node, yaml.SequenceNode) else [])
+            count, chars, depth = 1, (len(node.value) if isinstance(node, yaml.ScalarNode) else 0), 0
+            for c in children:
+                n, ch, d = memo[id(c)]
+                count, chars, depth = count + n, chars + ch, max(depth, d)
+            memo[key] = (count, chars, depth + 1)
+            if count > MAX_SPEC_NODES:
+                raise yaml.composer.ComposerError(None, None, f"expands to more than {MAX_SPEC_NODES} values "
+                                                  "(YAML aliases)", node.start_mark)
+            if chars > MAX_SPEC_CHARS:
+                raise yaml.composer.ComposerError(None, None, f"expands to more than {MAX_SPEC_CHARS} characters "
+                                                  "(YAML aliases)", node.start_mark)
+            if depth + 1 > MAX_SPEC_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nests deeper than {MAX_SPEC_DEPTH} levels "
+                                                  "(YAML aliases)", node.start_mark)
+            continue
+        if key in memo:
+            continue
+        if key in on_path:
+            raise yaml.composer.ComposerError(None, None, "an alias refers to a node that contains it", node.start_mark)
+        on_path.add(key)
+        stack.append((node, True))
+        if isinstance(node, yaml.MappingNode):
+            stack.extend((c, False) for pair in node.value for c in pair)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((c, False) for c in node.value)
+
+
+class SpecFileError(SpecError):
+    """The spec file itself cannot be read (missing, a directory, no permission)."""
+
+
+def _read_text(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise SpecFileError([("file", f"cannot read: {e.strerror or e}")], str(path)) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise SpecError([("file", f"is larger than {MAX_FILE_BYTES} bytes")], str(path))
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError([("file", f"is not UTF-8 text (byte {e.start})")], str(path)) from None
+
+
+def _yaml_error(e: BaseException) -> str:
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        return f"{where}{e.problem or e.context}"
+    if isinstance(e, (RecursionError, MemoryError)):
+        return f"cannot be read ({type(e).__name__})"
+    return str(e)[:500]
+
+
+def load_yaml_documents(text: str, source: str = "yaml") -> list[Any]:
+    """Every document of a YAML stream, with the loader's limits; SpecError naming the
+    line on any failure (never a traceback, never an unbounded expansion)."""
+    try:
+        return list(yaml.load_all(text, Loader=_BoundedLoader))
+    except (yaml.YAMLError, RecursionError, MemoryError, ValueError, TypeError) as e:
+        raise SpecError([("yaml", _yaml_error(e))], source) from None
+
+
+def load_spec_documents(path: str | Path) -> list[Any]:
+    """Every YAML document of a file, loaded within the limits (not validated)."""
+    return load_yaml_documents(_read_text(Path(path)), str(path))
 
 
 def load_spec_file(path: str | Path) -> tuple[RunSpec, dict]:
     """Load a YAML file (bare spec or SelfRewardRun manifest). Relative local URIs in the
     spec are resolved against the file's directory, so examples run from anywhere."""
     path = Path(path)
+    docs = [d for d in load_spec_documents(path) if d is not None]
+    if len(docs) != 1:
+        raise SpecError([("yaml", f"expected one document, found {len(docs)}")], str(path))
+    return load_document(docs[0], path)
+
+
+def load_document(doc: Any, path: Path, source: Optional[str] = None,
+                  require_name: bool = False) -> tuple[RunSpec, dict]:
+    """One loaded document of the file ``path``: validated, relative URIs resolved."""
+    source = source or str(path)
+    spec, meta = spec_from_document(doc, source, require_name)
+    base = path.parent.resolve()
+    storage = _resolve(spec.storage.uri, base)
+    problem = run_prefix_problem(storage)
+    if problem:
+        raise SpecError([("storage.uri", f"resolves to {storage!r}, which {problem}")],
+                        source)
     try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SpecError([("yaml", str(e))], str(path)) from None
-    spec, meta = spec_from_document(doc, str(path))
-    return resolve_relative_uris(spec, path.parent.resolve()), meta
+        return resolve_relative_uris(spec, base), meta
+    except ValidationError as e:
+        raise SpecError([("spec", f"a relative path resolves to an invalid one: {msg}") for _, msg in _messages(e)],
+                        source) from None
+
+
+def is_run_manifest(doc: Any) -> bool:
+    """A document that claims to be a SelfRewardRun (whatever else is wrong with it)."""
+    return isinstance(doc, dict) and doc.get("kind") == KIND
+
+
+# --- what the API server pruned ----------------------------------------------------------
+
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+PRUNED_FIELD = "unknown field: the API server dropped it; fix the manifest"
+_MAX_LAST_APPLIED = 2 * 1024 * 1024
+
+
+@lru_cache(maxsize=256)
+def _pruned_fields(raw: str) -> tuple[tuple[str, str], ...]:
+    try:
+        applied = json.loads(raw)
+    except (ValueError, RecursionError):
+        return ()
+    if not isinstance(applied, dict) or not isinstance(applied.get("spec"), dict):
+        return ()
+    spec = applied["spec"]
+    if _size_problem(spec, MAX_SPEC_DEPTH, MAX_SPEC_NODES, MAX_SPEC_CHARS):
+        return ()
+    try:
+        RunSpec.model_validate(spec)
+    except ValidationError as e:
+        return tuple((f"spec.{_loc(err['loc'])}", PRUNED_FIELD)
+                     for err in e.errors() if err["type"] == "extra_forbidden")
+    except (RecursionError, MemoryError):
+        return ()
+    return ()
+
+
+def applied_configuration_problems(meta: Any) -> list[tuple[str, str]]:
+    """Unknown fields in what ``kubectl apply`` (client-side, also Argo CD's default) sent.
+
+    The CRD's structural schema prunes unknown fields silently when a client does not ask
+    for strict field validation, so a typo (``gpu:`` for ``gpus:``) would run with the
+    default. kubectl keeps the manifest it sent in the last-applied-configuration
+    annotation; a field there that the spec model does not know was pruned. Only unknown
+    fields count: other errors in an old annotation are not the stored object's."""
+    annotations = (meta or {}).get("annotations") if isinstance(meta, dict) else None
+    raw = (annotations or {}).get(LAST_APPLIED) if isinstance(annotations, dict) else None
+    if not isinstance(raw, str) or len(raw) > _MAX_LAST_APPLIED:
+        return []
+    return list(_pruned_fields(raw))
+
+
+def check_applied_configuration(meta: Any) -> None:
+    """SpecError when the last applied manifest had fields the API server pruned."""
+    problems = applied_configuration_problems(meta)
+    if problems:
+        raise SpecError(problems, "last-applied-configuration")
 
 
 def _resolve(uri: Optional[str], base: Path, model: bool = False) -> Optional[str]:

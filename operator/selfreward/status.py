@@ -69,6 +69,9 @@ class RunStatus(_Model):
     lastEval: Optional[float] = Field(None, description="evalMetric of the last evaluated model.")
     rollbacks: Optional[int] = Field(None, description="Iterations restarted from the best model by the eval gate.")
     earlyStopped: Optional[str] = Field(None, description="The eval step (iter-<t>/eval) whose gate stopped the run.")
+    workerImageID: Optional[str] = Field(
+        None, description="The worker image with its digest (pod status imageID) of the last completed step."
+    )
     conditions: list[Condition] = Field(default_factory=list)
     history: list[IterationRecord] = Field(default_factory=list)
 

@@ -4,10 +4,14 @@ choice, LoRA through peft, and saving a trained model as a committed checkpoint.
 Both phases (``sft`` in iteration 0 and ``train``, DPO, in iterations 1..N) follow the
 same path:
 
-1. load the start model in float32 (or in the dtype ``model.dtype`` names explicitly);
-   with ``bf16`` on, the trainer runs bfloat16 autocast over float32 master weights;
+1. read the dtype the start model is stored in (its safetensors headers, before
+   loading), then load it in float32: with ``bf16`` on, the trainer runs bfloat16
+   autocast over these float32 master weights, and AdamW keeps its state in float32.
+   ``model.dtype`` does not change this (it is the generation/judging dtype); only
+   ``training.pureBf16`` loads and updates bfloat16 weights (see docs/precision.md);
 2. wrap it in a LoRA adapter when ``training.mode`` is ``lora``;
-3. train with TRL, no hub, no experiment trackers, no intermediate checkpoints;
+3. train with TRL, no hub, no experiment trackers; intermediate checkpoints go to the
+   store for resuming after preemption (``selfreward.resume``);
 4. merge the adapter into the weights, cast to the start model's stored dtype, save
    safetensors + tokenizer to a temporary directory, and ``checkpoint.commit`` it
    (files first, MANIFEST.json last). The phase's summary figures travel in the
@@ -33,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from . import checkpoint, models
+from .prompt_format import plain_prompt
 from .spec import RunSpec
 from .storage import Store
 from .worker.common import PhaseError
@@ -47,6 +52,7 @@ DPO_METRICS = {
 }
 SFT_METRICS = {"loss": "trainLoss", "mean_token_accuracy": "meanTokenAccuracy"}
 LAST_LOGS = 10  # the summary's loss/reward figures average this many last logged steps
+LOSS_CURVE_POINTS = 256  # the summary's lossCurve keeps at most this many points
 
 
 class TrainingError(PhaseError):
@@ -65,9 +71,10 @@ def use_bf16(setting: Optional[bool]) -> bool:
 
 
 def check_devices() -> None:
-    """One training process drives one GPU. Several visible GPUs without a distributed
-    launcher would make transformers wrap the model in DataParallel, which TRL refuses;
-    say what to change instead of failing deep inside the trainer."""
+    """Without training.distributed one training process drives one GPU. Several visible
+    GPUs without the launcher would make transformers wrap the model in DataParallel,
+    which TRL refuses; say what to change instead of failing deep inside the trainer.
+    Under torchrun (WORLD_SIZE/LOCAL_RANK set) each process has its own GPU."""
     import torch
 
     if models.device() != "cuda" or os.environ.get("WORLD_SIZE") or os.environ.get("LOCAL_RANK"):
@@ -75,34 +82,36 @@ def check_devices() -> None:
     n = torch.cuda.device_count()
     if n > 1:
         raise TrainingError(
-            f"{n} GPUs are visible to one training process; the sft/train phases use one GPU per pod. "
-            "Set resources.sft.gpus / resources.train.gpus to 1 (or CUDA_VISIBLE_DEVICES to one device)."
+            f"{n} GPUs are visible to one training process (training.distributed is none). Set "
+            "training.distributed to fsdp to train on all of them, or resources.sft.gpus / resources.train.gpus "
+            "to 1 (or CUDA_VISIBLE_DEVICES to one device)."
         )
 
 
 def load_dtype(spec: RunSpec):
-    """Training loads float32 master weights unless model.dtype names a low precision."""
+    """The dtype training holds (and updates) the weights in: float32 master weights,
+    whatever model.dtype says (that setting is for generation and judging). bf16 then
+    means bfloat16 autocast over these weights (training.bf16). Only an explicit
+    training.pureBf16 loads bfloat16 weights and updates them in bfloat16."""
     import torch
 
-    if spec.model.dtype in ("bfloat16", "float16"):
-        return models.torch_dtype(spec.model.dtype)
-    return torch.float32
+    return torch.bfloat16 if spec.training.pureBf16 else torch.float32
 
 
-def load_model(path: str, dtype):
+def load_model(path: str, dtype, *, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
     from .models import note_loaded
 
     note_loaded(path)  # the summary records which model the phase trained from
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     return model
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise TrainingError(f"the tokenizer of {path} has neither a pad nor an eos token")
@@ -110,14 +119,21 @@ def load_tokenizer(path: str):
     return tok
 
 
-def stored_dtype(model) -> Any:
-    """The dtype the start model's weights were stored in (from its config), float32 if unknown."""
+def stored_dtype(model_path: str) -> Any:
+    """The dtype the start model's weights are stored in, read from its files before
+    loading (loading rewrites config.dtype)."""
+    from .precision import stored_dtype as from_files
+
+    return from_files(model_path)
+
+
+def checkpoint_dtype(spec: RunSpec, start_model: str) -> Any:
+    """The dtype a trained checkpoint is saved in: training.checkpointDtype, whose
+    default (stored) is the start model's stored dtype."""
     import torch
 
-    dt = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
-    if isinstance(dt, str):
-        dt = getattr(torch, dt, None)
-    return dt if isinstance(dt, torch.dtype) and dt.is_floating_point else torch.float32
+    choice = spec.training.checkpointDtype
+    return stored_dtype(start_model) if choice == "stored" else getattr(torch, choice)
 
 
 def lora_config(spec: RunSpec):
@@ -164,15 +180,16 @@ def check_lora_targets(model, spec: RunSpec) -> None:
 
 # --- batch shape ---
 
-def fit_batch(examples: int, batch_size: int, accumulation: int) -> tuple[int, int]:
+def fit_batch(examples: int, batch_size: int, accumulation: int, processes: int = 1) -> tuple[int, int]:
     """(per-device batch, accumulation) that give at least one full optimizer step.
 
-    With fewer examples than the batch, the batch shrinks to the examples; the
-    accumulation shrinks to the number of full batches the data holds."""
+    An optimizer step takes batch x processes x accumulation examples. With fewer
+    examples than that, the batch shrinks to each process's share of the examples; the
+    accumulation shrinks to the number of full global batches the data holds."""
     if examples < 1:
         raise TrainingError("no training examples")
-    bs = min(batch_size, examples)
-    ga = max(1, min(accumulation, examples // bs))
+    bs = max(1, min(batch_size, examples // max(1, processes)))
+    ga = max(1, min(accumulation, examples // (bs * max(1, processes))))
     return bs, ga
 
 
@@ -188,8 +205,11 @@ def common_args(
     bf16: bool,
     gradient_checkpointing: bool,
     seed: int,
+    fsdp: Any = None,
 ) -> dict:
-    """TrainingArguments shared by the SFT and DPO configs."""
+    """TrainingArguments shared by the SFT and DPO configs. ``fsdp`` (a spec.FSDPSpec,
+    for training.distributed fsdp) turns on FSDP2 through accelerate: one wrapped unit
+    per transformer block (the model's _no_split_modules), a full state dict to save."""
     from transformers import TrainingArguments
 
     # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing (the
@@ -219,14 +239,34 @@ def common_args(
         dataloader_num_workers=0,
         dataloader_drop_last=False,
         **{checkpointing: gradient_checkpointing},
+        **_fsdp_args(fsdp),
     )
+
+
+def _fsdp_args(fsdp: Any) -> dict:
+    if fsdp is None:
+        return {}
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "reshard_after_forward": fsdp.reshardAfterForward,
+            "cpu_offload": fsdp.cpuOffload,
+            "activation_checkpointing": fsdp.activationCheckpointing,
+            "state_dict_type": "FULL_STATE_DICT",
+        },
+    }
 
 
 # --- data ---
 
 def chat_format(tokenizer) -> bool:
-    """Use TRL's conversational format when the tokenizer has a chat template."""
-    return bool(getattr(tokenizer, "chat_template", None))
+    """Use TRL's conversational format when the tokenizer has a chat template; without
+    one, rows carry the plain prompt format (selfreward.prompt_format) generation used."""
+    from .prompt_format import has_chat_template
+
+    return has_chat_template(tokenizer)
 
 
 def require_text(rec: Any, fields: tuple[str, ...], where: str) -> None:
@@ -250,7 +290,7 @@ def preference_rows(records: list[dict], conversational: bool, where: str) -> li
                 "rejected": [{"role": "assistant", "content": rec["rejected"]}],
             })
         else:
-            rows.append({"prompt": rec["prompt"], "chosen": rec["chosen"], "rejected": rec["rejected"]})
+            rows.append({"prompt": plain_prompt(rec["prompt"]), "chosen": rec["chosen"], "rejected": rec["rejected"]})
     return rows
 
 
@@ -265,7 +305,7 @@ def completion_rows(records: list[dict], conversational: bool, where: str) -> li
                 "completion": [{"role": "assistant", "content": rec["response"]}],
             })
         else:
-            rows.append({"prompt": rec["prompt"], "completion": rec["response"]})
+            rows.append({"prompt": plain_prompt(rec["prompt"]), "completion": rec["response"]})
     return rows
 
 
@@ -287,6 +327,8 @@ def progress_callback(report: Callable[..., None]):
                 if key in logs:
                     figures[name] = float(logs[key])
             report(**figures)
+            if not state.is_world_process_zero:
+                return  # one line per step per launch
             every = max(1, state.max_steps // 10)
             if state.global_step % every == 0 or state.global_step == state.max_steps:
                 extra = "".join(f" {k}={v:.4g}" for k, v in figures.items() if k not in ("step", "totalSteps"))
@@ -329,7 +371,8 @@ def train_figures(trainer, result, examples: int, seconds: float) -> dict:
     metrics = dict(result.metrics or {})
     args = trainer.args
     steps = int(trainer.state.global_step)
-    samples = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
+    processes = max(1, int(getattr(args, "world_size", 1) or 1))
+    samples = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * processes
     if args.max_steps is None or args.max_steps <= 0:  # epochs bound the data seen; the last batch may be short
         samples = min(samples, examples * args.num_train_epochs)
     out = {
@@ -337,6 +380,9 @@ def train_figures(trainer, result, examples: int, seconds: float) -> dict:
         "samplesSeen": int(samples),
         "trainSeconds": round(seconds, 3),
         "samplesPerSecond": round(samples / max(seconds, 1e-9), 3),
+        "processes": processes,
+        "parallelism": parallelism(trainer),
+        "lossCurve": loss_curve(trainer.state.log_history),
     }
     if "train_loss" in metrics:
         out["finalTrainLoss"] = round(float(metrics["train_loss"]), 6)
@@ -344,6 +390,31 @@ def train_figures(trainer, result, examples: int, seconds: float) -> dict:
     if tokens:
         out["tokensPerSecond"] = round(float(tokens[-1]) / max(seconds, 1e-9), 1)
     return out
+
+
+def parallelism(trainer) -> str:
+    """How accelerate ran the processes: "fsdp2" (sharded), "ddp" (data parallel: several
+    processes on CPUs, where accelerate offers no FSDP), or "single"."""
+    accelerator = getattr(trainer, "accelerator", None)
+    if accelerator is None:
+        return "single"
+    if getattr(accelerator, "is_fsdp2", False):
+        return "fsdp2"
+    return "ddp" if accelerator.num_processes > 1 else "single"
+
+
+def loss_curve(log_history: list[dict], limit: int = LOSS_CURVE_POINTS) -> list[float]:
+    """The logged training loss per step (the mean over all processes), thinned to at
+    most ``limit`` evenly spaced points (always keeping the last) for long runs."""
+    losses = [round(float(h["loss"]), 6) for h in log_history
+              if "loss" in h and "train_runtime" not in h and math.isfinite(float(h["loss"]))]
+    if len(losses) <= limit:
+        return losses
+    every = math.ceil(len(losses) / limit)
+    thinned = losses[::every]
+    if (len(losses) - 1) % every:
+        thinned.append(losses[-1])
+    return thinned
 
 
 # --- saving ---
@@ -407,6 +478,70 @@ def commit_model(model, tokenizer, store: Store, rel: str, dtype, metadata: dict
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def commit_adapter(model, store: Store, rel: str, metadata: dict) -> Optional[dict]:
+    """LoRA runs: commit the PEFT adapter itself (before commit_model merges it) to
+    store/rel, for `selfreward export --adapter`; None for a full fine-tune."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return None
+    tmp = tempfile.mkdtemp(prefix="selfreward-adapter-")
+    try:
+        model.save_pretrained(tmp)
+        return checkpoint.commit(tmp, store, rel, metadata)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def trained_model(trainer, rebuild: Callable[[], Any]):
+    """The trained model to save, on rank 0; None on the other ranks.
+
+    Under FSDP2 the parameters are sharded DTensors: every rank takes part in gathering
+    the full state dict, and rank 0 loads it into a fresh copy of the start model
+    (``rebuild()``, with the LoRA adapter when training.mode is lora) on the CPU, so the
+    usual merge-and-save path works on plain tensors. Otherwise (one process, or data
+    parallel on CPUs) every rank holds the whole model and rank 0 uses it as it is."""
+    from . import distributed
+
+    accelerator = trainer.accelerator
+    if getattr(accelerator, "is_fsdp2", False):
+        state = accelerator.get_state_dict(trainer.model)  # a collective: every rank calls it
+        if not distributed.is_main():
+            return None
+        model = rebuild()
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if "lora_" not in k]:
+            raise TrainingError(f"the gathered FSDP state does not fit the model: missing {missing[:5]}, "
+                                f"unexpected {unexpected[:5]}")
+        return model
+    return trainer.model if distributed.is_main() else None
+
+
+def rebuild_for_save(path: str, dtype, spec: RunSpec) -> Callable[[], Any]:
+    """A fresh copy of the start model shaped like the trained one (for trained_model)."""
+    def rebuild():
+        model = load_model(path, dtype, trust_remote_code=spec.model.trustRemoteCode)
+        if spec.training.mode == "lora":
+            from peft import get_peft_model
+
+            model = get_peft_model(model, lora_config(spec))
+        return model
+
+    return rebuild
+
+
+def fsdp_settings(spec: RunSpec):
+    """spec.training.fsdp when the phase trains with FSDP, else None (for common_args)."""
+    return spec.training.fsdp if spec.training.distributed == "fsdp" else None
+
+
+def processes() -> int:
+    """Training processes of this launch (WORLD_SIZE under torchrun, else 1)."""
+    from . import distributed
+
+    return distributed.world_size()
+
+
 def free_memory() -> None:
     """Collect dropped models/trainers and return cached GPU memory."""
     gc.collect()
@@ -418,8 +553,8 @@ def free_memory() -> None:
 
 @contextlib.contextmanager
 def scratch_dir() -> Iterator[str]:
-    """The trainer's output_dir, removed afterwards: never used for checkpoints
-    (save_strategy=no); $SELFREWARD_SCRATCH chooses where it lives."""
+    """The trainer's output_dir, removed afterwards: it holds only the intermediate
+    checkpoint being uploaded (selfreward.resume); $SELFREWARD_SCRATCH chooses where it lives."""
     path = tempfile.mkdtemp(prefix="selfreward-trainer-", dir=os.environ.get("SELFREWARD_SCRATCH"))
     try:
         yield path

@@ -28,6 +28,10 @@ What it does, as the real components would:
     CreateContainerConfigError, as a kubelet does), ``fieldRef`` (metadata.name/namespace/uid,
     ``metadata.annotations['…']``, ``metadata.labels['…']``, spec.nodeName, status.podIP), and
     ``envFrom``; program names mapped through ``programs`` (e.g. ``selfreward`` -> the venv's).
+    Cluster DNS on loopback: an env value that is a pod's name under a headless Service
+    (``<hostname>.<subdomain>.<ns>.svc``, the pod's own subdomain, the Service existing and
+    selecting the pod) becomes ``127.0.0.1``; Indexed pods get the hostname ``<job>-<index>``.
+    A Job that fails stops its other pods' processes (their Pods are deleted).
     ``SELFREWARD_TERMINATION_LOG`` points at a temp file whose content (max 4096 bytes)
     becomes ``status.containerStatuses[0].state.terminated.message``; with
     ``terminationMessagePolicy: FallbackToLogsOnError`` a failed empty message falls back to the
@@ -91,6 +95,9 @@ JOBS = ResKey("batch", "v1", "jobs")
 PODS = ResKey("", "v1", "pods")
 SECRETS = ResKey("", "v1", "secrets")
 CONFIGMAPS = ResKey("", "v1", "configmaps")
+SERVICES = ResKey("", "v1", "services")
+# <hostname>.<subdomain>.<namespace>.svc[.cluster.local]: a pod's name under a headless Service
+POD_DNS_RE = re.compile(r"([a-z0-9]([-a-z0-9]*[a-z0-9])?)\.([a-z]([-a-z0-9]*[a-z0-9])?)\.([a-z0-9-]+)\.svc(\.cluster\.local)?")
 INDEX_KEY = "batch.kubernetes.io/job-completion-index"
 NODE_NAME = "emulated-node"
 MAX_MESSAGE = 4096
@@ -230,6 +237,7 @@ class Kubelet:
         self._tmp = tempfile.mkdtemp(prefix="kubelet-")
         self._lock = threading.Lock()
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._deleted: set[str] = set()  # pods whose process was stopped because the pod was deleted
         self._stopping = threading.Event()
         self._timers: list[threading.Timer] = []
 
@@ -331,6 +339,9 @@ class Kubelet:
                     if remaining <= 0:
                         raise _JobFailed("DeadlineExceeded", "Job was active longer than specified deadline")
                 pod = self._create_pod(current, index if indexed else None)
+                if state.stop.is_set():  # the Job failed while this pod was being created
+                    self._delete_active_pods(namespace, current)
+                    raise _Stopped()
                 with state.lock:
                     state.active += 1
                 self._update_counts(namespace, name, state)
@@ -384,6 +395,7 @@ class Kubelet:
                 except _JobFailed as e:
                     failure = failure or e
                     state.stop.set()
+                    self._delete_active_pods(namespace, current)  # the Job controller stops the rest now
                 except (_PodStuck, _Stopped):
                     stuck = True
                 except _Suspended:
@@ -494,6 +506,11 @@ class Kubelet:
                     self.api.api_delete(PODS, namespace, pod["metadata"]["name"], {})
                 except KubeError:
                     pass
+                with self._lock:  # as a kubelet does, a deleted pod's container is stopped
+                    proc = self._procs.get(pod["metadata"]["name"])
+                    self._deleted.add(pod["metadata"]["name"])
+                if proc is not None and proc.poll() is None:
+                    proc.kill()
 
     # ------------------------------------------------------------ pods
 
@@ -680,7 +697,30 @@ class Kubelet:
                     env[name] = value
             else:
                 env[name] = ""
-        return env
+        return {k: self._resolve_pod_dns(pod, v) for k, v in env.items()}
+
+    def _resolve_pod_dns(self, pod: Mapping[str, Any], value: str) -> str:
+        """Cluster DNS for the pods of a headless Service, on loopback: a value that is a
+        pod's DNS name (``<hostname>.<subdomain>.<ns>.svc``) in this pod's own subdomain
+        becomes ``127.0.0.1`` when that Service exists, is headless and selects this pod,
+        which is when a cluster's DNS would answer for the name. Every pod "runs" on this
+        machine, so every such name is this machine."""
+        m = POD_DNS_RE.fullmatch(value)
+        if not m:
+            return value
+        subdomain, namespace = m.group(3), m.group(5)
+        if subdomain != pod["spec"].get("subdomain") or namespace != pod["metadata"].get("namespace"):
+            return value
+        try:
+            svc = self.api.api_get(SERVICES, namespace, subdomain)
+        except KubeError:
+            return value
+        spec = svc.get("spec") or {}
+        labels = pod["metadata"].get("labels") or {}
+        selector = spec.get("selector") or {}
+        if spec.get("clusterIP") != "None" or not selector or any(labels.get(k) != v for k, v in selector.items()):
+            return value
+        return "127.0.0.1"
 
     def _lookup(self, res: ResKey, namespace: str | None, ref: Mapping[str, Any], key: str | None,
                 *, decode: bool) -> Any:
@@ -779,6 +819,8 @@ class Kubelet:
                 return 128, f"failed to start the container process: {e}", False
             with self._lock:
                 self._procs[name] = proc
+                if name in self._deleted:  # the pod was deleted while its process started
+                    proc.kill()
             ends = time.monotonic() + limit
             code: int | None = None
             try:
@@ -804,7 +846,9 @@ class Kubelet:
             message = f.read(MAX_MESSAGE).decode(errors="replace")
         if code is None:
             return None, message, False
-        oom = code in (-9, 137) and not self._stopping.is_set()
+        with self._lock:
+            deleted = name in self._deleted
+        oom = code in (-9, 137) and not self._stopping.is_set() and not deleted
         if code < 0:  # killed by a signal: report it like a container runtime (128 + signal)
             code = 128 - code
         if not message and code != 0 and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":

@@ -729,3 +729,56 @@ def test_deleting_a_running_job_kills_its_process(kube, tmp_path):
         kube.wait_for(dead, timeout=10)
         kube.wait_for(lambda: kube.objects("v1", "pods", "ns1", label_selector="job-name=doomed") == [])
     assert runner.errors == [] and runner.handled == []
+
+
+def test_a_failed_pod_fails_the_job_and_stops_its_other_pods(kube):
+    """FailJob (podFailurePolicy) on one pod: the Job controller deletes the others at once,
+    and the kubelet stops their processes (a rank waiting for a dead peer does not hang)."""
+    kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds", "namespace": "ns1"},
+                 "stringData": {"token": "t"}})
+    job = _job("gang", command=["python", "-c", "import time; time.sleep(60)"], completions=2, backoffLimit=0,
+               podFailurePolicy={"rules": [{"action": "FailJob", "onExitCodes": {"operator": "NotIn", "values": [0]}}]})
+    kube.create(job)
+    kubelet = Kubelet(kube, venv_programs=["python"])
+    t0 = time.monotonic()
+    try:
+        job = kubelet.run_job("gang", "ns1", outcome=lambda index, attempt: Fail(1, "lost") if index == 1 else None)
+    finally:
+        kubelet.close()
+    assert time.monotonic() - t0 < 30  # not the sleeping pod's 60 s
+    assert job_condition(job, "Failed")["reason"] == "PodFailurePolicy"
+    pods = kube.objects("v1", "pods", "ns1", label_selector="batch.kubernetes.io/job-name=gang")
+    # the failed pod stays for its logs; the stopped one is deleted, and not taken for an OOM kill
+    assert [p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] for p in pods] == ["1"]
+
+
+def test_pod_dns_names_resolve_on_loopback_under_a_headless_service(kube):
+    """An env value naming a pod under a headless Service (hostname.subdomain.ns.svc)
+    resolves to 127.0.0.1 once that Service exists and selects the pod, as cluster DNS would."""
+    script = "import os,json; open(os.environ['SELFREWARD_TERMINATION_LOG'],'w').write(os.environ['ADDR'])"
+
+    def run(name, *, service):
+        job = _job(name, command=["python", "-c", script], completions=1)
+        job["spec"]["template"]["metadata"] = {"labels": {"app": name}}
+        spec = job["spec"]["template"]["spec"]
+        spec["subdomain"] = "ranks"
+        spec["containers"][0]["env"] = [{"name": "ADDR", "value": f"{name}-0.ranks.ns1.svc"}]
+        kube.create(job)
+        if service is not None:
+            kube.create({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "ranks", "namespace": "ns1"},
+                         "spec": service})
+        kubelet = Kubelet(kube, venv_programs=["python"])
+        try:
+            done = kubelet.run_job(name, "ns1")
+        finally:
+            kubelet.close()
+        (pod,) = kube.objects("v1", "pods", "ns1", label_selector=f"batch.kubernetes.io/job-name={name}")
+        assert pod["spec"]["hostname"] == f"{name}-0"
+        if service is not None:
+            kube.delete("v1", "services", "ranks", "ns1")
+        assert job_condition(done, "Complete")
+        return pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"]
+
+    assert run("nosvc", service=None) == "nosvc-0.ranks.ns1.svc"  # no Service: no DNS record
+    assert run("other", service={"clusterIP": "None", "selector": {"app": "else"}}) == "other-0.ranks.ns1.svc"
+    assert run("yes", service={"clusterIP": "None", "selector": {"app": "yes"}}) == "127.0.0.1"

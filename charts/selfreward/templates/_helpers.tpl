@@ -94,6 +94,9 @@ the namespaced mode).
 - pods: list + watch only, for the Jobs' pods' termination messages and waiting
   reasons (OOMKilled, ImagePullBackOff, Unschedulable).
 - events: create (core v1 Events about runs); events.k8s.io is never written.
+- services: create only: a run whose sft/train step spans several nodes gets one
+  headless Service (its pods' DNS names for the rendezvous), owned by the run so the
+  garbage collector deletes it; a 409 means it exists, and nothing reads it back.
 - No secrets: credentials reach the workers only as secretKeyRefs in the Jobs' pod
   specs, which the kubelet resolves; creating such a Job needs no secret access.
 */}}
@@ -112,5 +115,8 @@ the namespaced mode).
   verbs: ["list", "watch"]
 - apiGroups: [""]
   resources: ["events"]
+  verbs: ["create"]
+- apiGroups: [""]
+  resources: ["services"]
   verbs: ["create"]
 {{- end -}}

@@ -1,7 +1,8 @@
 """The one interface every generation backend implements.
 
 A backend turns user prompts (plain strings) into sampled completions. It formats each
-prompt with the tokenizer's chat template (plain text when the tokenizer has none),
+prompt with ``prompt_format.format_prompt`` (the chat template, or the documented plain
+format when the tokenizer has none),
 samples ``n`` completions per prompt, and counts the tokens it generated so phases can
 report tokens per second.
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+
+from ..prompt_format import format_prompt
 
 
 @dataclass(frozen=True)
@@ -56,19 +59,8 @@ class GenerationBackend(ABC):
         self.close()
 
 
-def chat_format(tokenizer, prompt: str) -> tuple[str, bool]:
-    """The prompt as the model expects it: one user turn through the chat template with
-    the assistant's turn opened, or the plain text when the tokenizer has no template.
-
-    Returns (text, templated): a templated text already carries the model's own special
-    tokens, so it must be tokenized without adding them again.
-    """
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        return text, True
-    return prompt, False
+# The prompt format of every backend (chat template, or the documented plain format).
+chat_format = format_prompt
 
 
 def derive_seed(*parts: object) -> int:

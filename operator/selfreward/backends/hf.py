@@ -16,9 +16,19 @@ import re
 import time
 from typing import Optional
 
-from .base import BackendError, Completion, GenerationBackend, chat_format
+from ..prompt_format import format_prompt
+from .base import BackendError, Completion, GenerationBackend
 
 _CB_KEY = re.compile(r"^req_(\d+)(?:__child#(\d+))?$")
+
+
+def device_map(device: str, visible_gpus: int) -> str:
+    """The from_pretrained device_map: "auto" (layers spread over the GPUs, placed by
+    accelerate to fit) when the pod has several GPUs, else the one device. Inputs go to
+    ``device`` ("cuda" = cuda:0, where "auto" puts the embeddings)."""
+    if device == "cuda" and visible_gpus > 1:
+        return "auto"
+    return device
 
 
 class TransformersBackend(GenerationBackend):
@@ -31,6 +41,8 @@ class TransformersBackend(GenerationBackend):
         batch_size: int = 16,
         device: Optional[str] = None,
         continuous: bool = False,
+        *,
+        trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
         import torch
@@ -44,10 +56,12 @@ class TransformersBackend(GenerationBackend):
         self.continuous = continuous
         if continuous:
             self.name = "transformers-cb"
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        # device_map loads the weights straight onto the device (no full copy in host memory)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=models.torch_dtype(dtype),
-                                                          device_map=self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        # device_map loads the weights straight onto the device (no full copy in host memory);
+        # with several GPUs in the pod, "auto" spreads the layers over all of them
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=models.torch_dtype(dtype), trust_remote_code=trust_remote_code,
+            device_map=device_map(self.device, torch.cuda.device_count() if torch.cuda.is_available() else 0))
         self.model.eval()
 
         gen_cfg = self.model.generation_config
@@ -69,7 +83,7 @@ class TransformersBackend(GenerationBackend):
         """Token ids of each chat-formatted prompt, cut from the left to fit the context."""
         out = []
         for p in prompts:
-            text, templated = chat_format(self.tokenizer, p)
+            text, templated = format_prompt(self.tokenizer, p)
             ids = self.tokenizer(text, add_special_tokens=not templated)["input_ids"]
             if self.context and len(ids) + max_new_tokens > self.context:
                 keep = max(1, self.context - max_new_tokens)

@@ -6,14 +6,38 @@ needs it; without it the constructor raises a BackendError that says what to ins
 from __future__ import annotations
 
 import gc
+from typing import Any, Optional
 
-from .base import BackendError, Completion, GenerationBackend, chat_format
+from ..prompt_format import format_prompt
+from .base import BackendError, Completion, GenerationBackend
+
+
+def engine_args(settings: Any = None, gpus: Optional[int] = None, batch_size: int = 16) -> dict:
+    """Keyword arguments of ``vllm.LLM`` from a spec.VLLMSpec and the pod's GPU count:
+    one engine over every GPU of the pod (tensor parallelism = GPUs per pod; across pods
+    the phase is sharded instead), the memory share, context length, eager mode and the
+    prefix cache. vLLM schedules its own batches: batch_size only bounds the sequences
+    in flight (max_num_seqs)."""
+    from ..spec import VLLMSpec
+
+    settings = settings or VLLMSpec()
+    args = {
+        "tensor_parallel_size": max(1, int(gpus or 1)),
+        "gpu_memory_utilization": settings.gpuMemoryUtilization,
+        "enforce_eager": settings.enforceEager,
+        "enable_prefix_caching": settings.prefixCaching,
+        "max_num_seqs": max(batch_size, 1) * 16,
+    }
+    if settings.maxModelLen is not None:
+        args["max_model_len"] = settings.maxModelLen
+    return args
 
 
 class VLLMBackend(GenerationBackend):
     name = "vllm"
 
-    def __init__(self, model_dir: str, dtype: str = "auto", batch_size: int = 16, **llm_kwargs) -> None:
+    def __init__(self, model_dir: str, dtype: str = "auto", batch_size: int = 16, *, trust_remote_code: bool = False,
+                 settings: Any = None, gpus: Optional[int] = None, **llm_kwargs) -> None:
         super().__init__()
         try:
             import vllm
@@ -23,9 +47,8 @@ class VLLMBackend(GenerationBackend):
                 f"({e}); install selfreward[vllm] in a GPU image or set backend: transformers"
             ) from None
         self._vllm = vllm
-        # vLLM schedules its own batches; batch_size only bounds the sequences in flight.
-        llm_kwargs.setdefault("max_num_seqs", max(batch_size, 1) * 16)
-        self.llm = vllm.LLM(model=model_dir, dtype=dtype, **llm_kwargs)
+        kwargs = {**engine_args(settings, gpus, batch_size), **llm_kwargs}
+        self.llm = vllm.LLM(model=model_dir, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
         self.tokenizer = self.llm.get_tokenizer()
 
     def generate(self, prompts, n=1, temperature=0.7, top_p=1.0, max_new_tokens=256, seed=0):
@@ -33,7 +56,7 @@ class VLLMBackend(GenerationBackend):
             return []
         token_prompts = []
         for p in prompts:
-            text, templated = chat_format(self.tokenizer, p)
+            text, templated = format_prompt(self.tokenizer, p)
             ids = self.tokenizer(text, add_special_tokens=not templated)["input_ids"]
             token_prompts.append({"prompt_token_ids": list(ids)})  # a vllm.inputs.TokensPrompt
         params = self._vllm.SamplingParams(

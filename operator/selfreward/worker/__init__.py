@@ -14,7 +14,7 @@ import time
 import traceback
 from typing import Any, Callable, Optional
 
-from .. import layout, models, phases
+from .. import distributed, layout, models, phases, provenance
 from ..spec import RunSpec
 from ..storage import Store
 from .common import (PhaseContext, PhaseError, aggregate, log, progress_file, resolve_shard, shard_summaries,
@@ -80,6 +80,8 @@ def run_phase(
         first = 0 if entry.runs_in(0) else 1
         raise PhaseError(f"iteration {iteration} is outside {first}..{spec.iterations}")
 
+    provenance.ensure_run_json(store, spec)  # on the cluster, the run's first worker writes it
+
     if phase_done(store, iteration, phase):
         summary = store.read_json(layout.summary_path(iteration, phase))
         summary["skipped"] = True
@@ -104,6 +106,7 @@ def run_phase(
             summary = dict(mod.run(ctx))
             summary.setdefault("durationSeconds", round(time.time() - t0, 3))
             _loaded_into(summary)
+            summary.setdefault("runtime", provenance.runtime())
             summary.update({"phase": phase, "iteration": iteration, "shard": shard, "numShards": num_shards})
             store.write_json(ctx.shard_summary, summary)  # the shard's commit marker
         final = finalize_phase(store, spec, iteration, phase, num_shards)
@@ -114,8 +117,10 @@ def run_phase(
     summary = dict(mod.run(ctx))
     summary.setdefault("durationSeconds", round(time.time() - t0, 3))
     _loaded_into(summary)
+    summary.setdefault("runtime", provenance.runtime())  # the image and versions it ran with
     summary.update({"phase": phase, "iteration": iteration})
-    store.write_json(layout.summary_path(iteration, phase), summary)  # the phase's commit marker
+    if distributed.is_main():  # one summary per launch: rank 0's (selfreward.distributed)
+        store.write_json(layout.summary_path(iteration, phase), summary)  # the phase's commit marker
     return summary
 
 
@@ -128,10 +133,14 @@ def main_phase(spec: RunSpec, phase: str, iteration: int, shard: Optional[int], 
     write the termination message, map failures to exit codes."""
     from ..ownership import OwnershipError, claim
 
-    if progress is None:  # live progress for a PodMonitor when $SELFREWARD_PROGRESS_PORT is set (not 0)
+    main = distributed.is_main()  # under torchrun, rank 0 reports for the whole launch
+    if progress is None and main:  # live progress for a PodMonitor when $SELFREWARD_PROGRESS_PORT is set (not 0)
         from .progress import progress_from_env
         progress = progress_from_env()
-    progress = progress_file(os.environ.get("SELFREWARD_PROGRESS_FILE", ""), progress)  # for `selfreward run`
+    if main:
+        progress = progress_file(os.environ.get("SELFREWARD_PROGRESS_FILE", ""), progress)  # for `selfreward run`
+    else:
+        progress = None
     try:
         if owner is not None:
             claim(Store.for_spec(spec), owner)
@@ -146,5 +155,6 @@ def main_phase(spec: RunSpec, phase: str, iteration: int, shard: Optional[int], 
         traceback.print_exc()
         write_termination_log({"error": msg[:1500], "phase": phase, "iteration": iteration}, termination_log)
         return 1
-    write_termination_log(summary, termination_log)
+    if main:
+        write_termination_log(summary, termination_log)
     return 0

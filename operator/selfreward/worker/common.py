@@ -148,4 +148,5 @@ def progress_file(path: str, inner: Any = None) -> Any:
 
 
 def log(msg: str) -> None:
-    print(f"[selfreward] {msg}", file=sys.stderr, flush=True)
+    rank = os.environ.get("RANK", "0")  # under torchrun every process logs; rank 0's lines look as before
+    print(f"[selfreward{'' if rank in ('', '0') else ' rank ' + rank}] {msg}", file=sys.stderr, flush=True)

@@ -169,7 +169,9 @@ def run(ctx: PhaseContext) -> dict:
             f"{len(prompts)} held-out prompts and judges {len(labelled)} labelled prompts")
         gen = ev.generation
         max_new = gen.maxNewTokens or spec.generation.maxNewTokens
-        with make_backend(spec.generation.backend, model_dir, spec.model.dtype, gen.batchSize) as backend:
+        with make_backend(spec.generation.backend, model_dir, spec.model.dtype, gen.batchSize,
+                          trust_remote_code=spec.model.trustRemoteCode, vllm_settings=spec.generation.vllm,
+                          gpus=spec.resources.for_phase("eval").gpus) as backend:
             for b, start in enumerate(range(0, len(prompts), gen.batchSize)):
                 batch = prompts[start:start + gen.batchSize]
                 groups = backend.generate([row["prompt"] for _i, row in batch], n=1, temperature=gen.temperature,
@@ -235,7 +237,9 @@ def _head_to_head(ctx: PhaseContext, answers: list[dict]) -> None:
     log(f"iter-{t}/eval shard {ctx.shard}: evaluator {evaluator.modelUri} judges {len(asks)} comparisons "
         f"against eval iteration(s) {sorted(others)}")
     out: list[str] = []
-    with make_backend(spec.judge.backend, evaluator_dir, spec.model.dtype, evaluator.batchSize) as backend:
+    with make_backend(spec.judge.backend, evaluator_dir, spec.model.dtype, evaluator.batchSize,
+                      trust_remote_code=spec.model.trustRemoteCode, vllm_settings=spec.judge.vllm,
+                      gpus=spec.resources.for_phase("eval").gpus) as backend:
         for b, start in enumerate(range(0, len(texts), evaluator.batchSize)):
             groups = backend.generate(texts[start:start + evaluator.batchSize], n=1,
                                       temperature=evaluator.temperature, top_p=1.0,

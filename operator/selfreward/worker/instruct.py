@@ -32,7 +32,9 @@ def run(ctx: PhaseContext) -> dict:
     batch = max(1, spec.generation.batchSize)
     log(f"iter-{ctx.iteration}/instruct: writing {si.count} prompts with {model_dir}")
     t0 = time.perf_counter()
-    with make_backend(spec.generation.backend, model_dir, spec.model.dtype, batch) as backend:
+    with make_backend(spec.generation.backend, model_dir, spec.model.dtype, batch,
+                      trust_remote_code=spec.model.trustRemoteCode, vllm_settings=spec.generation.vllm,
+                      gpus=spec.resources.for_phase("instruct").gpus) as backend:
         while len(flt.kept) < si.count and rounds < si.maxAttempts:
             wanted = si.count - len(flt.kept)
             asks = [few_shot_request(rng.sample(seeds, shots)) for _ in range(wanted)]

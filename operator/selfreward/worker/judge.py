@@ -6,7 +6,13 @@ raw verdicts (the audit trail) next to the scores read from them::
 
     {promptId, prompt, responses: [{text, verdicts: [raw...], scores: [valid...],
                                     score: mean|median|null, parseFailures: k,
-                                    failureReasons: [...]}]}
+                                    failureReasons: [...], truncated: bool}]}
+
+``truncated`` is carried over from the generate record (the response stopped at
+``generation.maxNewTokens``); the pairs phase never makes such a response the chosen one.
+
+Finished batches of verdicts are kept as part files while the shard runs
+(``worker/parts.py``), so a re-created shard judges only what it had not finished.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from ..backends import derive_seed, make_backend
 from ..judging import judge_response, render_judge_prompt, score_stats
 from ..storage import Store
 from .common import PhaseContext, PhaseError, aggregate, log
+from .parts import BatchParts
 
 _SHARD_FILE = re.compile(r"^shard-(\d{5})-of-(\d{5})\.jsonl$")
 
@@ -54,6 +61,13 @@ def read_phase_records(store: Store, iteration: int, phase: str, num_shards: int
     return out
 
 
+def was_truncated(record: dict, j: int) -> bool:
+    """Whether response j of a generate record was cut at maxNewTokens (records written
+    before the field existed count as not truncated)."""
+    flags = record.get("truncated")
+    return isinstance(flags, list) and j < len(flags) and flags[j] is True
+
+
 def run(ctx: PhaseContext) -> dict:
     spec, judge = ctx.spec, ctx.spec.judge
     records = read_phase_records(ctx.store, ctx.iteration, "generate")[ctx.shard::ctx.num_shards]
@@ -61,17 +75,29 @@ def run(ctx: PhaseContext) -> dict:
     items = [(r, j) for r, rec in enumerate(records) for j in range(len(rec["responses"]))]
     verdicts: dict[tuple[int, int], list[str]] = {}
     t0 = time.perf_counter()
-    generated_tokens = truncated_prompts = 0
+    generated_tokens = truncated_prompts = earlier_tokens = earlier_truncated_prompts = 0
     backend_name = judge.backend
+    parts: BatchParts | None = None
+    done: dict[int, dict] = {}
     if items:
         model_dir = models.policy_model(spec, ctx.store, ctx.iteration)
         log(f"iter-{ctx.iteration}/judge shard {ctx.shard}/{ctx.num_shards}: {len(items)} responses x "
             f"{judge.samplesPerResponse} verdicts with {model_dir} ({judge.backend})")
-        with make_backend(judge.backend, model_dir, spec.model.dtype, judge.batchSize) as backend:
+        batches = [items[start:start + judge.batchSize] for start in range(0, len(items), judge.batchSize)]
+        parts = BatchParts(ctx.store, ctx.shard_data, f"iter-{ctx.iteration}/judge shard {ctx.shard}")
+        done = parts.load([[[records[r]["promptId"], j] for r, j in batch] for batch in batches])
+        with make_backend(judge.backend, model_dir, spec.model.dtype, judge.batchSize,
+                          trust_remote_code=spec.model.trustRemoteCode, vllm_settings=judge.vllm,
+                          gpus=spec.resources.for_phase("judge").gpus) as backend:
             backend_name = backend.name
             t0 = time.perf_counter()
-            for b, start in enumerate(range(0, len(items), judge.batchSize)):
-                batch = items[start:start + judge.batchSize]
+            for b, batch in enumerate(batches):
+                if b in done:  # finished by an earlier attempt of this shard
+                    verdicts.update(zip(batch, done[b]["items"]))
+                    earlier_tokens += done[b]["generatedTokens"]
+                    earlier_truncated_prompts += done[b]["truncatedPrompts"]
+                    continue
+                before = (backend.generated_tokens, backend.truncated_prompts)
                 asks = [render_judge_prompt(judge, records[r]["prompt"], records[r]["responses"][j]) for r, j in batch]
                 groups = backend.generate(
                     asks, n=judge.samplesPerResponse, temperature=judge.temperature, top_p=judge.topP,
@@ -80,21 +106,27 @@ def run(ctx: PhaseContext) -> dict:
                 )
                 for key, group in zip(batch, groups):
                     verdicts[key] = [c.text for c in group]
+                parts.write(b, [[records[r]["promptId"], j] for r, j in batch], [verdicts[key] for key in batch],
+                            generatedTokens=backend.generated_tokens - before[0],
+                            truncatedPrompts=backend.truncated_prompts - before[1])
                 elapsed = max(time.perf_counter() - t0, 1e-9)
                 ctx.report(done=len(verdicts), total=len(items),
                            tokensPerSecond=round(backend.generated_tokens / elapsed, 2),
                            verdictsPerSecond=round(len(verdicts) * judge.samplesPerResponse / elapsed, 2))
-            generated_tokens = backend.generated_tokens
-            truncated_prompts = backend.truncated_prompts
+            generated_tokens = backend.generated_tokens + earlier_tokens
+            truncated_prompts = backend.truncated_prompts + earlier_truncated_prompts
     seconds = max(time.perf_counter() - t0, 1e-9)
     out = []
     for r, rec in enumerate(records):
         out.append({
             "promptId": rec["promptId"],
             "prompt": rec["prompt"],
-            "responses": [judge_response(text, verdicts[(r, j)], judge) for j, text in enumerate(rec["responses"])],
+            "responses": [{**judge_response(text, verdicts[(r, j)], judge), "truncated": was_truncated(rec, j)}
+                          for j, text in enumerate(rec["responses"])],
         })
     ctx.store.write_jsonl(ctx.shard_data, out)
+    if parts is not None:
+        parts.clear()
     stats = score_stats(out)
     if stats["verdicts"] and stats["parseFailures"] == stats["verdicts"]:
         log(f"iter-{ctx.iteration}/judge shard {ctx.shard}: no verdict matched the score pattern "
@@ -103,8 +135,9 @@ def run(ctx: PhaseContext) -> dict:
         "prompts": len(out),
         **stats,
         "generatedTokens": generated_tokens,
-        "tokensPerSecond": round(generated_tokens / seconds, 2) if items else 0.0,
+        "tokensPerSecond": round((generated_tokens - earlier_tokens) / seconds, 2) if items else 0.0,  # this attempt
         "verdictsPerSecond": round(stats["verdicts"] / seconds, 2) if items else 0.0,
+        "batchesResumed": len(done),  # batches an earlier attempt of this shard had finished
         "truncatedPrompts": truncated_prompts,  # judge prompts cut from the left to fit the context
         "generationSeconds": round(seconds, 3),  # sampling only; durationSeconds (set by the dispatcher) includes loading
         "backend": backend_name,

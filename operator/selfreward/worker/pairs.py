@@ -1,9 +1,13 @@
 """The pairs phase: preference pairs from the judged responses.
 
-Per prompt, among the responses that have a score, chosen = the highest and rejected =
-the lowest. A prompt gives no pair when fewer than two responses are scored, when the
-highest and lowest scores are equal (a tie), or when minMargin > 0 and the margin is not
-above it. ``build_pairs`` is pure, so it is tested without any storage.
+Per prompt, among the responses that have a score: chosen = the highest-scored response
+that was not cut off at ``generation.maxNewTokens`` (``truncated``: an unfinished answer
+is never taught as the better one), rejected = the lowest-scored response whose text
+differs from the chosen one (a truncated response may be rejected). A prompt gives no
+pair when fewer than two responses are scored, when every scored response is truncated
+or every one has the same text (no pair teaches anything), when the two scores are
+equal (a tie), or when minMargin > 0 and the margin is not above it. ``build_pairs`` is
+pure, so it is tested without any storage.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from .common import PhaseContext, log
 PAIRS_FILE = "pairs.jsonl"
 
 TOO_FEW = "tooFewScored"
+TRUNCATED = "truncated"
+IDENTICAL = "identical"
 TIE = "tie"
 MARGIN = "margin"
 
@@ -31,10 +37,18 @@ def build_pair(record: dict, min_margin: float = 0.0) -> tuple[Optional[dict], O
               if r.get("score") is not None and isinstance(r.get("text"), str) and r["text"].strip()]
     if len(scored) < 2:
         return None, TOO_FEW
+    finished = [r for r in scored if r.get("truncated") is not True]
+    if not finished:
+        return None, TRUNCATED
     # first of equals wins, so the result does not depend on sort stability
-    chosen = max(scored, key=lambda r: r["score"])
-    rejected = min(scored, key=lambda r: r["score"])
+    chosen = max(finished, key=lambda r: r["score"])
+    others = [r for r in scored if r["text"].strip() != chosen["text"].strip()]
+    if not others:
+        return None, IDENTICAL
+    rejected = min(others, key=lambda r: r["score"])
     hi, lo = float(chosen["score"]), float(rejected["score"])
+    if hi < lo:  # every response scored above the best finished one was truncated
+        return None, TRUNCATED
     if hi == lo:
         return None, TIE
     if min_margin > 0 and hi - lo <= min_margin:
@@ -52,7 +66,7 @@ def build_pair(record: dict, min_margin: float = 0.0) -> tuple[Optional[dict], O
 def build_pairs(records: list[dict], min_margin: float = 0.0) -> tuple[list[dict], dict]:
     """All pairs of the judged records, and the summary figures."""
     pairs: list[dict] = []
-    dropped = {TOO_FEW: 0, TIE: 0, MARGIN: 0}
+    dropped = {TOO_FEW: 0, TRUNCATED: 0, IDENTICAL: 0, TIE: 0, MARGIN: 0}
     for rec in records:
         pair, reason = build_pair(rec, min_margin)
         if pair is None:
@@ -67,6 +81,8 @@ def build_pairs(records: list[dict], min_margin: float = 0.0) -> tuple[list[dict
         "droppedTies": dropped[TIE],
         "droppedTooFewScored": dropped[TOO_FEW],
         "droppedMargin": dropped[MARGIN],
+        "droppedTruncated": dropped[TRUNCATED],
+        "droppedIdentical": dropped[IDENTICAL],
         "meanMargin": statistics.fmean(margins) if margins else None,
         "chosenMeanScore": statistics.fmean(p["chosenScore"] for p in pairs) if pairs else None,
         "rejectedMeanScore": statistics.fmean(p["rejectedScore"] for p in pairs) if pairs else None,
@@ -83,6 +99,7 @@ def run(ctx: PhaseContext) -> dict:
     if not pairs:
         log(f"iter-{ctx.iteration}/pairs: no preference pair from {len(records)} prompts "
             f"({summary['droppedTooFewScored']} with fewer than 2 scored responses, {summary['droppedTies']} ties, "
-            f"{summary['droppedMargin']} under the margin)")
+            f"{summary['droppedMargin']} under the margin, {summary['droppedTruncated']} with every scored response "
+            f"cut at maxNewTokens, {summary['droppedIdentical']} with one text only)")
     ctx.report(done=len(records), total=len(records))
     return summary

@@ -14,7 +14,7 @@ seed) come from ``spec.training``.
 from __future__ import annotations
 
 
-from .. import layout, models, training
+from .. import distributed, layout, models, resume, training
 from ..storage import StorageError, read_uri_jsonl
 from .common import PhaseContext, PhaseError, log
 
@@ -28,6 +28,7 @@ def _read(uri: str, endpoint, what: str) -> list[dict]:
         raise PhaseError(f"sft: the {what} is not valid JSONL: {e}") from None
 
 
+@resume.sigterm_saves()
 def run(ctx: PhaseContext) -> dict:
     import torch
     from datasets import Dataset
@@ -53,7 +54,7 @@ def run(ctx: PhaseContext) -> dict:
 
     base_path = models.base_model(spec)
     training.check_devices()
-    tokenizer = training.load_tokenizer(base_path)
+    tokenizer = training.load_tokenizer(base_path, trust_remote_code=spec.model.trustRemoteCode)
     conversational = training.chat_format(tokenizer)
     try:
         rows = training.completion_rows(ift, conversational, sft.instructionDataUri)
@@ -62,23 +63,28 @@ def run(ctx: PhaseContext) -> dict:
     except training.TrainingError as e:
         raise PhaseError(f"sft: {e}") from None
 
-    bs, ga = training.fit_batch(len(rows), sft.batchSize, sft.gradientAccumulation)
+    world = training.processes()
+    bs, ga = training.fit_batch(len(rows), sft.batchSize, sft.gradientAccumulation, world)
     bf16 = training.use_bf16(tr.bf16)
     dtype = training.load_dtype(spec)
+    save_dtype = training.checkpoint_dtype(spec, base_path)  # before loading: loading rewrites config.dtype
+    saves = resume.Resume(store, layout.phase_dir(0, "sft"), sft.checkpointing, resume.fingerprint(
+        rows=rows, base=resume.model_identity(base_path), sft=sft.model_dump(exclude={"checkpointing"}),
+        training=tr.model_dump(exclude={"checkpointing"}), batch=[bs, ga]), "iter-0/sft")
     with training.scratch_dir() as scratch:
         config = SFTConfig(
             **training.common_args(
                 output_dir=scratch, learning_rate=sft.learningRate, epochs=sft.epochs, batch_size=bs, accumulation=ga,
                 max_length=sft.maxLength, max_steps=sft.maxSteps, bf16=bf16,
-                gradient_checkpointing=tr.gradientCheckpointing, seed=tr.seed,
+                gradient_checkpointing=tr.gradientCheckpointing, seed=tr.seed, fsdp=training.fsdp_settings(spec),
             ),
             completion_only_loss=True,
             shuffle_dataset=True,
+            trust_remote_code=spec.model.trustRemoteCode,
         )
 
         torch.manual_seed(tr.seed)
-        model = training.load_model(base_path, dtype)
-        save_dtype = training.stored_dtype(model)
+        model = training.load_model(base_path, dtype, trust_remote_code=spec.model.trustRemoteCode)
         if tr.mode == "lora":
             training.check_lora_targets(model, spec)
         trainer = SFTTrainer(
@@ -87,13 +93,14 @@ def run(ctx: PhaseContext) -> dict:
             train_dataset=Dataset.from_list(rows),
             processing_class=tokenizer,
             peft_config=training.lora_config(spec) if tr.mode == "lora" else None,
-            callbacks=[training.progress_callback(ctx.report)],
+            callbacks=[training.progress_callback(ctx.report), saves.callback()],
         )
         training.quiet_trainer(trainer)
         kept = training.kept_examples(trainer, len(rows), "iter-0/sft", "example", "sft.maxLength", sft.maxLength)
         log(f"iter-0/sft: {len(ift)} instruction + {len(eft)} judge examples ({tr.mode}, bf16={bf16}, "
-            f"device={models.device()})")
-        result, seconds = training.timed(trainer.train)
+            f"weights {str(dtype).removeprefix('torch.')}, saved as {str(save_dtype).removeprefix('torch.')}, "
+            f"device={models.device()}, processes={world})")
+        result, seconds = training.timed(lambda: saves.train(trainer))
 
     summary = {
         "examples": len(ift),
@@ -104,10 +111,13 @@ def run(ctx: PhaseContext) -> dict:
         "batchSize": bs,
         "gradientAccumulation": ga,
         "bf16": bf16,
+        "pureBf16": tr.pureBf16,
+        "checkpointDtype": str(save_dtype).removeprefix("torch."),
         "conversational": conversational,
     }
     summary.update(training.train_figures(trainer, result, kept, seconds))
     summary.update(training.summarize_logs(trainer.state.log_history, training.SFT_METRICS))
+    summary.update(saves.figures(summary))
     if "trainLoss" not in summary and "finalTrainLoss" in summary:
         summary["trainLoss"] = summary["finalTrainLoss"]
     metadata = {
@@ -118,9 +128,15 @@ def run(ctx: PhaseContext) -> dict:
         "judgeData": sft.judgeDataUri,
         "mode": tr.mode,
     }
-    trained = trainer.model
+    # rank 0 commits, the others wait for it (selfreward.distributed)
+    trained = training.trained_model(trainer, training.rebuild_for_save(base_path, dtype, spec))
     del trainer, model
-    summary = training.commit_model(trained, tokenizer, store, out_rel, save_dtype, metadata, summary)
+    if trained is not None:  # rank 0 commits; the other ranks have taken part in gathering
+        training.commit_adapter(trained, store, layout.adapter_dir(out_rel), metadata)  # lora: for export --adapter
+        summary = training.commit_model(trained, tokenizer, store, out_rel, save_dtype, metadata, summary)
+        log(f"iter-0/sft: committed {store.url(out_rel)} (rank {distributed.rank()} of {world})")
+        saves.clear()  # the final checkpoint has committed: nothing is left to resume
     del trained
+    distributed.barrier()
     training.free_memory()
     return summary
