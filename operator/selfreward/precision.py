@@ -58,8 +58,9 @@ def _config_dtype(config: dict) -> Optional[str]:
     return _config_dtype(text) if isinstance(text, dict) else None
 
 
-def stored_dtype_name(model: str | Path) -> str:
-    """The stored dtype of a model directory (or hub id) as a torch dtype name."""
+def stored_dtype_name(model: str | Path, *, trust_remote_code: bool = False) -> str:
+    """The stored dtype of a model directory (or hub id) as a torch dtype name.
+    trust_remote_code (spec.model.trustRemoteCode) lets a hub id's own config class load."""
     d = Path(model)
     if d.is_dir():
         counts: dict[str, int] = {}
@@ -74,14 +75,14 @@ def stored_dtype_name(model: str | Path) -> str:
         return "float32"
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(model))
+    config = AutoConfig.from_pretrained(str(model), trust_remote_code=trust_remote_code)
     dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     name = str(dt).removeprefix("torch.") if dt is not None else ""
     return name if name in _SAFETENSORS_FLOATS.values() else "float32"
 
 
-def stored_dtype(model: str | Path):
+def stored_dtype(model: str | Path, *, trust_remote_code: bool = False):
     """The stored dtype of a model directory (or hub id) as a torch.dtype."""
     import torch
 
-    return getattr(torch, stored_dtype_name(model))
+    return getattr(torch, stored_dtype_name(model, trust_remote_code=trust_remote_code))

@@ -119,12 +119,12 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     return tok
 
 
-def stored_dtype(model_path: str) -> Any:
+def stored_dtype(model_path: str, *, trust_remote_code: bool = False) -> Any:
     """The dtype the start model's weights are stored in, read from its files before
     loading (loading rewrites config.dtype)."""
     from .precision import stored_dtype as from_files
 
-    return from_files(model_path)
+    return from_files(model_path, trust_remote_code=trust_remote_code)
 
 
 def checkpoint_dtype(spec: RunSpec, start_model: str) -> Any:
@@ -133,7 +133,8 @@ def checkpoint_dtype(spec: RunSpec, start_model: str) -> Any:
     import torch
 
     choice = spec.training.checkpointDtype
-    return stored_dtype(start_model) if choice == "stored" else getattr(torch, choice)
+    return (stored_dtype(start_model, trust_remote_code=spec.model.trustRemoteCode) if choice == "stored"
+            else getattr(torch, choice))
 
 
 def lora_config(spec: RunSpec):
