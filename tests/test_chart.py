@@ -349,15 +349,18 @@ def exposed_metric_names() -> tuple[set[str], set[str]]:
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
+    from selfreward import phases
     from selfreward.metrics import Metrics
 
     m = Metrics()
     m.observe_status("ml", "run-a", {
-        "phase": "Running", "currentIteration": 2, "currentPhase": "judge",
+        "phase": "Running", "currentIteration": 2, "currentPhase": "judge", "lastEval": 41.5, "rollbacks": 0,
         "history": [{"iteration": 1, "startTime": "2026-01-01T00:00:00Z", "endTime": "2026-01-01T01:00:00Z",
                      "prompts": 8, "responses": 32, "judged": 32, "parseFailures": 1, "pairs": 6,
                      "pairsDropped": 2, "meanScore": 3.1, "scoreStd": 0.8, "margin": 1.5,
-                     "dpoLoss": 0.6, "rewardAccuracy": 0.7}]})
+                     "dpoLoss": 0.6, "rewardAccuracy": 0.7,
+                     # and every other figure the phase registry declares (sft, eval)
+                     **{f.name: 0.5 for _p, f in phases.figures() if f.kind is float}}]})
     m.job_created("ml", "run-a", "judge")
     m.job_failed("ml", "run-a", "judge")
     m.job_retried("ml", "run-a", "judge")

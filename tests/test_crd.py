@@ -67,7 +67,7 @@ def test_names_version_and_columns(manifest, schema):
     assert version["subresources"] == {"status": {}}
     columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
     assert [c["name"] for c in version["additionalPrinterColumns"] if "priority" not in c] == [
-        "Phase", "Iteration", "Pairs", "Age"]
+        "Phase", "Iteration", "Pairs", "Eval", "Age"]
     assert columns["Age"] == {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
     # Every column's path exists in the schema, with the column's type.
     for col in version["additionalPrinterColumns"]:

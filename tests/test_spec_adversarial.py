@@ -338,7 +338,8 @@ def _float_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 
 FLOAT_FIELDS = _float_fields(S.RunSpec)
-PARENTS = {"sft": {"instructionDataUri": "/d/ift.jsonl"}}
+PARENTS = {"sft": {"instructionDataUri": "/d/ift.jsonl"},
+           "eval": {"prompts": {"uri": "/d/held-out.jsonl"}, "evaluator": {"modelUri": "/m/evaluator"}}}
 
 
 def test_the_walk_finds_the_float_fields():
@@ -512,13 +513,12 @@ CEL_VIOLATIONS = {
         _set(_minimal(), "prompts.selfInstruct", {"minChars": 9, "maxChars": 3}),
     "storage.uri: use file://, s3:// or a local path": _set(_minimal(), "storage.uri", "http://x/y"),
     "storage.uri: an s3:// URI needs a bucket": _set(_minimal(), "storage.uri", "s3://"),
-    "resources.train.gpus and nodes above 1 need training.distributed fsdp (none is one process)":
-        _set(_minimal(), "resources", {"train": {"gpus": 2}}),
-    "resources.sft.gpus and nodes above 1 need training.distributed fsdp (none is one process)":
-        _set(_set(_minimal(), "sft", {"instructionDataUri": "s3://runs/ift.jsonl"}), "resources",
-             {"sft": {"nodes": 2}}),
     "nodes above 1: only resources.train and resources.sft run across nodes":
-        _set(_minimal(), "resources", {"generate": {"nodes": 2}}),
+        _set(_minimal(), "resources", {"eval": {"nodes": 2}}),
+    "resources.train.gpus and nodes above 1 need training.distributed fsdp (none is one process)":
+        _set(_minimal(), "resources", {"train": {"nodes": 2}}),
+    "resources.sft.gpus and nodes above 1 need training.distributed fsdp (none is one process)":
+        _set(_set(_minimal(), "sft", {"instructionDataUri": "/d/ift.jsonl"}), "resources", {"sft": {"gpus": 2}}),
     "training.distributed deepspeed is not supported (DeepSpeed is not in the worker image): use fsdp":
         _set(_minimal(), "training.distributed", "deepspeed"),
 }

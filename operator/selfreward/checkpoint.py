@@ -126,6 +126,12 @@ def verify(store: Store, rel: str) -> dict:
     return manifest
 
 
+def identity(manifest: dict) -> str:
+    """A checkpoint's identity: the sha256 of its file list (names, sizes, hashes). Two
+    checkpoints with the same weights have the same identity wherever they are stored."""
+    return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("SELFREWARD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "selfreward")))
 

@@ -27,7 +27,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema, NoDefault
 
-from .spec import RunSpec
+from .spec import PHASES, TRAINING_PHASES, RunSpec
 from .status import HISTORY_LIMIT, RunStatus
 
 GROUP = "selfreward.dev"
@@ -199,7 +199,7 @@ VALIDATIONS: dict[tuple[str, ...], list[dict]] = {
         "message": "training.distributed deepspeed is not supported (DeepSpeed is not in the worker image): use fsdp",
         "fieldPath": ".distributed",
     }],
-    **{("spec", "resources", phase): _ONE_NODE for phase in ("default", "instruct", "generate", "judge", "pairs")},
+    **{("spec", "resources", phase): _ONE_NODE for phase in ("default",) + tuple(p for p in PHASES if p not in TRAINING_PHASES)},
     ("spec", "judge"): [{
         "rule": "!has(self.minScore) || !has(self.maxScore) || self.minScore < self.maxScore",
         "message": "judge.minScore must be below judge.maxScore",
@@ -278,6 +278,8 @@ PRINTER_COLUMNS = [
      "description": "Completed iterations over total"},
     {"name": "Pairs", "type": "integer", "jsonPath": ".status.lastPairs",
      "description": "Preference pairs built by the last pairs phase"},
+    {"name": "Eval", "type": "number", "jsonPath": ".status.lastEval",
+     "description": "The eval gate's metric (status.evalMetric) of the last evaluated model (spec.eval)"},
     {"name": "Step", "type": "string", "jsonPath": ".status.currentPhase", "priority": 1},
     {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

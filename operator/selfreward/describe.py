@@ -12,13 +12,13 @@ import json
 import re
 from typing import Any, Optional
 
-from . import layout, provenance
+from . import layout, phases, provenance
 from .spec import parse_spec
 from .storage import Store
 
 _ITER = re.compile(r"^iter-(\d+)$")
 # the phases in run order; phases this module does not know come after, by name
-PHASE_ORDER = ("sft", "instruct", "generate", "judge", "pairs", "train", "eval")
+PHASE_ORDER = phases.NAMES
 # per phase, the figures a table row shows (those present in the summary)
 FIGURES = {
     "sft": ("steps", "trainLoss", "meanTokenAccuracy", "resumedFromStep"),

@@ -15,16 +15,19 @@ Layout under the run's storage root::
     iter-<t>/train/checkpoint/...          M_{t+1}: safetensors + MANIFEST.json
     iter-<t>/train/adapter/...             training.mode lora: the PEFT adapter (before merging)
     iter-<t>/train/resume/checkpoint-<n>/  while training: the newest intermediate checkpoint
+    iter-<t>/eval/shard-00000-of-00001.jsonl      evaluation of M_{t+1} (iter-0/eval: of M_1)
     iter-<t>/<phase>/summary.json          written last: the phase's commit marker
 
 Iterations are numbered 1..N. Iteration t trains M_t into M_{t+1}; M_1 is the SFT
-checkpoint of iteration 0, or the base model when there is no iteration 0.
+checkpoint of iteration 0, or the base model when there is no iteration 0. Which phases
+an iteration has, in which order, comes from the phase registry (``phases.py``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
 
+from . import phases
 from .spec import RunSpec
 
 SUMMARY = "summary.json"
@@ -45,7 +48,12 @@ class Step:
 
     @property
     def sharded(self) -> bool:
-        return self.phase in ("generate", "judge")
+        return phases.get(self.phase).sharded
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """Where the step sits in a run: (iteration, phase order)."""
+        return self.iteration, phases.get(self.phase).order
 
 
 def phase_dir(iteration: int, phase: str) -> str:
@@ -73,18 +81,15 @@ def checkpoint_dir(iteration: int, phase: str = "train") -> str:
 
 
 def steps(spec: RunSpec) -> list[Step]:
-    """Every step of the run, in order."""
-    out: list[Step] = []
-    if spec.sft_enabled:
-        out.append(Step(0, "sft"))
-    for t in range(1, spec.iterations + 1):
-        if spec.instruct_enabled:
-            out.append(Step(t, "instruct"))
-        out.append(Step(t, "generate", spec.generation.shards))
-        out.append(Step(t, "judge", spec.judge.shards))
-        out.append(Step(t, "pairs"))
-        out.append(Step(t, "train"))
-    return out
+    """Every step of the run, in order: per iteration (0 first), the registry's phases
+    that run in it and that the spec enables."""
+    return [Step(t, p.name, p.num_shards(spec)) for t in range(spec.iterations + 1) for p in phases.active(spec, t)]
+
+
+def iteration_end(spec: RunSpec, iteration: int) -> Optional[Step]:
+    """The step that ends an iteration (its last one), or None if it has none."""
+    active = phases.active(spec, iteration)
+    return Step(iteration, active[-1].name, active[-1].num_shards(spec)) if active else None
 
 
 def steps_from(spec: RunSpec, iteration: int) -> list[Step]:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from . import distributed, layout, provenance
+from . import distributed, layout, phases, provenance
 from .layout import Step
 from .spec import RunSpec, parse_spec
 from .status import IterationRecord
@@ -151,36 +151,34 @@ def _first(summary: dict, *names: str) -> Any:
 
 
 def iteration_records(spec: RunSpec, store: Store) -> list[IterationRecord]:
-    """One record per iteration (0 = SFT) from the phase summaries found in the store."""
-    def summary(t: int, phase: str) -> dict:
-        rel = layout.summary_path(t, phase)
-        return store.read_json(rel) if store.exists(rel) else {}
-
+    """One record per iteration (0 = SFT and the baseline eval) from the phase summaries
+    found in the store; the figures are those the phase registry declares."""
     out = []
-    if spec.sft_enabled:
-        s = summary(0, "sft")
-        rec = IterationRecord(iteration=0)
-        if s:
-            rec.checkpoint = s.get("checkpoint") or store.url(layout.checkpoint_dir(0, "sft"))
-        out.append(rec)
-    for t in range(1, spec.iterations + 1):
-        g, j, p, tr = (summary(t, ph) for ph in ("generate", "judge", "pairs", "train"))
+    for t in range(spec.iterations + 1):
+        active = phases.active(spec, t)
+        if not active:
+            continue
         rec = IterationRecord(iteration=t)
-        rec.prompts = _first(g, "prompts")
-        rec.responses = _first(g, "responses")
-        rec.judged = _first(j, "judgedResponses", "judged")
-        rec.parseFailures = _first(j, "parseFailures")
-        rec.meanScore = _first(j, "scoreMean", "meanScore")
-        rec.scoreStd = _first(j, "scoreStd")
-        rec.pairs = _first(p, "pairs")
-        rec.pairsDropped = _first(p, "pairsDropped")
-        rec.margin = _first(p, "meanMargin", "margin")
-        rec.dpoLoss = _first(tr, "dpoLoss", "finalTrainLoss")
-        rec.rewardAccuracy = _first(tr, "rewardAccuracy")
-        if tr:
-            rec.checkpoint = tr.get("checkpoint") or store.url(layout.checkpoint_dir(t, "train"))
+        for entry in active:
+            rel = layout.summary_path(t, entry.name)
+            s = store.read_json(rel) if store.exists(rel) else {}
+            for fig in entry.figures:
+                v = fig.read(s)
+                if v is not None:
+                    setattr(rec, fig.name, v)
+            if entry.checkpoint and s:
+                rec.checkpoint = s.get("checkpoint") or store.url(layout.checkpoint_dir(t, entry.name))
         out.append(rec)
     return out
+
+
+def gate_stop(store: Store, step: Step) -> Optional[dict]:
+    """The eval summary of ``step`` when its gate stopped the run, else None."""
+    if step.phase != "eval":
+        return None
+    rel = layout.summary_path(step.iteration, step.phase)
+    s = store.read_json(rel) if store.exists(rel) else {}
+    return s if s.get("gateAction") == "stop" and s.get("gatePassed") is False else None
 
 
 def sft_loss(store: Store) -> Optional[float]:
@@ -202,6 +200,7 @@ def _figures(summary: dict) -> str:
     keys = (("prompts", "prompts"), ("responses", "responses"), ("judgedResponses", "judged"),
             ("parseFailures", "parse failures"), ("scoreMean", "mean score"), ("pairs", "pairs"),
             ("trainLoss", "loss"), ("dpoLoss", "DPO loss"), ("rewardAccuracy", "reward acc"),
+            ("verifierScore", "verifier"), ("judgePairwiseAccuracy", "judge acc"), ("winRateVsPrevious", "win vs prev"),
             ("tokensPerSecond", "tok/s"), ("durationSeconds", "s"))
     parts = [f"{label}={_fmt(summary[k], 2)}" for k, label in keys if _num(summary.get(k)) is not None]
     return ", ".join(parts)
@@ -268,24 +267,27 @@ class Display:
             return uri[len(root):] if uri and uri.startswith(root) else (uri or "-")
 
         t = Table(title=f"run {self.title}: {store.url('')}")
-        for col in ("iter", "prompts", "responses", "parse failures", "pairs", "mean score", "DPO loss",
-                    "reward acc", "checkpoint"):
-            t.add_column(col, justify="left" if col == "checkpoint" else "right")
+        # the registry's figures that have a column, for the phases this spec runs, less
+        # the ones no iteration measured (an eval without an evaluator has no win rates)
+        shown = [f for p, f in phases.figures() if f.column and any(
+            p.enabled(spec) and p.runs_in(it) for it in range(spec.iterations + 1))]
+        shown = [f for f in shown if not records or any(getattr(r, f.name) is not None for r in records)]
+        t.add_column("iter", justify="right")
+        for f in shown:
+            t.add_column(f.column, justify="right")
+        t.add_column("checkpoint", justify="left")
         for r in records:
-            if r.iteration == 0:
-                loss = sft_loss(store)
-                t.add_row("0 (sft)", "-", "-", "-", "-", "-", f"sft loss {_fmt(loss)}", "-",
-                          rel(r.checkpoint))
-                continue
-            t.add_row(str(r.iteration), _fmt(r.prompts), _fmt(r.responses), _fmt(r.parseFailures), _fmt(r.pairs),
-                      _fmt(r.meanScore), _fmt(r.dpoLoss, 4), _fmt(r.rewardAccuracy), rel(r.checkpoint))
+            label = str(r.iteration) if r.iteration else ("0 (sft)" if spec.sft_enabled else "0 (M1)")
+            t.add_row(label, *(_fmt(getattr(r, f.name), f.digits) for f in shown), rel(r.checkpoint))
         self.stop()
         if self.live:
             self.console.print(t)
         else:
             from rich.console import Console
 
-            Console(width=max(140, self.console.width), force_terminal=False, no_color=True).print(t)
+            longest = max([len(rel(r.checkpoint)) for r in records] + [10])
+            width = max(140, self.console.width, 15 * len(shown) + 20 + longest)  # room for every column
+            Console(width=width, force_terminal=False, no_color=True).print(t)
 
 
 # --- running workers --------------------------------------------------------------
@@ -507,6 +509,14 @@ class Runner:
                             self.state / f"{base}-{layout.shard_name(step.shards - 1, step.shards)}"))
         return out
 
+    def _gate_line(self, step: Step) -> None:
+        s = self.store.read_json(layout.summary_path(step.iteration, step.phase))
+        if s.get("gatePassed") is False and s.get("gateAction") in ("warn", "rollback"):
+            then = ("the next iteration starts again from " + str(s.get("bestModel"))
+                    if s["gateAction"] == "rollback" else "continuing")
+            self.display.line(f"{step.key}: gate failed: {s.get('gateMetric')}={_fmt(s.get('gateValue'))} "
+                              f"against the best {s.get('bestModel')} at {_fmt(s.get('bestValue'))}; {then}")
+
     def run(self) -> int:
         spec, store = self.spec, self.store
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -518,20 +528,32 @@ class Runner:
                f"{len(steps)} steps, artifacts in {store.url('')}"
                + (" (continuing)" if state != "new" else "") + f"; worker logs in {self.logs}")
         t0 = time.time()
+        final = store.url(layout.final_checkpoint(spec))
+        stopped: Optional[dict] = None
         for step in steps:
             if store.exists(layout.summary_path(step.iteration, step.phase)):
                 d.line(f"{step.key}: done")
-                continue
-            self._run_tasks(self._tasks(step))
-            if not store.exists(layout.summary_path(step.iteration, step.phase)):
-                raise RunError(f"{step.key}: every worker succeeded but {store.url(layout.summary_path(step.iteration, step.phase))} "
-                               "was not written")
+            else:
+                self._run_tasks(self._tasks(step))
+                if not store.exists(layout.summary_path(step.iteration, step.phase)):
+                    raise RunError(f"{step.key}: every worker succeeded but "
+                                   f"{store.url(layout.summary_path(step.iteration, step.phase))} was not written")
+            if step.phase == "eval":
+                self._gate_line(step)
+            stopped = gate_stop(store, step)
+            if stopped is not None:
+                best = stopped.get("bestCheckpoint")
+                final = store.url(best) if best else spec.model.uri
+                d.line(f"{step.key}: the eval gate stopped the run (EarlyStopped); the best model by "
+                       f"{stopped.get('gateMetric')} is {stopped.get('bestModel')}")
+                break
         records = iteration_records(spec, store)
-        doc = {"run": self.name, "storage": store.url(""), "finalCheckpoint": store.url(layout.final_checkpoint(spec)),
+        doc = {"run": self.name, "storage": store.url(""), "finalCheckpoint": final,
                "sftLoss": sft_loss(store), "iterations": [r.model_dump(exclude_none=True) for r in records]}
+        if spec.eval_enabled:
+            doc["earlyStopped"] = stopped is not None
         store.write_json(ITERATIONS_JSON, doc)
-        d.line(f"run {self.name} complete in {time.time() - t0:.1f}s; final checkpoint "
-               f"{store.url(layout.final_checkpoint(spec))}")
+        d.line(f"run {self.name} complete in {time.time() - t0:.1f}s; final checkpoint {final}")
         d.table(spec, store, records)
         d.line(f"figures written to {store.url(ITERATIONS_JSON)}")
         return 0

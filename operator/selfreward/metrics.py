@@ -16,20 +16,26 @@ selfreward_run_failed                              gauge        namespace, run
 selfreward_run_phase_started_timestamp_seconds     gauge        namespace, run
 selfreward_iteration_number                        gauge        namespace, run
 selfreward_iteration_<figure>                      gauge        namespace, run
+selfreward_run_eval_score                          gauge        namespace, run
+selfreward_run_rollbacks                           gauge        namespace, run
 selfreward_jobs_{created,failed,retried}_total     counter      namespace, run
 selfreward_phase_duration_seconds                  histogram    phase (worker phase)
 selfreward_reconcile_duration_seconds              histogram    -
 selfreward_reconcile_errors_total                  counter      -
 =================================================  ===========  ==========================
 
-``selfreward_run_phase`` is a state set: one series per worker phase (sft, instruct,
-generate, judge, pairs, train), 1 for the phase now running and 0 for the others, all 0
+``selfreward_run_phase`` is a state set: one series per worker phase of the registry
+(sft, instruct, generate, judge, pairs, train, eval), 1 for the phase now running and 0 for the others, all 0
 when no phase runs. ``selfreward_iteration_*`` hold the figures of the last *completed*
 iteration (the last ``status.history`` record with an ``endTime``) and
 ``selfreward_iteration_number`` says which iteration that is; a figure the record lacks
 has no series (never NaN). ``selfreward_run_phase_started_timestamp_seconds`` is the
 time this operator process saw the current (iteration, phase) start, and has no series
-when no phase runs.
+when no phase runs. The ``<figure>`` names come from the phase registry
+(``phases.py``: each phase declares its figures). ``selfreward_run_eval_score`` is
+``status.lastEval`` (the eval gate's metric of the last evaluated model) and
+``selfreward_run_rollbacks`` ``status.rollbacks``; both have no series without
+``spec.eval``.
 
 Every per-run series is produced at scrape time from the state kept per run, so
 :meth:`Metrics.forget_run` removes all of a run's series at once. Label values are
@@ -48,8 +54,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import start_http_server
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
 
-from .spec import PHASES
+from . import phases
 from .status import RUN_PHASES
+
+PHASES = phases.NAMES
 
 log = logging.getLogger("selfreward.metrics")
 
@@ -59,20 +67,10 @@ PHASE_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28
 # A reconcile pass is pure computation plus a few API calls.
 RECONCILE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
-# selfreward_iteration_<name>: status.IterationRecord field it comes from.
-ITERATION_FIGURES = {
-    "prompts": ("prompts", "Prompts generated in the last completed iteration."),
-    "responses": ("responses", "Candidate responses sampled in the last completed iteration."),
-    "judged_responses": ("judged", "Responses the model judged in the last completed iteration."),
-    "judge_parse_failures": ("parseFailures", "Judgements with no parsable score in the last completed iteration."),
-    "pairs_kept": ("pairs", "Preference pairs kept for DPO in the last completed iteration."),
-    "pairs_dropped": ("pairsDropped", "Prompts dropped when building pairs (ties, too few scores)."),
-    "judge_score_mean": ("meanScore", "Mean judge score (0-5) of the last completed iteration."),
-    "judge_score_stddev": ("scoreStd", "Standard deviation of the judge scores of the last completed iteration."),
-    "pair_margin": ("margin", "Mean score margin between chosen and rejected responses."),
-    "dpo_loss": ("dpoLoss", "DPO loss at the end of the last completed iteration's training."),
-    "dpo_reward_accuracy": ("rewardAccuracy", "DPO reward accuracy at the end of the last completed iteration's training."),
-}
+# selfreward_iteration_<name>: (status.IterationRecord field, help), declared with each
+# phase's figures in the phase registry.
+ITERATION_FIGURES = {f.metric: (f.name, f"{f.help} (last completed iteration)")
+                     for _phase, f in phases.figures() if f.metric}
 
 JOB_EVENTS = ("created", "failed", "retried")
 
@@ -88,6 +86,8 @@ class _Run:
     phase_started: Optional[float] = None
     completed: Optional[dict] = None  # figures of the last completed iteration
     completed_iteration: Optional[int] = None
+    eval_score: Optional[float] = None
+    rollbacks: Optional[float] = None
     jobs: dict = field(default_factory=lambda: {e: 0 for e in JOB_EVENTS})
 
 
@@ -115,7 +115,8 @@ class _RunCollector:
     def collect(self):
         with self._m._lock:
             runs = {k: (r.phase, r.iteration, r.worker_phase, r.phase_started, dict(r.completed or {}),
-                        r.completed_iteration, dict(r.jobs)) for k, r in self._m._runs.items()}
+                        r.completed_iteration, dict(r.jobs), r.eval_score, r.rollbacks)
+                    for k, r in self._m._runs.items()}
         return self._families(runs)
 
     def _families(self, runs: Optional[dict] = None):
@@ -144,8 +145,13 @@ class _RunCollector:
                    for name, (_f, doc) in ITERATION_FIGURES.items()}
         jobs = {e: CounterMetricFamily(f"selfreward_jobs_{e}", f"Jobs {e} for the run.", labels=ns_run)
                 for e in JOB_EVENTS}
+        eval_score = GaugeMetricFamily("selfreward_run_eval_score",
+                                       "The eval gate's metric (status.evalMetric) of the last evaluated model.",
+                                       labels=ns_run)
+        rollbacks = GaugeMetricFamily("selfreward_run_rollbacks",
+                                      "Iterations the eval gate restarted from the best model.", labels=ns_run)
 
-        for (ns, name), (phase, it, wphase, t0, completed, completed_it, job_counts) in sorted(runs.items()):
+        for (ns, name), (phase, it, wphase, t0, completed, completed_it, job_counts, score, rolled) in sorted(runs.items()):
             lv = [ns, name]
             if it is not None:
                 iteration.add_metric(lv, it)
@@ -160,8 +166,12 @@ class _RunCollector:
                 figures[fname].add_metric(lv, value)
             for e in JOB_EVENTS:
                 jobs[e].add_metric(lv, job_counts.get(e, 0))
+            if score is not None:
+                eval_score.add_metric(lv, score)
+            if rolled is not None:
+                rollbacks.add_metric(lv, rolled)
 
-        yield from (iteration, state, failed, started, done_it, *figures.values(), *jobs.values())
+        yield from (iteration, state, failed, started, done_it, *figures.values(), *jobs.values(), eval_score, rollbacks)
 
 
 class Metrics:
@@ -230,6 +240,8 @@ class Metrics:
             run.worker_phase = wphase
             run.completed = completed
             run.completed_iteration = int(completed_it) if _number(completed_it) is not None else None
+            run.eval_score = _number(_get(status, "lastEval"))
+            run.rollbacks = _number(_get(status, "rollbacks"))
 
     def forget_run(self, namespace: str, name: str) -> None:
         """Drop every series of a deleted run."""

@@ -59,7 +59,8 @@ def _config_dtype(config: dict) -> Optional[str]:
 
 
 def stored_dtype_name(model: str | Path, *, trust_remote_code: bool = False) -> str:
-    """The stored dtype of a model directory (or hub id) as a torch dtype name."""
+    """The stored dtype of a model directory (or hub id) as a torch dtype name.
+    trust_remote_code (spec.model.trustRemoteCode) lets a hub id's own config class load."""
     d = Path(model)
     if d.is_dir():
         counts: dict[str, int] = {}

@@ -37,9 +37,9 @@ from typing import Any, Optional, Union
 
 from . import conditions as cond
 from . import jobs as J
-from . import layout
+from . import layout, phases
 from .layout import Step
-from .spec import PHASES, PRUNED_FIELD, RunSpec, SpecError, check_applied_configuration, parse_spec, spec_from_document
+from .spec import PRUNED_FIELD, RunSpec, SpecError, check_applied_configuration, parse_spec, spec_from_document
 from .storage import storage_root_problem
 from .status import HISTORY_LIMIT, IterationRecord, RunStatus
 
@@ -122,7 +122,7 @@ class Result:
 # --- step positions -----------------------------------------------------------------
 
 def _pos(iteration: int, phase: str) -> tuple[int, int]:
-    return iteration, PHASES.index(phase)
+    return iteration, phases.get(phase).order
 
 
 def _pos_of_key(key: Optional[str]) -> tuple[int, int]:
@@ -131,7 +131,7 @@ def _pos_of_key(key: Optional[str]) -> tuple[int, int]:
     try:
         it, phase = key.split("/", 1)
         return _pos(int(it[len("iter-"):]), phase)
-    except (ValueError, IndexError):
+    except (ValueError, IndexError, KeyError):
         return (-1, -1)
 
 
@@ -141,16 +141,6 @@ def _key(iteration: int, phase: str) -> str:
 
 # --- summaries into history ---------------------------------------------------------
 
-_FIELDS = {
-    "generate": {"prompts": ("prompts", "numPrompts"), "responses": ("responses", "numResponses")},
-    "judge": {"judged": ("judgedResponses", "judged", "responses"), "parseFailures": ("parseFailures",),
-              "meanScore": ("scoreMean", "meanScore"), "scoreStd": ("scoreStd",)},
-    "pairs": {"pairs": ("pairs", "numPairs"), "pairsDropped": ("pairsDropped", "dropped"),
-              "margin": ("meanMargin", "margin")},
-    "train": {"dpoLoss": ("dpoLoss", "loss", "trainLoss"), "rewardAccuracy": ("rewardAccuracy",)},
-}
-
-
 def _num(v: Any) -> Any:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
@@ -158,33 +148,70 @@ def _num(v: Any) -> Any:
 
 
 def _record(st: RunStatus, spec: RunSpec, step: Step, job: dict, summary: Optional[dict], now: datetime) -> None:
+    """Fold a completed step's summary into its iteration's history record: the figures
+    its registry entry declares, the checkpoint it made, and endTime when it is the
+    iteration's last step."""
     recs = {r.iteration: r for r in st.history}
     rec = recs.get(step.iteration) or IterationRecord(iteration=step.iteration)
     jst = job.get("status") or {}
     if rec.startTime is None:
         rec.startTime = jst.get("startTime") or J.format_time(now)
-    for attr, names in _FIELDS.get(step.phase, {}).items():
-        for n in names:
-            v = _num((summary or {}).get(n))
-            if v is not None:
-                if isinstance(v, float):
-                    v = round(v, 6)
-                setattr(rec, attr, v if attr not in ("prompts", "responses", "judged", "parseFailures",
-                                                      "pairs", "pairsDropped") else int(v))
-                break
+    entry = phases.get(step.phase)
+    for fig in entry.figures:
+        v = fig.read(summary)
+        if v is not None:
+            setattr(rec, fig.name, v)
     if step.phase == "pairs" and rec.pairs is not None:
         st.lastPairs = rec.pairs
-    if step.phase in ("train", "sft"):
-        rec.endTime = jst.get("completionTime") or J.format_time(now)
+    if entry.checkpoint:
         rec.checkpoint = f"{spec.storage.uri.rstrip('/')}/{layout.checkpoint_dir(step.iteration, step.phase)}"
+    end = layout.iteration_end(spec, step.iteration)
+    if end is not None and end.phase == step.phase:
+        rec.endTime = jst.get("completionTime") or J.format_time(now)
     recs[step.iteration] = rec
     st.history = [recs[k] for k in sorted(recs)][-HISTORY_LIMIT:]
+
+
+def _gate(p: "_Pass", spec: RunSpec, key: str, summary: Optional[dict]) -> bool:
+    """Read an eval step's gate verdict (the eval worker decides it from every eval
+    summary in the store, see selfreward.evaluation.gate_decision) into the status and
+    Events. True when the gate stops the run."""
+    if not summary:
+        return False
+    st = p.st
+    best = summary.get("bestCheckpoint")
+    if isinstance(best, str):
+        st.bestCheckpoint = f"{spec.storage.uri.rstrip('/')}/{best}" if best else spec.model.uri
+    metric = summary.get("gateMetric")
+    if isinstance(metric, str) and metric:
+        st.evalMetric = metric
+    value = _num(summary.get("gateValue"))
+    st.lastEval = round(float(value), 6) if value is not None else None
+    if _num(summary.get("rollbacks")) is not None:
+        st.rollbacks = int(summary["rollbacks"])
+    action = summary.get("gateAction")
+    if summary.get("gatePassed") is not False or action not in ("warn", "rollback", "stop"):
+        return False
+    change = _num(summary.get("gateChange"))
+    shown = "no value" if value is None else f"{value:.4g}" + (f" ({change:+.4g})" if change is not None else "")
+    best_value = _num(summary.get("bestValue"))
+    text = (f"{key}: gate failed: {metric} {shown}, best so far {summary.get('bestModel', '?')}"
+            + (f" at {best_value:.4g}" if best_value is not None else ""))
+    if action == "warn":
+        p.event("Warning", "GateFailed", text[:1000])
+        return False
+    if action == "rollback":
+        p.event("Warning", "RolledBack", f"{text}; the next iteration starts again from {summary.get('bestModel', '?')}"[:1000])
+        return False
+    p.event("Normal", "EarlyStopped", f"{text}; the run stops with the best model"[:1000])
+    return True
 
 
 def _figures(summary: Optional[dict]) -> str:
     if not summary:
         return ""
-    keep = [k for k in ("prompts", "responses", "judgedResponses", "scoreMean", "pairs", "dpoLoss", "durationSeconds")
+    keep = [k for k in ("prompts", "responses", "judgedResponses", "scoreMean", "pairs", "dpoLoss", "trainLoss",
+                        "verifierScore", "judgePairwiseAccuracy", "winRateVsPrevious", "durationSeconds")
             if _num(summary.get(k)) is not None]
     if not keep:
         return ""
@@ -299,8 +326,10 @@ def _next_step(spec: RunSpec, done: tuple[int, int], by_step: dict) -> tuple[Opt
 
 
 def _progress(spec: RunSpec, done: tuple[int, int]) -> str:
-    it, ph = done
-    finished = it if ph == PHASES.index("train") else max(0, it - 1)
+    """Iterations 1..N finished: an iteration is finished when its last step is done."""
+    it = done[0]
+    end = layout.iteration_end(spec, it) if it >= 1 else None
+    finished = it if end is not None and done >= end.position else max(0, it - 1)
     return f"{max(0, min(finished, spec.iterations))}/{spec.iterations}"
 
 
@@ -475,6 +504,9 @@ def _reconcile(run: dict, status: Any, jobs: list[dict], now: datetime, settings
         st.startTime = J.format_time(now)
 
     while True:
+        if st.earlyStopped:
+            _succeeded(p, spec, done, early=st.earlyStopped)
+            break
         step, it_spec = _next_step(spec, done, by_step)
         if step is None:
             _succeeded(p, spec, done)
@@ -484,7 +516,8 @@ def _reconcile(run: dict, status: Any, jobs: list[dict], now: datetime, settings
         attempt = max([attempts.get(key, 0)] + list(seen))
         job = seen.get(attempt) if attempt else None
         st.currentIteration, st.currentPhase = step.iteration, step.phase
-        where = f"iteration {step.iteration}/{it_spec.iterations}" if step.iteration else "iteration 0 (SFT)"
+        where = (f"iteration {step.iteration}/{it_spec.iterations}" if step.iteration
+                 else f"iteration 0 ({'SFT' if step.phase == 'sft' else 'baseline'})")
 
         if job is not None and J.job_complete(job):
             summary = J.job_summary(job)
@@ -496,6 +529,8 @@ def _reconcile(run: dict, status: Any, jobs: list[dict], now: datetime, settings
             st.activeJob = None
             attempts[key] = attempt
             p.event("Normal", "StepCompleted", f"{key} completed{_figures(summary)}")
+            if step.phase == "eval" and _gate(p, it_spec, key, summary):
+                st.earlyStopped = key
             continue
 
         if spec.suspend:
@@ -596,7 +631,7 @@ def _reconcile(run: dict, status: Any, jobs: list[dict], now: datetime, settings
     return p.result()
 
 
-def _succeeded(p: _Pass, spec: RunSpec, done: tuple[int, int]) -> None:
+def _succeeded(p: _Pass, spec: RunSpec, done: tuple[int, int], early: Optional[str] = None) -> None:
     st = p.st
     st.phase = "Succeeded"
     st.activeJob = None
@@ -604,6 +639,12 @@ def _succeeded(p: _Pass, spec: RunSpec, done: tuple[int, int]) -> None:
     st.currentPhase = None
     if st.completionTime is None or p.old_phase != "Succeeded":
         st.completionTime = J.format_time(p.now)
+    if early:
+        # the eval gate stopped the run: its result is the best model so far
+        st.finalCheckpoint = st.bestCheckpoint
+        p.state("succeeded", "EarlyStopped", f"stopped early by the eval gate at {early}"
+                + (f"; final model (the best by {st.evalMetric}) at {st.finalCheckpoint}" if st.finalCheckpoint else ""))
+        return
     final = None
     if done[0] >= 1:
         final = f"{spec.storage.uri.rstrip('/')}/{layout.checkpoint_dir(done[0], 'train')}"

@@ -23,7 +23,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from .template import template_problem
 
-PHASES = ("sft", "instruct", "generate", "judge", "pairs", "train")
+from .phases import NAMES as PHASES  # the phase registry is the one list of phases
+
 TRAINING_PHASES = ("sft", "train")  # the phases that may run distributed (resources.<phase>.nodes, gpus > 1)
 
 # Our own wording of the additive 0-5 rubric of Yuan et al. (2024). Its two
@@ -956,6 +957,7 @@ class ResourcesSpec(_Model):
     judge: Optional[PhaseResources] = None
     pairs: Optional[PhaseResources] = None
     train: Optional[PhaseResources] = None
+    eval: Optional[PhaseResources] = None
 
     def for_phase(self, phase: str) -> PhaseResources:
         """The default settings overlaid with the phase's own."""
@@ -979,6 +981,154 @@ class KueueSpec(_Model):
     )
 
 
+DEFAULT_EVALUATOR_TEMPLATE = """\
+Two assistants answered the same question. Decide which answer is better: more \
+correct, more helpful, closer to what was asked. Ignore the order in which they are \
+shown and do not prefer an answer for its length.
+
+<question>{prompt}</question>
+<answer_a>{first}</answer_a>
+<answer_b>{second}</answer_b>
+
+Explain your decision in at most 60 words, then end with a line of the form \
+"Winner: A", "Winner: B" or "Winner: tie".
+"""
+
+DEFAULT_WINNER_PATTERN = r"Winner:\s*(A|B|tie)\b"
+
+
+def _check_verifier(v: Optional[str]) -> Optional[str]:
+    if v is None:
+        return v
+    module, sep, func = v.partition(":")
+    ident = r"[A-Za-z_][A-Za-z0-9_]*"
+    if not sep or not re.fullmatch(rf"{ident}(\.{ident})*", module) or not re.fullmatch(rf"{ident}(\.{ident})*", func):
+        raise ValueError(f"{v!r} is not of the form module.path:function")
+    return v
+
+
+class EvalDataSpec(_Model):
+    uri: str = Field(..., min_length=1, max_length=4096, description="JSONL file (local path, file://, s3://).")
+    limit: Optional[int] = Field(None, ge=1, le=10_000_000, description="Use only the first N lines.")
+
+
+class EvaluatorSpec(_Model):
+    """A fixed evaluator model that compares two answers head to head (the role GPT-4
+    plays in AlpacaEval)."""
+
+    modelUri: str = Field(..., min_length=1, description="The evaluator model; same URI forms as model.uri.")
+    template: Optional[str] = Field(
+        None, max_length=65536,
+        description="Pairwise prompt with {prompt}, {first} and {second}; default: a built-in comparison prompt.",
+    )
+    pattern: str = Field(
+        DEFAULT_WINNER_PATTERN, min_length=1, max_length=1000,
+        description="Regular expression whose one group captures A, B or tie (case-insensitive); the last match counts.",
+    )
+    maxNewTokens: int = Field(64, ge=1, le=32768)
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy.")
+    batchSize: int = Field(16, ge=1, le=4096)
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        try:
+            compiled = re.compile(v, re.IGNORECASE)
+        except re.error as e:
+            raise ValueError(f"not a valid regular expression: {e}") from e
+        if compiled.groups < 1:
+            raise ValueError("needs one capturing group around A, B or tie")
+        return v
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return v
+        for key in ("{prompt}", "{first}", "{second}"):
+            if key not in v:
+                raise ValueError(f"must contain the placeholder {key}")
+        return v
+
+    @property
+    def prompt_template(self) -> str:
+        return self.template or DEFAULT_EVALUATOR_TEMPLATE
+
+
+class EvalGenerationSpec(_Model):
+    """How the evaluated model answers the held-out prompts."""
+
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy, so a model's answers are reproducible.")
+    topP: float = Field(1.0, gt=0.0, le=1.0)
+    maxNewTokens: Optional[int] = Field(None, ge=1, le=131072, description="Default: generation.maxNewTokens.")
+    batchSize: int = Field(16, ge=1, le=4096)
+
+
+# Eval summary figures a gate may watch, and whether higher is better.
+GATE_METRICS = {
+    "verifierScore": True, "judgePairwiseAccuracy": True, "judgeSpearman": True, "judgeKendall": True,
+    "judgeExactMatch": True, "judgeBestAgreement": True, "judgeParseFailureRate": False,
+    "winRateVsPrevious": True, "winRateVsBaseline": True, "winRateVsPreviousLengthMatched": True,
+    "winRateVsBaselineLengthMatched": True,
+}
+
+
+class GateSpec(_Model):
+    """What to do when an iteration's model does not improve on the best one so far."""
+
+    metric: Literal[tuple(GATE_METRICS)] = Field(  # type: ignore[valid-type]
+        "verifierScore", description="Eval summary figure the gate watches (judgeParseFailureRate: lower is better)."
+    )
+    minChange: float = Field(
+        0.0, ge=-1e6, le=1e6,
+        description="The gate fails when the model's figure minus the best figure so far is below this.",
+    )
+    action: Literal["warn", "stop", "rollback"] = Field(
+        "warn", description="warn: a Warning Event; stop: the run ends Succeeded (EarlyStopped) with the best model; "
+        "rollback: the next iteration starts again from the best model.",
+    )
+    maxRollbacks: int = Field(1, ge=0, le=100, description="Rollbacks allowed; a later failure acts as stop.")
+
+
+class EvalSpec(_Model):
+    """The eval phase: after every iteration's training on M_{t+1}, and once on M_1 as the baseline."""
+
+    enabled: bool = Field(True)
+    shards: int = Field(1, ge=1, le=1024, description="Indexed Job completions (pods) for evaluation.")
+    prompts: Optional[EvalDataSpec] = Field(
+        None, description="Held-out prompts: JSONL with a 'prompt' per line; the whole line reaches the verifier."
+    )
+    verifier: Optional[str] = Field(
+        None, max_length=512,
+        description="module:function scoring an answer, called as fn(prompt, response, record) -> float in [0, 1].",
+    )
+    judgeSet: Optional[EvalDataSpec] = Field(
+        None, description="Labelled judge set: JSONL {prompt, responses: [{response, score}]} per line."
+    )
+    evaluator: Optional[EvaluatorSpec] = Field(None, description="A fixed evaluator model for head-to-head win rates.")
+    generation: EvalGenerationSpec = Field(default_factory=EvalGenerationSpec)
+    gate: Optional[GateSpec] = Field(None, description="Stop, roll back or warn when a model does not improve.")
+
+    @field_validator("verifier")
+    @classmethod
+    def _verifier(cls, v: Optional[str]) -> Optional[str]:
+        return _check_verifier(v)
+
+    @model_validator(mode="after")
+    def _inputs(self) -> "EvalSpec":
+        if (self.verifier or self.evaluator) and self.prompts is None:
+            raise ValueError("eval.verifier and eval.evaluator need eval.prompts (the held-out prompts)")
+        if self.gate is not None:
+            needs = {"verifierScore": ("verifier", self.verifier), "winRateVsPrevious": ("evaluator", self.evaluator),
+                     "winRateVsBaseline": ("evaluator", self.evaluator),
+                     "winRateVsPreviousLengthMatched": ("evaluator", self.evaluator),
+                     "winRateVsBaselineLengthMatched": ("evaluator", self.evaluator)}
+            what, present = needs.get(self.gate.metric, ("judgeSet", self.judgeSet))
+            if present is None:
+                raise ValueError(f"gate.metric {self.gate.metric} needs eval.{what}")
+        return self
+
+
 class RunSpec(_Model):
     """spec of a SelfRewardRun."""
 
@@ -990,6 +1140,7 @@ class RunSpec(_Model):
     judge: JudgeSpec = Field(default_factory=JudgeSpec)
     pairs: PairsSpec = Field(default_factory=PairsSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
+    eval: Optional[EvalSpec] = Field(None, description="Optional evaluation after each iteration (and of M_1).")
     storage: StorageSpec
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of prompt sampling and generation (32-bit unsigned).")
     suspend: bool = Field(False, description="Stop creating Jobs and suspend running ones (operator).")
@@ -1083,6 +1234,10 @@ class RunSpec(_Model):
     def instruct_enabled(self) -> bool:
         si = self.prompts.selfInstruct
         return si is not None and si.enabled
+
+    @property
+    def eval_enabled(self) -> bool:
+        return self.eval is not None and self.eval.enabled
 
 
 class FieldError(ValueError):
@@ -1451,5 +1606,11 @@ def resolve_relative_uris(spec: RunSpec, base: Path) -> RunSpec:
     if spec.sft:
         spec.sft.instructionDataUri = _resolve(spec.sft.instructionDataUri, base)
         spec.sft.judgeDataUri = _resolve(spec.sft.judgeDataUri, base)
+    if spec.eval:
+        for data in (spec.eval.prompts, spec.eval.judgeSet):
+            if data is not None:
+                data.uri = _resolve(data.uri, base)
+        if spec.eval.evaluator:
+            spec.eval.evaluator.modelUri = _resolve(spec.eval.evaluator.modelUri, base, model=True)
     spec.storage.uri = _resolve(spec.storage.uri, base)
     return spec

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from . import phases
 
 HISTORY_LIMIT = 20
 RUN_PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed", "Terminating")
@@ -29,24 +31,21 @@ class Condition(_Model):
     observedGeneration: Optional[int] = None
 
 
-class IterationRecord(_Model):
-    """Summary figures of one iteration, from its phase summaries."""
-
-    iteration: int
+class _IterationBase(_Model):
+    iteration: int = Field(..., description="0 = SFT (and the baseline eval of M_1).")
     startTime: Optional[str] = None
-    endTime: Optional[str] = None
-    checkpoint: Optional[str] = None
-    prompts: Optional[int] = None
-    responses: Optional[int] = None
-    judged: Optional[int] = None
-    parseFailures: Optional[int] = None
-    pairs: Optional[int] = None
-    pairsDropped: Optional[int] = None
-    meanScore: Optional[float] = None
-    scoreStd: Optional[float] = None
-    margin: Optional[float] = None
-    dpoLoss: Optional[float] = None
-    rewardAccuracy: Optional[float] = None
+    endTime: Optional[str] = Field(None, description="When the iteration's last step finished.")
+    checkpoint: Optional[str] = Field(None, description="The model the iteration produced.")
+
+
+# The figures come from the phase registry: each phase declares which of its summary
+# figures become history fields (phases.py), so status, metrics and the local table agree.
+IterationRecord = create_model(
+    "IterationRecord",
+    __base__=_IterationBase,
+    __doc__="Summary figures of one iteration, from its phase summaries.",
+    **{f.name: (Optional[f.kind], Field(None, description=f.help)) for _p, f in phases.figures()},
+)
 
 
 class RunStatus(_Model):
@@ -64,7 +63,12 @@ class RunStatus(_Model):
     completedStep: Optional[str] = Field(None, description="Last step done, as iter-<t>/<phase>; the operator's progress mark.")
     attempts: Optional[dict[str, int]] = Field(None, description="Job attempts per step (iter-<t>/<phase>).")
     retryAfter: Optional[str] = Field(None, description="When the next retry of a failed step may start.")
-    finalCheckpoint: Optional[str] = None
+    finalCheckpoint: Optional[str] = Field(None, description="The run's result: the last model, or the best one after an early stop.")
+    bestCheckpoint: Optional[str] = Field(None, description="The best model so far by the eval gate's metric (spec.eval).")
+    evalMetric: Optional[str] = Field(None, description="The eval figure that ranks the models (the gate's metric).")
+    lastEval: Optional[float] = Field(None, description="evalMetric of the last evaluated model.")
+    rollbacks: Optional[int] = Field(None, description="Iterations restarted from the best model by the eval gate.")
+    earlyStopped: Optional[str] = Field(None, description="The eval step (iter-<t>/eval) whose gate stopped the run.")
     workerImageID: Optional[str] = Field(
         None, description="The worker image with its digest (pod status imageID) of the last completed step."
     )

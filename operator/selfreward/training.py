@@ -101,6 +101,9 @@ def load_dtype(spec: RunSpec):
 def load_model(path: str, dtype, *, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
+    from .models import note_loaded
+
+    note_loaded(path)  # the summary records which model the phase trained from
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     return model
 

@@ -21,6 +21,9 @@ def make_backend(name: str, model_dir: str, dtype: str = "auto", batch_size: int
     (spec.model.trustRemoteCode) is off unless a caller passes it on. ``gpus`` (the
     pod's, resources.<phase>.gpus) is vLLM's tensor parallelism; ``vllm_settings`` a
     spec.VLLMSpec. The transformers backend spreads a model over every visible GPU."""
+    from ..models import note_loaded
+
+    note_loaded(model_dir)  # the summary records which model the phase used
     if name == "transformers":
         from .hf import TransformersBackend
 

@@ -14,27 +14,30 @@ import time
 import traceback
 from typing import Any, Callable, Optional
 
-from .. import distributed, layout, provenance
-from ..spec import PHASES, RunSpec
+from .. import distributed, layout, models, phases, provenance
+from ..spec import RunSpec
 from ..storage import Store
 from .common import (PhaseContext, PhaseError, aggregate, log, progress_file, resolve_shard, shard_summaries,
                      write_termination_log)
 
-SHARDED = ("generate", "judge")
+SHARDED = tuple(p.name for p in phases.REGISTRY if p.sharded)
 
 
 def phase_module(phase: str):
-    if phase not in PHASES:
-        raise PhaseError(f"unknown phase {phase!r}; expected one of {', '.join(PHASES)}")
+    if phase not in phases.BY_NAME:
+        raise PhaseError(f"unknown phase {phase!r}; expected one of {', '.join(phases.NAMES)}")
     return importlib.import_module(f"selfreward.worker.{phase}")
 
 
 def default_shards(spec: RunSpec, phase: str) -> int:
-    if phase == "generate":
-        return spec.generation.shards
-    if phase == "judge":
-        return spec.judge.shards
-    return 1
+    return phases.get(phase).num_shards(spec)
+
+
+def _loaded_into(summary: dict) -> None:
+    """Name the models the phase loaded (checkpoint identities) in its summary."""
+    loaded = models.take_loaded()
+    if loaded and "loadedModels" not in summary:
+        summary["loadedModels"] = loaded
 
 
 def phase_done(store: Store, iteration: int, phase: str) -> bool:
@@ -50,6 +53,9 @@ def finalize_phase(store: Store, spec: RunSpec, iteration: int, phase: str, num_
     mod = phase_module(phase)
     finalize = getattr(mod, "finalize", None)
     summary = finalize(store, spec, iteration, summaries) if finalize else aggregate(summaries)
+    loaded = [m for s in summaries for m in (s.get("loadedModels") or [])]
+    if loaded:  # every shard's models, each once, in shard order
+        summary["loadedModels"] = list(dict.fromkeys(loaded))
     summary.update({"phase": phase, "iteration": iteration, "numShards": num_shards})
     store.write_json(layout.summary_path(iteration, phase), summary)
     return summary
@@ -67,10 +73,12 @@ def run_phase(
     """Run one phase (one shard of it, if sharded) and return its summary."""
     mod = phase_module(phase)
     store = store or Store.for_spec(spec)
-    if phase == "sft" and iteration != 0:
-        raise PhaseError("the sft phase belongs to iteration 0")
-    if phase != "sft" and not 1 <= iteration <= spec.iterations:
-        raise PhaseError(f"iteration {iteration} is outside 1..{spec.iterations}")
+    entry = phases.get(phase)
+    if not entry.runs_in(iteration) or not 0 <= iteration <= spec.iterations:
+        if entry.iterations == "zero":
+            raise PhaseError(f"the {phase} phase belongs to iteration 0")
+        first = 0 if entry.runs_in(0) else 1
+        raise PhaseError(f"iteration {iteration} is outside {first}..{spec.iterations}")
 
     provenance.ensure_run_json(store, spec)  # on the cluster, the run's first worker writes it
 
@@ -80,22 +88,24 @@ def run_phase(
         log(f"iter-{iteration}/{phase}: already committed, skipped")
         return summary
 
-    if phase in SHARDED:
+    if entry.sharded:
         shard, num_shards = resolve_shard(shard, num_shards, default_shards(spec, phase))
     else:
         shard, num_shards = 0, 1
     ctx = PhaseContext(spec=spec, store=store, iteration=iteration, phase=phase,
                        shard=shard, num_shards=num_shards, progress=progress)
 
-    if phase in SHARDED:
+    if entry.sharded:
         if store.exists(ctx.shard_summary):
             log(f"iter-{iteration}/{phase} shard {shard}/{num_shards}: already committed, skipped")
             summary = store.read_json(ctx.shard_summary)
             summary["skipped"] = True
         else:
             t0 = time.time()
+            models.take_loaded()
             summary = dict(mod.run(ctx))
             summary.setdefault("durationSeconds", round(time.time() - t0, 3))
+            _loaded_into(summary)
             summary.setdefault("runtime", provenance.runtime())
             summary.update({"phase": phase, "iteration": iteration, "shard": shard, "numShards": num_shards})
             store.write_json(ctx.shard_summary, summary)  # the shard's commit marker
@@ -103,8 +113,10 @@ def run_phase(
         return final if final is not None else summary
 
     t0 = time.time()
+    models.take_loaded()
     summary = dict(mod.run(ctx))
     summary.setdefault("durationSeconds", round(time.time() - t0, 3))
+    _loaded_into(summary)
     summary.setdefault("runtime", provenance.runtime())  # the image and versions it ran with
     summary.update({"phase": phase, "iteration": iteration})
     if distributed.is_main():  # one summary per launch: rank 0's (selfreward.distributed)

@@ -182,10 +182,11 @@ def run(ctx: PhaseContext) -> dict:
     metadata = {
         "iteration": t,
         "phase": "train",
-        "policy": layout.policy_checkpoint(spec, t) or spec.model.uri,
+        "policy": models.policy_checkpoint(spec, store, t) or spec.model.uri,  # M_t, or the best after a rollback
         "base": spec.model.uri,
         "reference": tr.reference,
-        "referenceModel": (layout.reference_checkpoint(spec, t) or spec.model.uri),
+        "referenceModel": ((models.policy_checkpoint(spec, store, t) if tr.reference == "current"
+                            else layout.reference_checkpoint(spec, t)) or spec.model.uri),
         "mode": tr.mode,
     }
     # rank 0 commits, the others wait for it (selfreward.distributed)
