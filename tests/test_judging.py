@@ -378,3 +378,37 @@ def test_every_renderer_is_the_one_template_renderer():
         assert "prompt_template.format" not in text, path
     assert "render_judge_prompt" in (root / "operator" / "selfreward" / "worker" / "judge.py").read_text()
     assert "render_judge_prompt" in (root / "examples" / "data" / "build_eft.py").read_text()
+
+
+# --- the eval phase's evaluator: the same template renderer, an RE2 winner pattern ---------
+
+@pytest.mark.parametrize("template, words", [
+    ("{prompt} {first:>99999999999} {second}", "{first:>99999999999}"),
+    ("{prompt.__class__} {first} {second}", "{prompt.__class__}"),
+    ("{prompt} {first} {second} {response}", "{response}"),
+    ("{prompt} {first} {{second}}", "must contain the placeholder {second}"),
+    ("{prompt} {first}", "must contain the placeholder {second}"),
+])
+def test_evaluator_templates_know_only_their_three_placeholders(template, words):
+    from pydantic import ValidationError
+
+    from selfreward.spec import EvaluatorSpec
+    with pytest.raises(ValidationError) as info:
+        EvaluatorSpec(modelUri="/m/evaluator", template=template)
+    assert words in str(info.value)
+
+
+def test_evaluator_prompts_render_in_one_pass_with_literal_braces():
+    from selfreward.worker.eval import render_pairwise
+    out = render_pairwise('{{"winner": X}} Q: {prompt}\nA: {first}\nB: {second}', "p {second}", "a {{", "b }")
+    assert out == '{"winner": X} Q: p {second}\nA: a {{\nB: b }'
+
+
+@pytest.mark.timeout(20)
+def test_a_catastrophic_winner_pattern_cannot_hang_the_evaluator():
+    from selfreward.spec import EvaluatorSpec
+    from selfreward.worker.eval import parse_winner
+    pattern = EvaluatorSpec(modelUri="/m/evaluator", pattern=r"(\s*\w+\s*)*Winner:\s*(A|B|tie)").pattern
+    verdict = "word " * 20000 + "!"  # Python's re backtracks exponentially on this
+    assert parse_winner(verdict, pattern) is None
+    assert parse_winner("I pick... winner: b", r"Winner:\s*(A|B|tie)") == "b"

@@ -22,8 +22,9 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .template import template_problem
-
 from .phases import NAMES as PHASES  # the phase registry is the one list of phases
+
+EVALUATOR_PLACEHOLDERS = ("prompt", "first", "second")
 
 TRAINING_PHASES = ("sft", "train")  # the phases that may run distributed (resources.<phase>.nodes, gpus > 1)
 
@@ -405,6 +406,18 @@ def _affinity(v: Optional[dict]) -> Optional[dict]:
 
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False
+
+
+_RE2_NOCASE = re2.Options()
+_RE2_NOCASE.log_errors = False
+_RE2_NOCASE.case_sensitive = False
+
+
+@lru_cache(maxsize=16)
+def compile_winner_pattern(pattern: str):
+    """The evaluator's winner pattern, compiled by RE2 and case-insensitive: linear-time
+    matching, as for the judge's score pattern."""
+    return re2.compile(pattern, _RE2_NOCASE)
 
 
 @lru_cache(maxsize=64)
@@ -1033,9 +1046,9 @@ class EvaluatorSpec(_Model):
     @classmethod
     def _pattern(cls, v: str) -> str:
         try:
-            compiled = re.compile(v, re.IGNORECASE)
-        except re.error as e:
-            raise ValueError(f"not a valid regular expression: {e}") from e
+            compiled = compile_winner_pattern(v)
+        except re2.error as e:
+            raise ValueError(f"not a regular expression RE2 accepts: {e}") from e
         if compiled.groups < 1:
             raise ValueError("needs one capturing group around A, B or tie")
         return v
@@ -1045,9 +1058,9 @@ class EvaluatorSpec(_Model):
     def _template(cls, v: Optional[str]) -> Optional[str]:
         if v is None:
             return v
-        for key in ("{prompt}", "{first}", "{second}"):
-            if key not in v:
-                raise ValueError(f"must contain the placeholder {key}")
+        problem = template_problem(v, EVALUATOR_PLACEHOLDERS)
+        if problem:
+            raise ValueError(problem)
         return v
 
     @property

@@ -19,11 +19,15 @@ import re
 from functools import lru_cache
 from typing import Union
 
-PLACEHOLDERS = ("prompt", "response")
+PLACEHOLDERS = ("prompt", "response")  # the judge's; the evaluator's are prompt, first, second
 
-# One alternation scanned left to right: escapes first, then the two placeholders, then
-# any other brace (an error). Linear in the template's length.
-_TOKEN = re.compile(r"\{\{|\}\}|\{(prompt|response)\}|\{|\}")
+
+@lru_cache(maxsize=8)
+def _token(placeholders: tuple) -> "re.Pattern":
+    # One alternation scanned left to right: escapes first, then the placeholders, then
+    # any other brace (an error). Linear in the template's length.
+    names = "|".join(re.escape(n) for n in placeholders)
+    return re.compile(r"\{\{|\}\}|\{(" + names + r")\}|\{|\}")
 
 
 class TemplateError(ValueError):
@@ -36,7 +40,7 @@ def _where(text: str, pos: int) -> str:
     return f"line {line}, column {col}"
 
 
-def parse_template(text: str) -> list[Union[str, tuple[str]]]:
+def parse_template(text: str, placeholders: tuple = PLACEHOLDERS) -> list[Union[str, tuple[str]]]:
     """The template as literal strings and ``(name,)`` placeholders; TemplateError on any
     other brace."""
     if not isinstance(text, str):
@@ -44,7 +48,7 @@ def parse_template(text: str) -> list[Union[str, tuple[str]]]:
     parts: list[Union[str, tuple[str]]] = []
     literal: list[str] = []
     last = 0
-    for m in _TOKEN.finditer(text):
+    for m in _token(placeholders).finditer(text):
         literal.append(text[last:m.start()])
         token = m.group(0)
         if token == "{{":
@@ -58,8 +62,9 @@ def parse_template(text: str) -> list[Union[str, tuple[str]]]:
         else:
             close = text.find("}", m.start()) if token == "{" else -1
             shown = text[m.start():close + 1] if 0 <= close - m.start() <= 40 else token
+            names = " and ".join("{" + n + "}" for n in placeholders)
             raise TemplateError(
-                f"{shown!r} at {_where(text, m.start())}: the only placeholders are {{prompt}} and {{response}} "
+                f"{shown!r} at {_where(text, m.start())}: the only placeholders are {names} "
                 "(no other names, format specs, attributes or indexes); write a literal brace as {{ or }}"
             )
         last = m.end()
@@ -68,15 +73,15 @@ def parse_template(text: str) -> list[Union[str, tuple[str]]]:
     return [p for p in parts if p != ""]
 
 
-def template_problem(text: str) -> str | None:
-    """Why ``text`` is not a usable judge template (None when it is): a brace that is not
-    a placeholder or an escape, or a missing placeholder."""
+def template_problem(text: str, placeholders: tuple = PLACEHOLDERS) -> str | None:
+    """Why ``text`` is not a usable template (None when it is): a brace that is not a
+    placeholder or an escape, or a missing placeholder."""
     try:
-        parts = parse_template(text)
+        parts = parse_template(text, placeholders)
     except TemplateError as e:
         return str(e)
     names = {p[0] for p in parts if isinstance(p, tuple)}
-    for name in PLACEHOLDERS:
+    for name in placeholders:
         if name not in names:
             hint = f" ({{{{{name}}}}} is the literal text {{{name}}}, not the placeholder)" if "{{" + name + "}}" in text else ""
             return f"must contain the placeholder {{{name}}}{hint}"
@@ -84,12 +89,18 @@ def template_problem(text: str) -> str | None:
 
 
 def render_template(text: str, prompt: str, response: str) -> str:
-    """The template with its placeholders replaced; the values are inserted verbatim."""
-    values = {"prompt": prompt, "response": response}
-    return "".join(values[p[0]] if isinstance(p, tuple) else p for p in _parsed(text))
+    """The judge template with its placeholders replaced; the values are inserted verbatim."""
+    return render_values(text, {"prompt": prompt, "response": response})
+
+
+def render_values(text: str, values: dict[str, str]) -> str:
+    """A template whose placeholders are exactly ``values``' keys, rendered in one pass
+    (braces inside the values stay as they are)."""
+    parts = _parsed(text, tuple(values))
+    return "".join(values[p[0]] if isinstance(p, tuple) else p for p in parts)
 
 
 @lru_cache(maxsize=32)
-def _parsed(text: str) -> tuple:
+def _parsed(text: str, placeholders: tuple) -> tuple:
     # a judge phase renders one template thousands of times
-    return tuple(parse_template(text))
+    return tuple(parse_template(text, placeholders))

@@ -23,19 +23,18 @@ from __future__ import annotations
 
 import importlib
 import math
-import re
 from typing import Any, Callable, Optional
 
 from .. import evaluation as E
 from .. import layout, models
 from ..backends import derive_seed, make_backend
 from ..judging import judge_response, render_judge_prompt
-from ..spec import GATE_METRICS, RunSpec
+from ..spec import GATE_METRICS, RunSpec, compile_winner_pattern
+from ..template import render_values
 from ..storage import Store, StorageError, read_uri_jsonl
 from .common import PhaseContext, PhaseError, log
 from .judge import read_phase_records
 
-_PLACEHOLDER = re.compile(r"\{(prompt|first|second)\}")
 
 
 # --- inputs -----------------------------------------------------------------------------
@@ -137,14 +136,14 @@ def previous_eval(spec: RunSpec, store: Store, iteration: int) -> Optional[int]:
 
 
 def render_pairwise(template: str, prompt: str, first: str, second: str) -> str:
-    """Only the three placeholders are replaced, in one pass (braces in the texts stay)."""
-    values = {"prompt": prompt, "first": first, "second": second}
-    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+    """The evaluator template through the one template renderer (only its three
+    placeholders; {{ and }} are literal braces; braces in the texts stay)."""
+    return render_values(template, {"prompt": prompt, "first": first, "second": second})
 
 
 def parse_winner(text: str, pattern: str) -> Optional[str]:
     last = None
-    for m in re.finditer(pattern, text or "", re.IGNORECASE):
+    for m in compile_winner_pattern(pattern).finditer(text or ""):
         last = m
     if last is None or last.group(1) is None:
         return None
