@@ -21,10 +21,20 @@ import re2
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .template import template_problem
+from .template import PLACEHOLDERS as JUDGE_PLACEHOLDERS, template_problem
 from .phases import NAMES as PHASES  # the phase registry is the one list of phases
 
 EVALUATOR_PLACEHOLDERS = ("prompt", "first", "second")
+
+
+def _template_validator(placeholders: tuple):
+    """One check for every prompt template: only its placeholders (template.py)."""
+    def check(v: str) -> str:
+        problem = template_problem(v, placeholders)
+        if problem:
+            raise ValueError(problem)
+        return v
+    return AfterValidator(check)
 
 TRAINING_PHASES = ("sft", "train")  # the phases that may run distributed (resources.<phase>.nodes, gpus > 1)
 
@@ -664,7 +674,7 @@ class GenerationSpec(_SamplingPhase):
 class JudgeSpec(_SamplingPhase):
     samplesPerResponse: int = Field(3, ge=1, le=64, description="Judge verdicts per response, aggregated (paper: 3).")
     aggregation: Literal["mean", "median"] = Field("mean")
-    template: Optional[str] = Field(
+    template: Optional[Annotated[str, _template_validator(JUDGE_PLACEHOLDERS)]] = Field(
         None, max_length=65536,
         description="Judge prompt with {prompt} and {response} placeholders; default: the additive 0-5 rubric.",
     )
@@ -689,16 +699,6 @@ class JudgeSpec(_SamplingPhase):
     @classmethod
     def _pattern(cls, v: str) -> str:
         problem = score_pattern_problem(v)
-        if problem:
-            raise ValueError(problem)
-        return v
-
-    @field_validator("template")
-    @classmethod
-    def _template(cls, v: Optional[str]) -> Optional[str]:
-        if v is None:
-            return v
-        problem = template_problem(v)
         if problem:
             raise ValueError(problem)
         return v
@@ -1030,7 +1030,7 @@ class EvaluatorSpec(_Model):
     plays in AlpacaEval)."""
 
     modelUri: str = Field(..., min_length=1, description="The evaluator model; same URI forms as model.uri.")
-    template: Optional[str] = Field(
+    template: Optional[Annotated[str, _template_validator(EVALUATOR_PLACEHOLDERS)]] = Field(
         None, max_length=65536,
         description="Pairwise prompt with {prompt}, {first} and {second}; default: a built-in comparison prompt.",
     )
@@ -1051,16 +1051,6 @@ class EvaluatorSpec(_Model):
             raise ValueError(f"not a regular expression RE2 accepts: {e}") from e
         if compiled.groups < 1:
             raise ValueError("needs one capturing group around A, B or tie")
-        return v
-
-    @field_validator("template")
-    @classmethod
-    def _template(cls, v: Optional[str]) -> Optional[str]:
-        if v is None:
-            return v
-        problem = template_problem(v, EVALUATOR_PLACEHOLDERS)
-        if problem:
-            raise ValueError(problem)
         return v
 
     @property
