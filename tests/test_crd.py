@@ -609,6 +609,9 @@ def test_vllm_needs_gpus_where_generation_runs(schema, resources, ok):
     assert (msgs == []) == ok, msgs
 
 
+_EVAL = {"judgeSet": {"uri": "s3://runs/labelled.jsonl"}}
+
+
 @pytest.mark.parametrize("spec", [
     {},
     {"resources": {"train": {"gpus": 8}}},
@@ -621,6 +624,13 @@ def test_vllm_needs_gpus_where_generation_runs(schema, resources, ok):
     {"resources": {"generate": {"nodes": 2}}, "training": {"distributed": "fsdp"}},
     {"resources": {"default": {"nodes": 3}}, "training": {"distributed": "fsdp"}},
     {"training": {"distributed": "deepspeed"}},
+    # the eval phase answers and judges with the run's backends: vLLM needs GPUs there too
+    {"generation": {"backend": "vllm"}, "resources": {"generate": {"gpus": 1}}, "eval": _EVAL},
+    {"generation": {"backend": "vllm"}, "resources": {"generate": {"gpus": 1}, "eval": {"gpus": 1}}, "eval": _EVAL},
+    {"judge": {"backend": "vllm"}, "resources": {"default": {"gpus": 1}}, "eval": _EVAL},
+    {"judge": {"backend": "vllm"}, "resources": {"default": {"gpus": 1}, "eval": {"gpus": 0}}, "eval": _EVAL},
+    {"judge": {"backend": "vllm"}, "resources": {"judge": {"gpus": 1}}, "eval": {**_EVAL, "enabled": False}},
+    {"resources": {"eval": {"gpus": 0}}, "eval": _EVAL},
 ], ids=lambda s: json.dumps(s, sort_keys=True))
 def test_cel_topology_rules_agree_with_the_spec_model(schema, spec):
     """The CEL rules are a subset of RunSpec's: where CEL refuses, pydantic refuses too,

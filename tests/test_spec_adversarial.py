@@ -506,6 +506,10 @@ CEL_VIOLATIONS = {
         _set(_minimal(), "generation.backend", "vllm"),
     "judge.backend vllm needs a GPU: set resources.judge.gpus or resources.default.gpus to 1 or more":
         _set(_set(_minimal(), "judge.backend", "vllm"), "resources", {"generate": {"gpus": 1}}),
+    "eval runs generation.backend and judge.backend: with vllm, set resources.eval.gpus or "
+    "resources.default.gpus to 1 or more":
+        _set(_set(_set(_minimal(), "judge.backend", "vllm"), "resources", {"judge": {"gpus": 1}}),
+             "eval", {"judgeSet": {"uri": "s3://runs/labelled.jsonl"}}),
     "judge.minScore must be below judge.maxScore": _set(_minimal(), "judge", {"minScore": 5, "maxScore": 1}),
     "judge.template must contain the placeholder {prompt}": _set(_minimal(), "judge.template", "{response}"),
     "judge.template must contain the placeholder {response}": _set(_minimal(), "judge.template", "{prompt}"),

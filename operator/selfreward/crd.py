@@ -146,21 +146,39 @@ def _at(schema: dict, path: tuple[str, ...]) -> dict:
     return node
 
 
-def _gpus_rule(section: str, phase: str) -> dict:
-    """vLLM runs on CUDA only: the phase's pods must request a GPU. The phase's own
-    ``resources.<phase>.gpus`` wins over ``resources.default.gpus`` (ResourcesSpec.for_phase)."""
+def _has_gpus(phase: str) -> str:
+    """CEL: the phase's pods request a GPU; its own ``resources.<phase>.gpus`` wins over
+    ``resources.default.gpus`` (ResourcesSpec.for_phase)."""
     own = f"self.resources.{phase}"
     dflt = "self.resources.default"
+    return (f"(has(self.resources) && ((has({own}) && has({own}.gpus)) ? {own}.gpus >= 1 : "
+            f"(has({dflt}) && has({dflt}.gpus) && {dflt}.gpus >= 1)))")
+
+
+def _uses_vllm(section: str) -> str:
+    return f"(has(self.{section}) && has(self.{section}.backend) && self.{section}.backend == 'vllm')"
+
+
+def _gpus_rule(section: str, phase: str) -> dict:
+    """vLLM runs on CUDA only: the phase's pods must request a GPU."""
     return {
-        "rule": (
-            f"!has(self.{section}) || !has(self.{section}.backend) || self.{section}.backend != 'vllm' || "
-            f"(has(self.resources) && ((has({own}) && has({own}.gpus)) ? {own}.gpus >= 1 : "
-            f"(has({dflt}) && has({dflt}.gpus) && {dflt}.gpus >= 1)))"
-        ),
+        "rule": f"!{_uses_vllm(section)} || {_has_gpus(phase)}",
         "message": f"{section}.backend vllm needs a GPU: set resources.{phase}.gpus or resources.default.gpus to 1 or more",
         "fieldPath": f".{section}.backend",
         "reason": "FieldValueInvalid",
     }
+
+
+# The eval phase answers with generation.backend and judges with judge.backend
+# (worker/eval.py), so a vLLM backend needs GPUs on the eval pods too.
+_EVAL_GPUS_RULE = {
+    "rule": (f"!has(self.eval) || (has(self.eval.enabled) && !self.eval.enabled) || "
+             f"!({_uses_vllm('generation')} || {_uses_vllm('judge')}) || {_has_gpus('eval')}"),
+    "message": "eval runs generation.backend and judge.backend: with vllm, set resources.eval.gpus or "
+               "resources.default.gpus to 1 or more",
+    "fieldPath": ".eval",
+    "reason": "FieldValueInvalid",
+}
 
 
 def _one_process_rule(phase: str) -> dict:
@@ -192,7 +210,7 @@ _ONE_NODE = [{"rule": "!has(self.nodes) || self.nodes <= 1",
 
 # Rules per schema node, as paths of property names from the CRD's version schema root.
 VALIDATIONS: dict[tuple[str, ...], list[dict]] = {
-    ("spec",): [_gpus_rule("generation", "generate"), _gpus_rule("judge", "judge"),
+    ("spec",): [_gpus_rule("generation", "generate"), _gpus_rule("judge", "judge"), _EVAL_GPUS_RULE,
                 _one_process_rule("train"), _one_process_rule("sft")],
     ("spec", "training"): [{
         "rule": "!has(self.distributed) || self.distributed != 'deepspeed'",

@@ -1203,6 +1203,11 @@ class RunSpec(_Model):
             if getattr(self, section).backend == "vllm" and not self.resources.for_phase(phase).gpus:
                 raise FieldError(f"{section}.backend", f"vllm needs a GPU: set resources.{phase}.gpus or "
                                  "resources.default.gpus to 1 or more")
+        # the eval phase answers with generation.backend and judges with judge.backend
+        if self.eval_enabled and "vllm" in (self.generation.backend, self.judge.backend) \
+                and not self.resources.for_phase("eval").gpus:
+            raise FieldError("eval", "eval runs generation.backend and judge.backend: with vllm, set "
+                             "resources.eval.gpus or resources.default.gpus to 1 or more")
         return self
 
     @model_validator(mode="after")
