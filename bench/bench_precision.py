@@ -42,6 +42,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from selfreward.prompts import packaged_prompts
+
+QUESTIONS = packaged_prompts()  # the workload's prompts, cycled
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -50,7 +54,6 @@ SHAPES = {
     "0.1b": dict(hidden_size=768, layers=12, heads=12, kv_heads=4, intermediate_size=2048),
     "0.5b": dict(hidden_size=1024, layers=24, heads=16, kv_heads=4, intermediate_size=5504),
 }
-QUESTIONS = ["Why is the sky blue?", "Name a prime number.", "How do tides work?", "What is a verb?"]
 
 
 def pairs(n: int) -> list[dict]:

@@ -37,6 +37,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from selfreward.prompts import packaged_prompts
+
+QUESTIONS = packaged_prompts()  # the workload's prompts, cycled
+
 # make_tiny_model arguments per shape. 1.2b: a Llama-3.2-1B-like layout (GQA 32/8 heads)
 # with the offline tokenizer's small vocabulary (so the embedding is a sliver of it).
 SHAPES = {
@@ -54,14 +58,6 @@ WORKLOAD = {
 # master weights move most bf16-stored weights by a bf16 step (pure bf16 moves ~30%).
 CHECK_LR = 3e-5
 MIN_CHANGED = 0.5
-
-QUESTIONS = [
-    "Explain why the sky looks blue during the day.", "Write a short poem about autumn leaves.",
-    "How do I reverse a list in Python?", "What is the difference between weather and climate?",
-    "Give three tips for a job interview.", "Why do we have seasons?", "What is a prime number?",
-    "Summarise the story of Little Red Riding Hood.", "How does a refrigerator keep food cold?",
-    "Suggest a name for a coffee shop.", "What causes tides?", "How do vaccines work?",
-]
 
 
 # --- checks (also used by tests/test_gpu_check.py) ---

@@ -30,6 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from selfreward.prompts import packaged_prompts
+
+QUESTIONS = packaged_prompts()  # the workload's prompts, cycled
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -38,16 +42,6 @@ SHAPES = {
     "0.5b": dict(hidden_size=1024, intermediate_size=5504, num_hidden_layers=24, num_attention_heads=16,
                  num_key_value_heads=4),
 }
-
-QUESTIONS = [
-    "Explain why the sky looks blue during the day.", "Write a short poem about autumn leaves.",
-    "How do I reverse a list in Python?", "What is the difference between weather and climate?",
-    "Give three tips for a job interview.", "Why do we have seasons?", "What is a prime number?",
-    "Summarise the story of Little Red Riding Hood.", "How does a refrigerator keep food cold?",
-    "Suggest a name for a coffee shop.", "What causes tides?", "How do vaccines work?",
-    "Translate 'good morning' into French.", "What is recursion in programming?",
-    "Describe the water cycle.", "Why is exercise good for the heart?",
-]
 
 
 def build_model(shape: str, out: Path) -> tuple[Path, int]:

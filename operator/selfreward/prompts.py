@@ -65,6 +65,15 @@ def parse_prompt_lines(text: str, where: str) -> list[str]:
     return out
 
 
+def packaged_prompts() -> list[str]:
+    """The generic questions shipped in the package (selfreward/data/seed_prompts.jsonl): the
+    tiny model's default tokenizer corpus and the benchmarks' workload."""
+    from importlib import resources
+
+    return parse_prompt_lines((resources.files("selfreward") / "data" / "seed_prompts.jsonl").read_text(),
+                              "selfreward/data/seed_prompts.jsonl")
+
+
 def load_seed_prompts(uri: str, endpoint: Optional[str] = None) -> list[str]:
     store, name = _open_uri(uri, endpoint)
     try:
