@@ -304,3 +304,10 @@ def test_topology_rules_match_an_independent_statement_of_them():
                 assert len(f"{name}-{want[0] - 1}") <= 63
 
     check()
+
+
+@pytest.mark.parametrize("manifest", sorted((ROOT / "examples" / "runs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_manifest_is_a_valid_run(manifest):
+    """The manifests the docs point users at parse as they are."""
+    spec, meta = load_spec_file(manifest)
+    assert spec.iterations >= 1 and meta["name"], manifest.name
