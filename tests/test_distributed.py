@@ -207,7 +207,7 @@ def test_launch_commands():
     spec = parse_spec({"model": {"uri": "/m"}, "prompts": {"uri": "/p"}, "storage": {"uri": "/s"},
                        "training": {"distributed": "fsdp"}, "resources": {"train": {"gpus": 8, "nodes": 4}}})
     cmd = distributed.torchrun_command(spec, "train", ["worker", "train", "--iteration", "2"])
-    assert cmd[:4] == ["torchrun", "--nnodes=4", "--nproc-per-node=8", "--max-restarts=0"]
+    assert cmd[:5] == ["selfreward", "launch", "--nnodes=4", "--nproc-per-node=8", "--max-restarts=0"]
     assert "--node-rank=$(JOB_COMPLETION_INDEX)" in cmd and "--master-addr=$(SELFREWARD_MASTER_ADDR)" in cmd
     assert f"--master-port={distributed.RENDEZVOUS_PORT}" in cmd
     assert cmd[-6:] == ["-m", "selfreward", "worker", "train", "--iteration", "2"]
@@ -259,8 +259,8 @@ def test_local_runner_launches_training_through_torchrun(tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "visible_gpus", lambda: 3)
     monkeypatch.delenv(distributed.NPROC_ENV, raising=False)
     train = argv("train")
-    assert train[:2] == ["-m", "torch.distributed.run"] and "--nproc-per-node=3" in train  # every visible GPU
-    assert train[train.index("-m", 2):][:4] == ["-m", "selfreward", "worker", "train"]
+    assert train[:3] == ["-m", "selfreward", "launch"] and "--nproc-per-node=3" in train  # every visible GPU
+    assert train[train.index("-m", 3):][:4] == ["-m", "selfreward", "worker", "train"]
     assert "--nproc-per-node=2" in argv("train", nproc=2)
     monkeypatch.setenv(distributed.NPROC_ENV, "2")
     assert "--nproc-per-node=2" in argv("train")
@@ -275,3 +275,15 @@ def test_nproc_flag_must_be_positive(capsys):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["run", "s.yaml", "--nproc-per-node", bad])
         assert "--nproc-per-node" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("codes, expected", [((0, 2), 2), ((0, 3), 1), ((0, 0), 0)])
+def test_launch_keeps_a_ranks_exit_code_2(tmp_path, codes, expected):
+    """torchrun exits 1 for every failure; `selfreward launch` exits 2 when a rank refused
+    the spec or the store (exit 2), so the Job's podFailurePolicy fails the Job at once."""
+    script = tmp_path / "rank.py"
+    script.write_text("import os, sys\nsys.exit(int(sys.argv[1 + int(os.environ['RANK'])]))\n")
+    proc = subprocess.run([sys.executable, "-m", "selfreward", "launch", "--nnodes=1", "--nproc-per-node=2",
+                           "--max-restarts=0", "--standalone", str(script), *map(str, codes)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == expected, proc.stderr[-2000:]

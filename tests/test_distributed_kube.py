@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import socket
-import sys
 
 import pytest
 
@@ -57,8 +56,7 @@ def test_two_node_train_step_is_an_indexed_job_of_torchrun_pods(tmp_path, tiny_m
         return None  # both ranks run for real
 
     with cluster(namespaces=["m"], crds=[crd_manifest()], validate=True) as kube:
-        kubelet = Kubelet(kube, programs={"selfreward": Kubelet.venv_program("selfreward"),
-                                          "torchrun": [sys.executable, "-m", "torch.distributed.run"]},
+        kubelet = Kubelet(kube, programs={"selfreward": Kubelet.venv_program("selfreward")},
                           extra_env={"HOME": str(tmp_path / "home"), "XDG_CACHE_HOME": str(tmp_path / "home")})
         proc = start_operator(kube, ["m"], tmp_path / "operator.log")
         try:

@@ -346,7 +346,7 @@ def test_multi_node_step_is_an_indexed_job_of_torchrun_pods_under_a_headless_ser
     assert pod["subdomain"] == J.service_name("demo") == "ranks-demo"
     assert s["template"]["metadata"]["labels"][J.LABEL_RANKS] == "true"
     cmd = _container(job)["command"]
-    assert cmd[:3] == ["torchrun", "--nnodes=4", "--nproc-per-node=8"]
+    assert cmd[:4] == ["selfreward", "launch", "--nnodes=4", "--nproc-per-node=8"]
     assert "--node-rank=$(JOB_COMPLETION_INDEX)" in cmd and "--master-port=29500" in cmd
     assert cmd[cmd.index("-m"):] == ["-m", "selfreward", "worker", "train", "--iteration", "2", "--spec", J.SPEC_FILE]
     # rank 0's stable DNS name: hostname <job>-0 under the Service, in the run's namespace

@@ -300,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--dest-endpoint", default=None, help="S3 endpoint of DEST; default: the source's")
     x.set_defaults(func=cmd_export)
 
+    sub.add_parser("launch", add_help=False,
+                   help="torchrun ARGS, keeping a rank's exit code 2 (the distributed sft/train container command)")
+
     o = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
     o.add_argument("--namespace", "-n", action="append", default=[], help="namespace to serve (repeatable)")
     o.add_argument("--all-namespaces", "-A", action="store_true", help="serve the whole cluster")
@@ -315,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["launch"]:  # every later argument is torchrun's, none is ours
+        from .distributed import launch
+
+        return launch(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

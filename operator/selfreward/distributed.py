@@ -18,7 +18,10 @@ What every rank does and what only rank 0 does:
   the whole launch;
 - a rank that dies ends the launch (``--max-restarts=0``): torchrun stops the others
   and exits non-zero, nothing is committed, and the step's retry starts every rank
-  again.
+  again. torchrun itself exits 1 whatever its ranks exited with, so the launch goes
+  through ``selfreward launch`` (``launch`` below), which keeps a rank's exit code 2 (an
+  invalid spec, a store that is not the run's): the Job's podFailurePolicy then fails the
+  Job at once instead of retrying what fails the same way every time.
 
 The launch commands are built here as pure functions: the Job's container command
 (``torchrun_command``; node rank from the Indexed Job's completion index, master
@@ -28,6 +31,7 @@ address pod 0's DNS name under the run's headless Service) and the local runner'
 from __future__ import annotations
 
 import os
+import sys
 from typing import Optional
 
 from .spec import TRAINING_PHASES, RunSpec
@@ -54,7 +58,7 @@ def torchrun_command(spec: RunSpec, phase: str, worker_args: list[str], port: in
     (``$(SELFREWARD_MASTER_ADDR)``, set by the Job), node rank = ``$(JOB_COMPLETION_INDEX)``;
     the kubelet expands both from the container's env."""
     nnodes, nproc = spec.training_world(phase)
-    cmd = ["torchrun"] + _launcher(nnodes, nproc)
+    cmd = ["selfreward", "launch"] + _launcher(nnodes, nproc)
     if nnodes == 1:
         cmd.append("--standalone")
     else:
@@ -91,8 +95,26 @@ def visible_gpus() -> int:
 def local_launch(python: str, nproc: int, worker_args: list[str]) -> list[str]:
     """The local runner's command: one node, ``nproc`` processes, a rendezvous on a free
     local port (torchrun's --standalone)."""
-    return [python, "-m", "torch.distributed.run"] + _launcher(1, nproc) + ["--standalone", "-m", "selfreward"] \
+    return [python, "-m", "selfreward", "launch"] + _launcher(1, nproc) + ["--standalone", "-m", "selfreward"] \
         + list(worker_args)
+
+
+EXIT_PERMANENT = 2  # jobs.EXIT_INVALID_SPEC and worker.EXIT_STORE_NOT_OURS: retrying cannot help
+
+
+def launch(torchrun_args: list[str]) -> int:
+    """``selfreward launch ARGS``: torchrun (torch.distributed.run) with ARGS, exiting 2
+    when a rank exited 2 and 1 on any other failure (torchrun alone exits 1 for both)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(torchrun_args))
+    except ChildFailedError as e:
+        codes = sorted({f.exitcode for f in e.failures.values()})
+        print(f"[selfreward] launch failed: rank exit codes {codes}", file=sys.stderr, flush=True)
+        return EXIT_PERMANENT if EXIT_PERMANENT in codes else 1
+    return 0
 
 
 # --- inside a launched process ---
