@@ -52,6 +52,7 @@ ITERATIONS_JSON = "iterations.json"
 MUTABLE_FIELDS = (
     "iterations",
     "suspend",
+    "budget",
     "generation.backend",
     "generation.batchSize",
     "judge.backend",
