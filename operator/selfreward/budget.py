@@ -16,10 +16,10 @@ the step is marked ``gpuSecondsEstimated``.
 
 The budget rule (``spec.budget.maxGpuHours``, see :func:`refusal`): before a step
 starts, its cost is estimated as what the same phase cost in the previous iteration.
-The step is not started when the run has used up its budget already, or when that
-estimate would take the run past it. With no estimate (iteration 1's generate, the
-first iteration of anything) the step starts: a budget bounds what is known, it does not
-guess.
+The step is not started when that estimate would take the run past the budget (a step
+that lands exactly on it still runs), or when the run is past it already. With no
+estimate (every step of iteration 1 but the eval, which iteration 0 has too) the step
+starts unless the budget is used up: a budget bounds what is known, it does not guess.
 """
 from __future__ import annotations
 
@@ -128,7 +128,7 @@ def cost(gpu_seconds: float, price_per_gpu_hour: Optional[float]) -> Optional[fl
 
 
 def hours(gpu_seconds: float) -> str:
-    return f"{gpu_seconds / SECONDS_PER_HOUR:.3g}"
+    return f"{gpu_seconds / SECONDS_PER_HOUR:.4g}"
 
 
 def refusal(used: float, estimate: Optional[float], max_gpu_hours: Optional[float]) -> Optional[str]:
@@ -137,10 +137,10 @@ def refusal(used: float, estimate: Optional[float], max_gpu_hours: Optional[floa
     if max_gpu_hours is None:
         return None
     limit = max_gpu_hours * SECONDS_PER_HOUR
-    if used >= limit:
-        return f"{hours(used)} of {max_gpu_hours:g} GPU-hours used"
+    if estimate is None and used >= limit or used > limit:
+        return f"{hours(used)} of {max_gpu_hours:.4g} GPU-hours used"
     if estimate is not None and used + estimate > limit:
-        return (f"{hours(used)} of {max_gpu_hours:g} GPU-hours used and the step is estimated at "
+        return (f"{hours(used)} of {max_gpu_hours:.4g} GPU-hours used and the step is estimated at "
                 f"{hours(estimate)} more")
     return None
 
