@@ -243,3 +243,14 @@ def test_a_run_without_gpus_counts_zero_and_no_budget_refuses():
     st = sim.step().status
     assert st["gpuSeconds"] == 0.0 and "r-i2-generate" in sim.jobs
     assert reconcile(make_run(), {}, [], T0, SETTINGS).status.get("gpuSeconds") is None
+
+
+def test_the_operators_pod_cache_keeps_what_the_count_reads():
+    from selfreward.controller import slim_pod
+
+    pod = _pod({"state": _term("2026-03-01T12:00:00Z", "2026-03-01T12:00:10Z")}, gpus=3)
+    pod["spec"]["containers"][0].update(image="worker:1", command=["selfreward"], env=[{"name": "A", "value": "1"}])
+    slim = slim_pod(pod)
+    assert slim["spec"] == {"containers": [{"name": "worker", "resources": pod["spec"]["containers"][0]["resources"]},
+                                           {"name": "sidecar", "resources": pod["spec"]["containers"][1]["resources"]}]}
+    assert B.job_usage({"pods": [slim]}, gpus=1, resource="example.com/gpu").gpu_seconds == 30.0

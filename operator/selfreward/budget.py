@@ -131,9 +131,11 @@ def hours(gpu_seconds: float) -> str:
     return f"{gpu_seconds / SECONDS_PER_HOUR:.4g}"
 
 
-def refusal(used: float, estimate: Optional[float], max_gpu_hours: Optional[float]) -> Optional[str]:
+def refusal(used: float, estimate: Optional[float], max_gpu_hours: Optional[float],
+            estimated_from: str = "") -> Optional[str]:
     """Why a step may not start under the budget (the figures, in GPU-hours), or None.
-    ``used``: GPU-seconds the run has used; ``estimate``: the step's, or None."""
+    ``used``: GPU-seconds the run has used; ``estimate``: the step's, or None, and the
+    step it was read from."""
     if max_gpu_hours is None:
         return None
     limit = max_gpu_hours * SECONDS_PER_HOUR
@@ -141,7 +143,7 @@ def refusal(used: float, estimate: Optional[float], max_gpu_hours: Optional[floa
         return f"{hours(used)} of {max_gpu_hours:.4g} GPU-hours used"
     if estimate is not None and used + estimate > limit:
         return (f"{hours(used)} of {max_gpu_hours:.4g} GPU-hours used and the step is estimated at "
-                f"{hours(estimate)} more")
+                f"{hours(estimate)} more" + (f" (what {estimated_from} used)" if estimated_from else ""))
     return None
 
 

@@ -569,10 +569,8 @@ class Runner:
             return None
         prev = (self.usage.get("steps") or {}).get(layout.phase_dir(step.iteration - 1, step.phase))
         estimate = B.number(prev.get("gpuSeconds")) if prev else None
-        why = B.refusal(B.number(self.usage.get("gpuSeconds")), estimate, b.maxGpuHours)
-        if why and estimate is not None and "estimated" in why:
-            why += f" (what iter-{step.iteration - 1}/{step.phase} used)"
-        return why
+        return B.refusal(B.number(self.usage.get("gpuSeconds")), estimate, b.maxGpuHours,
+                         layout.phase_dir(step.iteration - 1, step.phase))
 
     def _best_so_far(self, done: list[Step]) -> Optional[str]:
         """The run's result when the budget stops it: the eval gate's best model, else the

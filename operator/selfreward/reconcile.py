@@ -26,6 +26,11 @@ How progress is kept:
 - A failed attempt sets ``status.retryAfter`` (exponential backoff from
   ``retry.backoffSeconds``); after ``retry.maxRetries`` re-creations the run fails with
   the most specific reason found on the Job and its pods.
+- Every finished attempt's GPU-seconds (its pods' start and finish times times their GPU
+  requests, see selfreward.budget) are added to the status once, when the pass that
+  records its outcome runs. Before a step's first Job, ``spec.budget.maxGpuHours`` may
+  refuse it (the same phase of the previous iteration is its estimate): the run ends
+  with reason BudgetExhausted, and goes on when a raised budget lets the step start.
 """
 from __future__ import annotations
 
@@ -210,10 +215,8 @@ def _budget_refusal(spec: RunSpec, st: RunStatus, step: Step) -> Optional[str]:
         return None
     prev = next((r for r in st.history if r.iteration == step.iteration - 1), None)
     estimate = (prev.gpuSecondsByPhase or {}).get(step.phase) if prev is not None else None
-    why = B.refusal(B.number(st.gpuSeconds), estimate, spec.budget.maxGpuHours)
-    if why and estimate is not None and "estimated" in why:
-        why += f" (what iter-{step.iteration - 1}/{step.phase} used)"
-    return why
+    return B.refusal(B.number(st.gpuSeconds), estimate, spec.budget.maxGpuHours,
+                     layout.phase_dir(step.iteration - 1, step.phase))
 
 
 def _last_trained(st: RunStatus) -> Optional[str]:
