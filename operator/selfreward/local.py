@@ -25,7 +25,8 @@ At the end the runner prints per-iteration figures read from the phase summaries
 writes them to ``iterations.json`` in the store.
 
 GPU time: every worker's wall time times the GPUs it was given (its ``gpu_groups`` slot
-when shards run side by side, else every visible GPU: it runs alone) is added to
+when shards run side by side; one per torchrun rank, at most the visible ones; else
+every visible GPU: it runs alone) is added to
 ``usage.json`` in the store as it ends, failed attempts too, so the count survives a
 re-run. ``spec.budget`` acts as in the operator (``selfreward.budget``): before a step
 starts, the same phase of the previous iteration is its estimate; a step that would
@@ -429,8 +430,10 @@ class Runner:
         args = ["worker", step.phase, "--spec", str(self.spec_file), "--iteration", str(step.iteration)]
         if task.shard is not None:
             args += ["--shard", str(task.shard), "--num-shards", str(step.shards)]
+        nproc = None
         if distributed.launches(self.spec, step.phase):  # torchrun: one process per visible GPU
-            cmd = distributed.local_launch(self.python, distributed.local_nproc(self.nproc_per_node), args)
+            nproc = distributed.local_nproc(self.nproc_per_node)
+            cmd = distributed.local_launch(self.python, nproc, args)
         else:
             cmd = [self.python, "-m", "selfreward"] + args
         for p in (task.termination_log, task.progress_file):
@@ -446,8 +449,9 @@ class Runner:
         if groups:  # each concurrent shard on its own GPUs instead of all on cuda:0
             env["CUDA_VISIBLE_DEVICES"] = ",".join(groups[task.slot % len(groups)])
             task.gpus = len(groups[task.slot % len(groups)])
-        else:  # it runs alone and sees every visible GPU
-            task.gpus = len(visible_gpu_ids())
+        else:  # it runs alone and sees every visible GPU (torchrun: its ranks use one each)
+            visible = len(visible_gpu_ids())
+            task.gpus = min(visible, nproc) if nproc is not None else visible
         stamp = time.strftime("%Y%m%dT%H%M%S")
         task.log_path = self.logs / f"{task.files.name}.{stamp}.{os.getpid()}.{time.time_ns() % 10**6}.log"
         task.log_file = open(task.log_path, "wb")
