@@ -328,6 +328,11 @@ def test_ctrl_c_stops_the_worker_and_exits_130(env, tiny_model, tmp_path):
     assert "interrupted" in err and "re-run the same command" in err
     assert _workers_of(state) == []  # the runner stopped its worker's process group before exiting
     assert not Store.for_spec(spec).exists(layout.summary_path(1, "generate"))
+    from selfreward.local import USAGE_JSON
+
+    # the stopped worker's time is counted all the same
+    (row,) = Store.for_spec(spec).read_json(USAGE_JSON)["steps"].values()
+    assert row["wallSeconds"] > 0 and row["gpuSeconds"] == pytest.approx(row["gpus"] * row["wallSeconds"], abs=0.01)
 
 
 def test_progress_file_keeps_the_latest_report_and_passes_it_on(tmp_path):

@@ -520,6 +520,10 @@ class Runner:
                 _stop(t.proc)
                 if t.log_file and not t.log_file.closed:
                     t.log_file.close()
+                try:  # the GPU time of a stopped worker was spent all the same
+                    self._charge(t, time.time() - t.started)
+                except Exception:  # noqa: BLE001 - stopping must not fail on the count
+                    pass
             raise
         if error is not None:
             raise RunError(error)
