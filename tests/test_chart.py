@@ -355,8 +355,9 @@ def exposed_metric_names() -> tuple[set[str], set[str]]:
     m = Metrics()
     m.observe_status("ml", "run-a", {
         "phase": "Running", "currentIteration": 2, "currentPhase": "judge", "lastEval": 41.5, "rollbacks": 0,
+        "gpuSecondsByPhase": {"generate": 60.0, "judge": 120.0}, "costByPhase": {"generate": 0.05, "judge": 0.1},
         "history": [{"iteration": 1, "startTime": "2026-01-01T00:00:00Z", "endTime": "2026-01-01T01:00:00Z",
-                     "prompts": 8, "responses": 32, "judged": 32, "parseFailures": 1, "pairs": 6,
+                     "gpuSeconds": 180.0, "cost": 0.15, "prompts": 8, "responses": 32, "judged": 32, "parseFailures": 1, "pairs": 6,
                      "pairsDropped": 2, "meanScore": 3.1, "scoreStd": 0.8, "margin": 1.5,
                      "dpoLoss": 0.6, "rewardAccuracy": 0.7,
                      # and every other figure the phase registry declares (sft, eval)

@@ -556,6 +556,8 @@ INVALID = [
     ("storage over http", "storage.uri", "http://example.com/runs", {"cel", "parse_spec"}),
     ("s3 without a bucket", "storage.uri", "s3://", {"cel", "parse_spec"}),
     ("vllm generation without GPUs", "generation.backend", "vllm", {"cel", "parse_spec"}),
+    ("zero GPU-hour budget", "budget.maxGpuHours", 0, {"schema", "parse_spec"}),
+    ("negative price per GPU-hour", "budget.pricePerGpuHour", -0.5, {"schema", "parse_spec"}),
     ("template with another placeholder", "judge.template", "{prompt} {response} {rubric}", {"parse_spec"}),
     ("score pattern without a group", "judge.scorePattern", r"Score: \d+", {"parse_spec"}),
     ("score pattern not a regex", "judge.scorePattern", "Score: ([0-9]", {"parse_spec"}),

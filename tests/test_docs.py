@@ -357,6 +357,7 @@ def operator_metric_names() -> set[str]:
 
     m = Metrics()
     m.observe_status("ns", "r", {"phase": "Running", "currentIteration": 1, "currentPhase": "train",
+                                 "gpuSecondsByPhase": {"train": 60.0}, "costByPhase": {"train": 0.1},
                                  "history": [{"iteration": 1, "endTime": "2026-01-01T00:00:00Z", "prompts": 1,
                                               "responses": 1, "judged": 1, "parseFailures": 0, "pairs": 1,
                                               "pairsDropped": 0, "meanScore": 1, "scoreStd": 0, "margin": 1,

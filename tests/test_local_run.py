@@ -328,6 +328,11 @@ def test_ctrl_c_stops_the_worker_and_exits_130(env, tiny_model, tmp_path):
     assert "interrupted" in err and "re-run the same command" in err
     assert _workers_of(state) == []  # the runner stopped its worker's process group before exiting
     assert not Store.for_spec(spec).exists(layout.summary_path(1, "generate"))
+    from selfreward.local import USAGE_JSON
+
+    # the stopped worker's time is counted all the same
+    (row,) = Store.for_spec(spec).read_json(USAGE_JSON)["steps"].values()
+    assert row["wallSeconds"] > 0 and row["gpuSeconds"] == pytest.approx(row["gpus"] * row["wallSeconds"], abs=0.01)
 
 
 def test_progress_file_keeps_the_latest_report_and_passes_it_on(tmp_path):
@@ -363,3 +368,64 @@ def test_pairs_never_hand_the_train_phase_an_empty_response():
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [("better", "ok")]
     assert summary["droppedTooFewScored"] == 1
     assert len(preference_rows(pairs, conversational=True, where="pairs")) == 1
+
+
+# --- GPU time and spec.budget ------------------------------------------------------------
+
+def test_gpu_time_is_counted_per_step_and_the_budget_stops_before_a_step_that_would_cross_it(
+        env, tiny_model, tmp_path, monkeypatch, capsys):
+    from selfreward.local import USAGE_JSON
+
+    # two visible GPUs (no CUDA here: the workers still run on the CPU): every worker runs
+    # alone, so it is given both and charged twice its wall time
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    prompts = write_prompts(tmp_path / "prompts.jsonl", PROMPTS[:4])
+    storage = f"file://{tmp_path}/store"
+    spec = make_spec(tiny_model, prompts, storage, budget={"pricePerGpuHour": 3.6})
+    state = tmp_path / "state"
+    assert run_local(spec, "gpu", quiet=True, state_dir=state) == 0
+    store = Store.for_spec(spec)
+    usage = store.read_json(USAGE_JSON)
+    assert set(usage["steps"]) == {s.key for s in layout.steps(spec)}
+    for row in usage["steps"].values():
+        assert row["gpus"] == 2 and row["wallSeconds"] > 0
+        assert row["gpuSeconds"] == pytest.approx(2 * row["wallSeconds"], abs=0.01)
+        assert row["cost"] == pytest.approx(row["gpuSeconds"] / 1000, abs=1e-5)  # 3.6 per 3600 s
+    total = sum(r["gpuSeconds"] for r in usage["steps"].values())
+    assert usage["gpuSeconds"] == pytest.approx(total, abs=0.01)
+    figures = store.read_json(ITERATIONS_JSON)
+    (it1,) = figures["iterations"]
+    assert it1["gpuSecondsByPhase"] == {p: usage["steps"][f"iter-1/{p}"]["gpuSeconds"]
+                                        for p in ("generate", "judge", "pairs", "train")}
+    assert figures["gpuSeconds"] == usage["gpuSeconds"] and "budgetExhausted" not in figures
+    assert "GPU-h" in capsys.readouterr().out  # the final table's column
+
+    # a second iteration under a budget that iteration 2's generate, estimated at what
+    # iteration 1's used, would cross: it is not started, and the result is M_2
+    gen = usage["steps"]["iter-1/generate"]["gpuSeconds"]
+    limit = (usage["gpuSeconds"] + gen / 2) / 3600
+    more = make_spec(tiny_model, prompts, storage, iterations=2, budget={"maxGpuHours": limit, "pricePerGpuHour": 3.6})
+    assert run_local(more, "gpu", quiet=True, state_dir=state) == 0
+    out = capsys.readouterr().out
+    assert "budget exhausted before iter-2/generate" in out and "(what iter-1/generate used)" in out
+    assert not store.exists(layout.summary_path(2, "generate"))
+    figures = store.read_json(ITERATIONS_JSON)
+    assert figures["budgetExhausted"]["step"] == "iter-2/generate"
+    assert figures["finalCheckpoint"] == store.url(layout.checkpoint_dir(1, "train"))
+    assert store.read_json(USAGE_JSON)["gpuSeconds"] == usage["gpuSeconds"]  # nothing more ran
+
+
+def test_a_budget_spent_before_anything_was_trained_fails_the_local_run(env, tiny_model, tmp_path, monkeypatch,
+                                                                       capsys):
+    from selfreward.local import USAGE_JSON
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    prompts = write_prompts(tmp_path / "prompts.jsonl", PROMPTS[:2])
+    spec = make_spec(tiny_model, prompts, f"file://{tmp_path}/store", budget={"maxGpuHours": 1e-6})
+    # generate has no estimate (no iteration before it) and starts; it spends the budget
+    assert run_local(spec, "spent", quiet=True, state_dir=tmp_path / "state") == 1
+    err = capsys.readouterr().err
+    assert "budget exhausted before iter-1/judge" in err and "nothing was trained yet" in err
+    store = Store.for_spec(spec)
+    assert list(store.read_json(USAGE_JSON)["steps"]) == ["iter-1/generate"]
+    assert not store.exists(layout.summary_path(1, "judge"))

@@ -451,3 +451,37 @@ def test_worker_phase_exports_its_progress(tiny_model, tmp_path, monkeypatch):
         assert value(fams, "selfreward_worker_tokens_per_second", **lv) > 0
     finally:
         exporter.stop()
+
+
+def test_gpu_seconds_and_cost_counters_come_from_the_status(served):
+    m, server = served
+    st = status_iter2_judge()
+    st["history"][1].update(gpuSeconds=1700.0, cost=1.7, gpuSecondsByPhase={"generate": 100.0, "judge": 1200.0})
+    st["history"][2].update(gpuSeconds=90.0)  # the iteration in progress is not the last completed one
+    st.update(gpuSeconds=1790.0, gpuSecondsByPhase={"generate": 190.0, "judge": 1200.0, "train": 400.0, "bogus": 5},
+              cost=1.79, costByPhase={"generate": 0.19, "judge": 1.2, "train": 0.4})
+    m.observe_status("ns", "paid", st)
+    m.observe_status("ns", "free", {"phase": "Running", "gpuSecondsByPhase": {"generate": 30.0}})
+    fams = scrape(server.url)
+    for fam in ("selfreward_run_gpu_seconds", "selfreward_run_cost"):
+        assert fams[fam].type == "counter"
+        assert {s.name for s in fams[fam].samples} == {f"{fam}_total"}
+    gpu = {dict(k)["phase"]: v for k, v in samples(fams, "selfreward_run_gpu_seconds",
+                                                   "selfreward_run_gpu_seconds_total").items()
+           if dict(k)["run"] == "paid"}
+    assert gpu == {"generate": 190.0, "judge": 1200.0, "train": 400.0}  # no series for a phase not in the registry
+    assert sum(gpu.values()) == st["gpuSeconds"]
+    assert value(fams, "selfreward_run_cost", "selfreward_run_cost_total", namespace="ns", run="paid",
+                 phase="judge") == pytest.approx(1.2)
+    assert value(fams, "selfreward_run_gpu_seconds", "selfreward_run_gpu_seconds_total", namespace="ns", run="free",
+                 phase="generate") == 30.0
+    assert not [s for s in fams["selfreward_run_cost"].samples if s.labels["run"] == "free"]  # no price: no cost
+    assert value(fams, "selfreward_iteration_gpu_seconds", namespace="ns", run="paid") == 1700.0
+    assert value(fams, "selfreward_iteration_cost", namespace="ns", run="paid") == pytest.approx(1.7)
+
+    # a restarted operator (a fresh Metrics) reads the same status and goes on from the same count
+    fresh = Metrics()
+    fresh.observe_status("ns", "paid", st)
+    with fresh.serve(0, "127.0.0.1") as again:
+        assert value(scrape(again.url), "selfreward_run_gpu_seconds", "selfreward_run_gpu_seconds_total",
+                     namespace="ns", run="paid", phase="judge") == 1200.0

@@ -114,11 +114,14 @@ class JobPlayer:
         if status:
             self.c.patch("v1", "pods", name, {"status": status}, meta["namespace"], subresource="status")
 
-    def finish(self, ns, name, summaries=(None,), ok=True, terminated=None, job_reason=None):
+    def finish(self, ns, name, summaries=(None,), ok=True, terminated=None, job_reason=None, ran=None):
+        """``ran``: (startedAt, finishedAt) of every pod's container, as a kubelet reports them."""
         job = self.wait_job(ns, name)
         for i, summary in enumerate(summaries):
             term = terminated or {"exitCode": 0 if ok else 1, "reason": "Completed" if ok else "Error",
                                   "message": json.dumps(summary or {"durationSeconds": 0.1})}
+            if ran:
+                term = {**term, "startedAt": ran[0], "finishedAt": ran[1]}
             self.pod(job, i, {"phase": "Succeeded" if ok else "Failed",
                               "containerStatuses": [{"name": "worker", "state": {"terminated": term}}]})
         ts = now()
@@ -194,6 +197,43 @@ def test_two_iterations_from_apply_to_succeeded(kube, operator):
     created = [m for _, _, m in events(kube, "a", "two") if "created Job" in m or "running (Job" in m]
     assert len(created) == 8  # one Event line per Job, no duplicates
     assert len(step_jobs(kube, "a", "two")) == 8
+
+
+def test_gpu_seconds_reach_status_and_metrics_and_the_budget_stops_the_run(kube, operator):
+    player = JobPlayer(kube)
+    m = manifest("bud", "a", iterations=2, resources={"default": {"gpus": 1}, "judge": {"gpus": 2}},
+                 budget={"maxGpuHours": 5.5, "pricePerGpuHour": 2.5})
+    kube.create(m)
+    hour = ("2026-03-01T10:00:00Z", "2026-03-01T11:00:00Z")  # every pod ran one hour
+    for phase in ("generate", "judge", "pairs", "train"):
+        job = player.wait_job("a", f"bud-i1-{phase}")
+        limits = job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert limits["nvidia.com/gpu"] == ("2" if phase == "judge" else "1")
+        player.finish("a", f"bud-i1-{phase}", ran=hour)
+    # iteration 1 used 5 GPU-hours (judge 2); iteration 2's generate, estimated at what
+    # iteration 1's used (1), would take the run to 6 of 5.5: it is not started
+    st = wait_status(kube, "a", "bud", lambda s: s.get("phase") in ("Succeeded", "Failed"))
+    assert cond(st, "Succeeded")["reason"] == "BudgetExhausted", st.get("message")
+    assert st["gpuSeconds"] == 5 * 3600 and st["cost"] == pytest.approx(12.5)
+    assert st["gpuSecondsByPhase"] == {"generate": 3600.0, "judge": 7200.0, "pairs": 3600.0, "train": 3600.0}
+    (h,) = st["history"]
+    assert h["gpuSeconds"] == 5 * 3600 and h["cost"] == pytest.approx(12.5)
+    assert st["finalCheckpoint"] == "s3://bucket/a/bud/iter-1/train/checkpoint"
+    assert "5 of 5.5 GPU-hours used and the step is estimated at 1 more" in st["message"]
+    time.sleep(1)
+    assert "bud-i2-generate" not in step_jobs(kube, "a", "bud")
+    assert ("Normal", "BudgetExhausted") in [(e[0], e[1]) for e in events(kube, "a", "bud")]
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics", timeout=5).read().decode()
+    gpu = {line.split('phase="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+           if line.startswith("selfreward_run_gpu_seconds_total") and 'run="bud"' in line}
+    assert gpu == {"generate": 3600.0, "judge": 7200.0, "pairs": 3600.0, "train": 3600.0}
+
+    # a raised budget lets the run go on
+    kube.patch(*RUNS, "bud", {"spec": {"budget": {"maxGpuHours": 20}}}, "a")
+    player.wait_job("a", "bud-i2-generate")
+    wait_status(kube, "a", "bud", lambda s: s.get("phase") == "Running")
 
 
 def test_failed_job_is_retried_then_the_run_fails_with_oomkilled(kube, operator):

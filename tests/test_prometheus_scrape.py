@@ -148,6 +148,7 @@ def test_prometheus_scrapes_and_answers_promql(endpoints, prometheus):
     m, _server, worker = endpoints
     m.observe_status("research", "x", {
         "phase": "Running", "currentIteration": 2, "currentPhase": "generate",
+        "gpuSecondsByPhase": {"generate": 3600.0, "judge": 5400.0}, "costByPhase": {"generate": 2.5, "judge": 3.75},
         "history": [{"iteration": 0, "endTime": "t0"},
                     {"iteration": 1, "endTime": "t1", "prompts": 256, "pairs": 190, "meanScore": 3.4,
                      "dpoLoss": 0.58}],
@@ -174,6 +175,9 @@ def test_prometheus_scrapes_and_answers_promql(endpoints, prometheus):
     assert [(r["metric"]["namespace"], r["metric"]["run"]) for r in failed] == [("other", "z")]
     assert _by(prometheus.query('selfreward_iteration_pairs_kept{run="x"}'), "run") == {"x": 190}
     assert _by(prometheus.query("sum(selfreward_jobs_failed_total)"), "") == {None: 1}
+    # GPU-hours and cost per run, as the dashboard's budget panels ask
+    assert _by(prometheus.query("sum by (run) (selfreward_run_gpu_seconds_total) / 3600"), "run") == {"x": 2.5}
+    assert _by(prometheus.query('sum by (run) (selfreward_run_cost_total{run="x"})'), "run") == {"x": 6.25}
 
     # the histogram as a dashboard reads it: median generate time between the buckets
     # holding 700 s and 1300 s

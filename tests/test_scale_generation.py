@@ -13,6 +13,7 @@ from selfreward.backends import BackendError
 from selfreward.backends.hf import device_map
 from selfreward.backends.vllm import engine_args
 from selfreward.spec import SpecError, parse_spec
+from selfreward.storage import Store
 from selfreward.worker import run_phase
 
 BASE = {"model": {"uri": "/m"}, "prompts": {"uri": "/p.jsonl"}, "storage": {"uri": "/s"}}
@@ -144,3 +145,41 @@ def test_parallel_shards_get_their_own_gpus(tmp_path, monkeypatch):
             if a is not b and a["start"] < b["end"] and b["start"] < a["end"]:
                 assert a["gpus"] != b["gpus"], results
     assert {r["gpus"] for r in results} == {"0,1", "2,3"}
+
+
+def test_parallel_shards_are_charged_the_gpus_of_their_slot(tmp_path, monkeypatch):
+    """GPU-seconds of `selfreward run`: each shard's wall time times the GPUs of its slot
+    (two of the four here), not every visible GPU, summed per step in usage.json."""
+    fake = tmp_path / "fake-python"
+    fake.write_text(FAKE_WORKER)
+    fake.chmod(0o755)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    spec = parse_spec({**BASE, "storage": {"uri": f"file://{tmp_path}/art"}, "generation": {"shards": 4},
+                       "budget": {"pricePerGpuHour": 36.0}})
+    runner = local.Runner(spec, "r", True, str(fake), 2, tmp_path)
+    runner.logs.mkdir(parents=True, exist_ok=True)
+    step = next(s for s in local.layout.steps(spec) if s.phase == "generate")
+    tasks = runner._tasks(step)
+    runner._run_tasks(tasks)
+    assert [t.gpus for t in tasks] == [2, 2, 2, 2]
+    row = Store.for_spec(spec).read_json(local.USAGE_JSON)["steps"]["iter-1/generate"]
+    # the runner's clock spans each worker's whole life, a little more than the worker's own
+    ran = sum(t.result["end"] - t.result["start"] for t in tasks)
+    assert ran <= row["wallSeconds"] < ran + 4 * 1.0
+    assert row["gpuSeconds"] == pytest.approx(2 * row["wallSeconds"], abs=0.01)
+    assert row["cost"] == pytest.approx(row["gpuSeconds"] / 100, abs=1e-4)  # 36 per GPU-hour
+
+
+def test_a_torchrun_step_is_charged_one_gpu_per_rank(tmp_path, monkeypatch):
+    fake = tmp_path / "fake-python"
+    fake.write_text("#!/bin/sh\necho '{}' > \"$SELFREWARD_TERMINATION_LOG\"\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    spec = parse_spec({**BASE, "storage": {"uri": f"file://{tmp_path}/art"}, "training": {"distributed": "fsdp"},
+                       "resources": {"train": {"gpus": 2}}})
+    for nproc, gpus in ((2, 2), (8, 3)):  # more ranks than GPUs share them: the GPUs are what is held
+        runner = local.Runner(spec, "r", True, str(fake), 1, tmp_path, nproc_per_node=nproc)
+        runner.logs.mkdir(parents=True, exist_ok=True)
+        tasks = runner._tasks(next(s for s in local.layout.steps(spec) if s.phase == "train"))
+        runner._run_tasks(tasks)
+        assert tasks[0].gpus == gpus

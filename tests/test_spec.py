@@ -54,6 +54,12 @@ def fields(err: SpecError) -> dict[str, str]:
         ("storage.uri", "http://example.com/run", "storage.uri", "unsupported scheme"),
         ("generation.backend", "tensorrt", "generation.backend", "transformers"),
         ("training.beta", 0, "training.beta", "greater than 0"),
+        ("budget.maxGpuHours", 0, "budget.maxGpuHours", "greater than 0"),
+        ("budget.maxGpuHours", -2.5, "budget.maxGpuHours", "greater than 0"),
+        ("budget.maxGpuHours", "ten", "budget.maxGpuHours", "number"),
+        ("budget.pricePerGpuHour", -1.0, "budget.pricePerGpuHour", "greater than 0"),
+        ("budget.pricePerGpuHour", 0, "budget.pricePerGpuHour", "greater than 0"),
+        ("budget.maxGpuHour", 3, "budget.maxGpuHour", "unknown field"),
     ],
 )
 def test_bad_value_is_rejected_with_its_field(path, value, field, words):

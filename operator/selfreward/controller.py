@@ -287,8 +287,16 @@ def slim_job(job: dict) -> dict:
 
 
 def slim_pod(pod: dict) -> dict:
+    """What reconcile reads of a pod: metadata, status (termination messages, image IDs,
+    start and finish times) and each container's resources (the GPUs it requested, which
+    the GPU-seconds are counted with)."""
     meta = pod.get("metadata") or {}
-    return {"metadata": {k: meta[k] for k in _META_KEEP if k in meta}, "status": pod.get("status") or {}}
+    containers = [{"name": c.get("name"), "resources": c.get("resources") or {}}
+                  for c in (pod.get("spec") or {}).get("containers") or []]
+    out = {"metadata": {k: meta[k] for k in _META_KEEP if k in meta}, "status": pod.get("status") or {}}
+    if containers:
+        out["spec"] = {"containers": containers}
+    return out
 
 
 class Controller:
@@ -649,7 +657,7 @@ class Controller:
                 # a failed attempt is announced once: JobFailed when a retry follows, else the
                 # run's final Warning, whose reason is the failure's (OOMKilled, WorkerError, ...)
                 not_a_job = ("JobRetried", "InvalidSpec", "CleanupSkipped", "CleanupRefused", "ApiError",
-                             "ApiRejected", "ReconcileError")
+                             "ApiRejected", "ReconcileError", "BudgetExhausted")
                 if action.type == "Warning" and action.reason not in not_a_job:
                     _metrics.job_failed(ns, name)
                 elif action.reason == "JobRetried":

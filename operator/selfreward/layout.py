@@ -7,6 +7,8 @@ Layout under the run's storage root::
 
     owner.json                             the run the store belongs to (operator runs)
     run.json                               the spec the run was started with
+    usage.json                             GPU-seconds per step (selfreward run; the operator keeps them in the status)
+    iterations.json                        the figures of a local run, written at its end
     iter-0/sft/checkpoint/...              M_1 when spec.sft is enabled
     iter-<t>/instruct/prompts.jsonl        self-instructed prompts (optional)
     iter-<t>/generate/shard-00000-of-00002.jsonl  (+ .summary.json per shard)

@@ -23,6 +23,16 @@ changed, run.json is rewritten with the new spec.
 
 At the end the runner prints per-iteration figures read from the phase summaries and
 writes them to ``iterations.json`` in the store.
+
+GPU time: every worker's wall time times the GPUs it was given (its ``gpu_groups`` slot
+when shards run side by side; one per torchrun rank, at most the visible ones; else
+every visible GPU: it runs alone) is added to
+``usage.json`` in the store as it ends, failed attempts too, so the count survives a
+re-run. ``spec.budget`` acts as in the operator (``selfreward.budget``): before a step
+starts, the same phase of the previous iteration is its estimate; a step that would
+cross ``maxGpuHours`` is not started and the run ends with the best model so far
+(``BudgetExhausted``, exit 0), or with an error when nothing was trained yet. A re-run
+with a raised budget goes on.
 """
 from __future__ import annotations
 
@@ -38,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from . import budget as B
 from . import distributed, layout, phases, provenance
 from .layout import Step
 from .spec import RunSpec, parse_spec
@@ -46,12 +57,14 @@ from .storage import Store
 
 RUN_JSON = provenance.RUN_JSON
 ITERATIONS_JSON = "iterations.json"
+USAGE_JSON = "usage.json"
 
 # Dotted spec paths that may change between invocations of the same run. Everything
 # else is the recipe that produced the artifacts already in the store.
 MUTABLE_FIELDS = (
     "iterations",
     "suspend",
+    "budget",
     "generation.backend",
     "generation.batchSize",
     "judge.backend",
@@ -150,9 +163,11 @@ def _first(summary: dict, *names: str) -> Any:
     return None
 
 
-def iteration_records(spec: RunSpec, store: Store) -> list[IterationRecord]:
+def iteration_records(spec: RunSpec, store: Store, usage: Optional[dict] = None) -> list[IterationRecord]:
     """One record per iteration (0 = SFT and the baseline eval) from the phase summaries
-    found in the store; the figures are those the phase registry declares."""
+    found in the store; the figures are those the phase registry declares, and the GPU
+    time of ``usage`` (usage.json's steps)."""
+    steps_used = (usage or {}).get("steps") or {}
     out = []
     for t in range(spec.iterations + 1):
         active = phases.active(spec, t)
@@ -168,6 +183,12 @@ def iteration_records(spec: RunSpec, store: Store) -> list[IterationRecord]:
                     setattr(rec, fig.name, v)
             if entry.checkpoint and s:
                 rec.checkpoint = s.get("checkpoint") or store.url(layout.checkpoint_dir(t, entry.name))
+            used = steps_used.get(layout.phase_dir(t, entry.name))
+            if used:
+                rec.gpuSeconds = round(B.number(rec.gpuSeconds) + B.number(used.get("gpuSeconds")), 3)
+                rec.gpuSecondsByPhase = B.add(rec.gpuSecondsByPhase, entry.name, B.number(used.get("gpuSeconds")))
+                if used.get("cost") is not None:
+                    rec.cost = round(B.number(rec.cost) + B.number(used.get("cost")), 6)
         out.append(rec)
     return out
 
@@ -272,13 +293,17 @@ class Display:
         shown = [f for p, f in phases.figures() if f.column and any(
             p.enabled(spec) and p.runs_in(it) for it in range(spec.iterations + 1))]
         shown = [f for f in shown if not records or any(getattr(r, f.name) is not None for r in records)]
+        gpu = any(r.gpuSeconds for r in records)  # GPU-hours, when the workers had GPUs
         t.add_column("iter", justify="right")
         for f in shown:
             t.add_column(f.column, justify="right")
+        if gpu:
+            t.add_column("GPU-h", justify="right")
         t.add_column("checkpoint", justify="left")
         for r in records:
             label = str(r.iteration) if r.iteration else ("0 (sft)" if spec.sft_enabled else "0 (M1)")
-            t.add_row(label, *(_fmt(getattr(r, f.name), f.digits) for f in shown), rel(r.checkpoint))
+            used = [_fmt(r.gpuSeconds / 3600 if r.gpuSeconds is not None else None, 3)] if gpu else []
+            t.add_row(label, *(_fmt(getattr(r, f.name), f.digits) for f in shown), *used, rel(r.checkpoint))
         self.stop()
         if self.live:
             self.console.print(t)
@@ -305,6 +330,7 @@ class Task:
     log_file: Any = None
     result: dict = field(default_factory=dict)
     slot: int = 0  # which of the --parallel places it runs in (its GPUs, see gpu_groups)
+    gpus: int = 0  # GPUs it was given: its GPU-seconds are its wall time times these
 
     @property
     def termination_log(self) -> Path:
@@ -391,6 +417,7 @@ class Runner:
         self.spec_file = state_dir / "spec.json"
         self.logs = state_dir / "logs"
         self._groups: Optional[list[list[str]]] = None
+        self.usage: dict = {"steps": {}}  # usage.json: GPU-seconds per step (see _charge)
 
     def _gpu_groups(self) -> list[list[str]]:
         if self._groups is None:
@@ -403,8 +430,10 @@ class Runner:
         args = ["worker", step.phase, "--spec", str(self.spec_file), "--iteration", str(step.iteration)]
         if task.shard is not None:
             args += ["--shard", str(task.shard), "--num-shards", str(step.shards)]
+        nproc = None
         if distributed.launches(self.spec, step.phase):  # torchrun: one process per visible GPU
-            cmd = distributed.local_launch(self.python, distributed.local_nproc(self.nproc_per_node), args)
+            nproc = distributed.local_nproc(self.nproc_per_node)
+            cmd = distributed.local_launch(self.python, nproc, args)
         else:
             cmd = [self.python, "-m", "selfreward"] + args
         for p in (task.termination_log, task.progress_file):
@@ -419,6 +448,10 @@ class Runner:
         groups = self._gpu_groups() if task.shard is not None and self.parallel > 1 else []
         if groups:  # each concurrent shard on its own GPUs instead of all on cuda:0
             env["CUDA_VISIBLE_DEVICES"] = ",".join(groups[task.slot % len(groups)])
+            task.gpus = len(groups[task.slot % len(groups)])
+        else:  # it runs alone and sees every visible GPU (torchrun: its ranks use one each)
+            visible = len(visible_gpu_ids())
+            task.gpus = min(visible, nproc) if nproc is not None else visible
         stamp = time.strftime("%Y%m%dT%H%M%S")
         task.log_path = self.logs / f"{task.files.name}.{stamp}.{os.getpid()}.{time.time_ns() % 10**6}.log"
         task.log_file = open(task.log_path, "wb")
@@ -439,6 +472,7 @@ class Runner:
                 result = {}
         task.result = result
         elapsed = time.time() - task.started
+        self._charge(task, elapsed)
         if rc == 0 and "error" not in result:
             how = "already committed" if result.get("skipped") else "done"
             figures = _figures(result)
@@ -486,6 +520,10 @@ class Runner:
                 _stop(t.proc)
                 if t.log_file and not t.log_file.closed:
                     t.log_file.close()
+                try:  # the GPU time of a stopped worker was spent all the same
+                    self._charge(t, time.time() - t.started)
+                except Exception:  # noqa: BLE001 - stopping must not fail on the count
+                    pass
             raise
         if error is not None:
             raise RunError(error)
@@ -509,6 +547,52 @@ class Runner:
                             self.state / f"{base}-{layout.shard_name(step.shards - 1, step.shards)}"))
         return out
 
+    # GPU time and the budget
+    def _load_usage(self) -> dict:
+        doc = self.store.read_json(USAGE_JSON) if self.store.exists(USAGE_JSON) else {}
+        return doc if isinstance(doc, dict) and isinstance(doc.get("steps"), dict) else {"steps": {}}
+
+    def _charge(self, task: Task, elapsed: float) -> None:
+        """Add a finished worker's GPU-seconds to usage.json (at once: a crash later keeps them)."""
+        key = task.step.key
+        steps = self.usage.setdefault("steps", {})
+        row = dict(steps.get(key) or {})
+        used = elapsed * task.gpus
+        row["gpuSeconds"] = round(B.number(row.get("gpuSeconds")) + used, 3)
+        row["wallSeconds"] = round(B.number(row.get("wallSeconds")) + elapsed, 3)
+        row["gpus"] = task.gpus
+        priced = B.cost(used, self.spec.budget.pricePerGpuHour if self.spec.budget else None)
+        if priced is not None:
+            row["cost"] = round(B.number(row.get("cost")) + priced, 6)
+        steps[key] = row
+        self.usage["gpuSeconds"] = round(sum(B.number(r.get("gpuSeconds")) for r in steps.values()), 3)
+        costs = [r["cost"] for r in steps.values() if r.get("cost") is not None]
+        if costs:
+            self.usage["cost"] = round(sum(costs), 6)
+        self.store.write_json(USAGE_JSON, self.usage)
+
+    def _budget_refusal(self, step: Step) -> Optional[str]:
+        b = self.spec.budget
+        if b is None or b.maxGpuHours is None:
+            return None
+        prev = (self.usage.get("steps") or {}).get(layout.phase_dir(step.iteration - 1, step.phase))
+        estimate = B.number(prev.get("gpuSeconds")) if prev else None
+        return B.refusal(B.number(self.usage.get("gpuSeconds")), estimate, b.maxGpuHours,
+                         layout.phase_dir(step.iteration - 1, step.phase))
+
+    def _best_so_far(self, done: list[Step]) -> Optional[str]:
+        """The run's result when the budget stops it: the eval gate's best model, else the
+        newest committed checkpoint; None when nothing was trained."""
+        trained = [s for s in done if phases.get(s.phase).checkpoint]
+        if not trained:
+            return None
+        for s in reversed(done):
+            if s.phase == "eval":
+                best = self.store.read_json(layout.summary_path(s.iteration, s.phase)).get("bestCheckpoint")
+                if isinstance(best, str):
+                    return self.store.url(best) if best else self.spec.model.uri
+        return self.store.url(layout.checkpoint_dir(trained[-1].iteration, trained[-1].phase))
+
     def _gate_line(self, step: Step) -> None:
         s = self.store.read_json(layout.summary_path(step.iteration, step.phase))
         if s.get("gatePassed") is False and s.get("gateAction") in ("warn", "rollback"):
@@ -530,14 +614,29 @@ class Runner:
         t0 = time.time()
         final = store.url(layout.final_checkpoint(spec))
         stopped: Optional[dict] = None
+        exhausted: Optional[dict] = None
+        self.usage = self._load_usage()
+        done: list[Step] = []
         for step in steps:
             if store.exists(layout.summary_path(step.iteration, step.phase)):
                 d.line(f"{step.key}: done")
             else:
+                why = self._budget_refusal(step)
+                if why is not None:
+                    best = self._best_so_far(done)
+                    text = f"budget exhausted before {step.key}: {why}" + (
+                        f"; cost so far {self.usage['cost']:g}" if self.usage.get("cost") is not None else "")
+                    if best is None:
+                        raise RunError(f"{text}; nothing was trained yet. Raise spec.budget.maxGpuHours to go on.")
+                    d.line(f"{text}; the run stops (BudgetExhausted) with the best model so far, {best}")
+                    final = best
+                    exhausted = {"step": step.key, "message": text}
+                    break
                 self._run_tasks(self._tasks(step))
                 if not store.exists(layout.summary_path(step.iteration, step.phase)):
                     raise RunError(f"{step.key}: every worker succeeded but "
                                    f"{store.url(layout.summary_path(step.iteration, step.phase))} was not written")
+            done.append(step)
             if step.phase == "eval":
                 self._gate_line(step)
             stopped = gate_stop(store, step)
@@ -547,13 +646,20 @@ class Runner:
                 d.line(f"{step.key}: the eval gate stopped the run (EarlyStopped); the best model by "
                        f"{stopped.get('gateMetric')} is {stopped.get('bestModel')}")
                 break
-        records = iteration_records(spec, store)
+        records = iteration_records(spec, store, self.usage)
         doc = {"run": self.name, "storage": store.url(""), "finalCheckpoint": final,
-               "sftLoss": sft_loss(store), "iterations": [r.model_dump(exclude_none=True) for r in records]}
+               "sftLoss": sft_loss(store), "iterations": [r.model_dump(exclude_none=True) for r in records],
+               "gpuSeconds": B.number(self.usage.get("gpuSeconds"))}
+        if self.usage.get("cost") is not None:
+            doc["cost"] = self.usage["cost"]
         if spec.eval_enabled:
             doc["earlyStopped"] = stopped is not None
+        if exhausted is not None:
+            doc["budgetExhausted"] = exhausted
         store.write_json(ITERATIONS_JSON, doc)
-        d.line(f"run {self.name} complete in {time.time() - t0:.1f}s; final checkpoint {final}")
+        d.line(f"run {self.name} {'stopped by its budget' if exhausted else 'complete'} in {time.time() - t0:.1f}s; "
+               f"final checkpoint {final}" + (f"; {B.hours(self.usage['gpuSeconds'])} GPU-hours"
+                                              if self.usage.get("gpuSeconds") else ""))
         d.table(spec, store, records)
         d.line(f"figures written to {store.url(ITERATIONS_JSON)}")
         return 0

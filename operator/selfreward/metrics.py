@@ -18,6 +18,10 @@ selfreward_iteration_number                        gauge        namespace, run
 selfreward_iteration_<figure>                      gauge        namespace, run
 selfreward_run_eval_score                          gauge        namespace, run
 selfreward_run_rollbacks                           gauge        namespace, run
+selfreward_run_gpu_seconds_total                   counter      namespace, run, phase
+selfreward_run_cost_total                          counter      namespace, run, phase
+selfreward_iteration_gpu_seconds                   gauge        namespace, run
+selfreward_iteration_cost                          gauge        namespace, run
 selfreward_jobs_{created,failed,retried}_total     counter      namespace, run
 selfreward_phase_duration_seconds                  histogram    phase (worker phase)
 selfreward_reconcile_duration_seconds              histogram    -
@@ -36,6 +40,14 @@ when no phase runs. The ``<figure>`` names come from the phase registry
 ``status.lastEval`` (the eval gate's metric of the last evaluated model) and
 ``selfreward_run_rollbacks`` ``status.rollbacks``; both have no series without
 ``spec.eval``.
+
+``selfreward_run_gpu_seconds_total`` is ``status.gpuSecondsByPhase`` (GPU-seconds of every
+attempt of every step, by worker phase; sum by run for the run's total) and
+``selfreward_run_cost_total`` ``status.costByPhase`` (only with
+``spec.budget.pricePerGpuHour``): counters read from the status, so they survive an
+operator restart and a failover. ``selfreward_iteration_gpu_seconds`` and
+``selfreward_iteration_cost`` are those of the last completed iteration, as the other
+iteration figures.
 
 Every per-run series is produced at scrape time from the state kept per run, so
 :meth:`Metrics.forget_run` removes all of a run's series at once. Label values are
@@ -74,6 +86,13 @@ ITERATION_FIGURES = {f.metric: (f.name, f"{f.help} (last completed iteration)")
 
 JOB_EVENTS = ("created", "failed", "retried")
 
+# Figures of the last completed iteration that come from the operator's own accounting,
+# not from a phase summary: selfreward_iteration_<name> -> (IterationRecord field, help).
+USAGE_FIGURES = {
+    "gpu_seconds": ("gpuSeconds", "GPU-seconds the iteration's pods used (last completed iteration)."),
+    "cost": ("cost", "The iteration's GPU-seconds at spec.budget.pricePerGpuHour (last completed iteration)."),
+}
+
 
 @dataclass
 class _Run:
@@ -88,6 +107,8 @@ class _Run:
     completed_iteration: Optional[int] = None
     eval_score: Optional[float] = None
     rollbacks: Optional[float] = None
+    gpu_seconds: dict = field(default_factory=dict)  # worker phase -> GPU-seconds (status.gpuSecondsByPhase)
+    cost: dict = field(default_factory=dict)  # worker phase -> cost (status.costByPhase)
     jobs: dict = field(default_factory=lambda: {e: 0 for e in JOB_EVENTS})
 
 
@@ -103,6 +124,14 @@ def _number(v: Any) -> Optional[float]:
     return float(v)
 
 
+def _by_phase(v: Any) -> dict:
+    """A status map of worker phase -> number, less anything that is not one (the phase
+    label stays bounded to the registry's phases)."""
+    if not isinstance(v, Mapping):
+        return {}
+    return {p: float(x) for p, x in v.items() if p in PHASES and _number(x) is not None}
+
+
 class _RunCollector:
     """Yields the per-run families from the runs' state at scrape time."""
 
@@ -115,7 +144,8 @@ class _RunCollector:
     def collect(self):
         with self._m._lock:
             runs = {k: (r.phase, r.iteration, r.worker_phase, r.phase_started, dict(r.completed or {}),
-                        r.completed_iteration, dict(r.jobs), r.eval_score, r.rollbacks)
+                        r.completed_iteration, dict(r.jobs), r.eval_score, r.rollbacks, dict(r.gpu_seconds),
+                        dict(r.cost))
                     for k, r in self._m._runs.items()}
         return self._families(runs)
 
@@ -142,7 +172,7 @@ class _RunCollector:
         done_it = GaugeMetricFamily("selfreward_iteration_number",
                                     "The iteration the selfreward_iteration_* figures belong to.", labels=ns_run)
         figures = {name: GaugeMetricFamily(f"selfreward_iteration_{name}", doc, labels=ns_run)
-                   for name, (_f, doc) in ITERATION_FIGURES.items()}
+                   for name, (_f, doc) in {**ITERATION_FIGURES, **USAGE_FIGURES}.items()}
         jobs = {e: CounterMetricFamily(f"selfreward_jobs_{e}", f"Jobs {e} for the run.", labels=ns_run)
                 for e in JOB_EVENTS}
         eval_score = GaugeMetricFamily("selfreward_run_eval_score",
@@ -150,8 +180,15 @@ class _RunCollector:
                                        labels=ns_run)
         rollbacks = GaugeMetricFamily("selfreward_run_rollbacks",
                                       "Iterations the eval gate restarted from the best model.", labels=ns_run)
+        gpu = CounterMetricFamily("selfreward_run_gpu_seconds",
+                                  "GPU-seconds the run's pods used (pod run time x GPUs requested), every attempt, "
+                                  "by worker phase.", labels=ns_run + ["phase"])
+        cost = CounterMetricFamily("selfreward_run_cost",
+                                   "The run's GPU-seconds at spec.budget.pricePerGpuHour, by worker phase.",
+                                   labels=ns_run + ["phase"])
 
-        for (ns, name), (phase, it, wphase, t0, completed, completed_it, job_counts, score, rolled) in sorted(runs.items()):
+        for (ns, name), (phase, it, wphase, t0, completed, completed_it, job_counts, score, rolled, gpu_s,
+                         costs) in sorted(runs.items()):
             lv = [ns, name]
             if it is not None:
                 iteration.add_metric(lv, it)
@@ -170,8 +207,13 @@ class _RunCollector:
                 eval_score.add_metric(lv, score)
             if rolled is not None:
                 rollbacks.add_metric(lv, rolled)
+            for p, v in sorted(gpu_s.items()):
+                gpu.add_metric(lv + [p], v)
+            for p, v in sorted(costs.items()):
+                cost.add_metric(lv + [p], v)
 
-        yield from (iteration, state, failed, started, done_it, *figures.values(), *jobs.values(), eval_score, rollbacks)
+        yield from (iteration, state, failed, started, done_it, *figures.values(), *jobs.values(), eval_score, rollbacks,
+                    gpu, cost)
 
 
 class Metrics:
@@ -223,7 +265,7 @@ class Metrics:
             if _get(rec, "endTime"):
                 completed_it = _get(rec, "iteration")
                 completed = {}
-                for metric, (fname, _doc) in ITERATION_FIGURES.items():
+                for metric, (fname, _doc) in {**ITERATION_FIGURES, **USAGE_FIGURES}.items():
                     v = _number(_get(rec, fname))
                     if v is not None:
                         completed[metric] = v
@@ -242,6 +284,8 @@ class Metrics:
             run.completed_iteration = int(completed_it) if _number(completed_it) is not None else None
             run.eval_score = _number(_get(status, "lastEval"))
             run.rollbacks = _number(_get(status, "rollbacks"))
+            run.gpu_seconds = _by_phase(_get(status, "gpuSecondsByPhase"))
+            run.cost = _by_phase(_get(status, "costByPhase"))
 
     def forget_run(self, namespace: str, name: str) -> None:
         """Drop every series of a deleted run."""

@@ -23,7 +23,7 @@ from .storage import Store, storage_root_problem
 
 MARKER_KIND = "SelfRewardRunStore"
 ITERATION_DIR = re.compile(r"^iter-[0-9]+$")
-ROOT_FILES = ("run.json", "iterations.json")  # local.RUN_JSON, local.ITERATIONS_JSON
+ROOT_FILES = ("run.json", "iterations.json", "usage.json")  # local.RUN_JSON, ITERATIONS_JSON, USAGE_JSON
 
 
 class OwnershipError(RuntimeError):

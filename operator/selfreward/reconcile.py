@@ -26,6 +26,11 @@ How progress is kept:
 - A failed attempt sets ``status.retryAfter`` (exponential backoff from
   ``retry.backoffSeconds``); after ``retry.maxRetries`` re-creations the run fails with
   the most specific reason found on the Job and its pods.
+- Every finished attempt's GPU-seconds (its pods' start and finish times times their GPU
+  requests, see selfreward.budget) are added to the status once, when the pass that
+  records its outcome runs. Before a step's first Job, ``spec.budget.maxGpuHours`` may
+  refuse it (the same phase of the previous iteration is its estimate): the run ends
+  with reason BudgetExhausted, and goes on when a raised budget lets the step start.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any, Optional, Union
 
+from . import budget as B
 from . import conditions as cond
 from . import jobs as J
 from . import layout, phases
@@ -106,7 +112,7 @@ Action = Union[CreateJob, CreateService, DeleteJob, SuspendJob, Event, SetFinali
 ERROR_RETRY_MIN_SECONDS = 5.0
 ERROR_RETRY_MAX_SECONDS = 300.0
 # Failures a new spec may cure: the run resumes when its generation changes.
-CURABLE_FAILURES = ("InvalidSpec", "ApiRejected")
+CURABLE_FAILURES = ("InvalidSpec", "ApiRejected", "BudgetExhausted")
 
 
 @dataclass
@@ -172,6 +178,79 @@ def _record(st: RunStatus, spec: RunSpec, step: Step, job: dict, summary: Option
     st.history = [recs[k] for k in sorted(recs)][-HISTORY_LIMIT:]
 
 
+def _charge(st: RunStatus, spec: RunSpec, it_spec: RunSpec, step: Step, job: dict, now: datetime) -> B.Usage:
+    """Add a finished Job's GPU-seconds (its pods' run time x the GPUs each requested,
+    see selfreward.budget) to its iteration's history record and the run's totals, and
+    their cost at the current spec's price. Called once per finished attempt."""
+    res = it_spec.resources.for_phase(step.phase)
+    use = B.job_usage(job, res.gpus or 0, res.gpuResourceName)
+    recs = {r.iteration: r for r in st.history}
+    rec = recs.get(step.iteration)
+    if rec is None:
+        if not use.gpu_seconds:
+            return use  # a failed attempt that used no GPU starts no history record
+        rec = IterationRecord(iteration=step.iteration,
+                              startTime=(job.get("status") or {}).get("startTime") or J.format_time(now))
+    price = spec.budget.pricePerGpuHour if spec.budget is not None else None
+    rec.gpuSeconds = round(B.number(rec.gpuSeconds) + use.gpu_seconds, 6)
+    rec.gpuSecondsByPhase = B.add(rec.gpuSecondsByPhase, step.phase, use.gpu_seconds)
+    if use.estimated:
+        rec.gpuSecondsEstimated = True
+    st.gpuSeconds = round(B.number(st.gpuSeconds) + use.gpu_seconds, 6)
+    st.gpuSecondsByPhase = B.add(st.gpuSecondsByPhase, step.phase, use.gpu_seconds)
+    priced = B.cost(use.gpu_seconds, price)
+    if priced is not None:
+        rec.cost = round(B.number(rec.cost) + priced, 6)
+        st.cost = round(B.number(st.cost) + priced, 6)
+        st.costByPhase = B.add(st.costByPhase, step.phase, priced)
+    recs[step.iteration] = rec
+    st.history = [recs[k] for k in sorted(recs)][-HISTORY_LIMIT:]
+    return use
+
+
+def _budget_refusal(spec: RunSpec, st: RunStatus, step: Step) -> Optional[str]:
+    """Why ``step`` may not start under spec.budget (its estimate: the same phase of the
+    previous iteration, from the history), or None."""
+    if spec.budget is None or spec.budget.maxGpuHours is None:
+        return None
+    prev = next((r for r in st.history if r.iteration == step.iteration - 1), None)
+    estimate = (prev.gpuSecondsByPhase or {}).get(step.phase) if prev is not None else None
+    return B.refusal(B.number(st.gpuSeconds), estimate, spec.budget.maxGpuHours,
+                     layout.phase_dir(step.iteration - 1, step.phase))
+
+
+def _last_trained(st: RunStatus) -> Optional[str]:
+    """The newest checkpoint the history records (train, or iteration 0's SFT)."""
+    return next((r.checkpoint for r in sorted(st.history, key=lambda r: -r.iteration) if r.checkpoint), None)
+
+
+def _budget_exhausted(p: "_Pass", step: Step, why: str) -> None:
+    """The run stops before ``step``: Succeeded with the best model so far (the eval
+    gate's bestCheckpoint, else the newest trained one), Failed when nothing was trained."""
+    st = p.st
+    st.activeJob = None
+    st.retryAfter = None
+    st.currentPhase = None
+    if st.completionTime is None or p.old_phase not in ("Succeeded", "Failed"):
+        st.completionTime = J.format_time(p.now)
+    trained = _last_trained(st)
+    text = f"budget exhausted before {step.key}: {why}" + (f"; cost so far {st.cost:g}" if st.cost is not None else "")
+    if trained:
+        st.phase = "Succeeded"
+        st.finalCheckpoint = st.bestCheckpoint or trained
+        message = f"{text}; final model (the best so far) at {st.finalCheckpoint}"[:1000]
+        ctype, state, kind = "Succeeded", "succeeded", "Normal"
+    else:
+        st.phase = "Failed"
+        st.finalCheckpoint = None
+        message = f"{text}; nothing was trained yet"[:1000]
+        ctype, state, kind = "Failed", "failed", "Warning"
+    was = cond.get(st.conditions, ctype)
+    if not (was and was.status == "True" and was.reason == "BudgetExhausted" and was.message == message):
+        p.event(kind, "BudgetExhausted", message)
+    p.state(state, "BudgetExhausted", message)
+
+
 def _gate(p: "_Pass", spec: RunSpec, key: str, summary: Optional[dict]) -> bool:
     """Read an eval step's gate verdict (the eval worker decides it from every eval
     summary in the store, see selfreward.evaluation.gate_decision) into the status and
@@ -207,15 +286,17 @@ def _gate(p: "_Pass", spec: RunSpec, key: str, summary: Optional[dict]) -> bool:
     return True
 
 
-def _figures(summary: Optional[dict]) -> str:
-    if not summary:
-        return ""
+def _figures(summary: Optional[dict], use: Optional[B.Usage] = None) -> str:
+    summary = dict(summary or {})
+    if use is not None and use.gpu_seconds:
+        summary["gpuSeconds"] = use.gpu_seconds
     keep = [k for k in ("prompts", "responses", "judgedResponses", "scoreMean", "pairs", "dpoLoss", "trainLoss",
-                        "verifierScore", "judgePairwiseAccuracy", "winRateVsPrevious", "durationSeconds")
+                        "verifierScore", "judgePairwiseAccuracy", "winRateVsPrevious", "durationSeconds", "gpuSeconds")
             if _num(summary.get(k)) is not None]
     if not keep:
         return ""
-    return " (" + ", ".join(f"{k}={round(summary[k], 4)}" for k in keep) + ")"
+    return (" (" + ", ".join(f"{k}={round(summary[k], 4)}" for k in keep)
+            + (", estimated" if use is not None and use.estimated else "") + ")")
 
 
 # --- the function -------------------------------------------------------------------
@@ -522,13 +603,14 @@ def _reconcile(run: dict, status: Any, jobs: list[dict], now: datetime, settings
         if job is not None and J.job_complete(job):
             summary = J.job_summary(job)
             _record(st, it_spec, step, job, summary, now)
+            use = _charge(st, spec, it_spec, step, job, now)
             st.workerImageID = J.job_image_id(job) or st.workerImageID
             done = _pos(step.iteration, step.phase)
             st.completedStep = key
             st.retryAfter = None
             st.activeJob = None
             attempts[key] = attempt
-            p.event("Normal", "StepCompleted", f"{key} completed{_figures(summary)}")
+            p.event("Normal", "StepCompleted", f"{key} completed{_figures(summary, use)}")
             if step.phase == "eval" and _gate(p, it_spec, key, summary):
                 st.earlyStopped = key
             continue
@@ -574,6 +656,8 @@ def _reconcile(run: dict, status: Any, jobs: list[dict], now: datetime, settings
             if retries_used < spec.retry.maxRetries:
                 retry_at = J.parse_time(st.retryAfter) if st.retryAfter and st.activeJob == name else None
                 if retry_at is None:
+                    if job is not None:
+                        _charge(st, spec, it_spec, step, job, now)
                     base = (J.job_finished_at(job) if job is not None and not still_active else None) or now
                     retry_at = base + timedelta(seconds=spec.retry.backoffSeconds * (2 ** retries_used))
                     st.retryAfter = J.format_time(retry_at)
@@ -599,6 +683,8 @@ def _reconcile(run: dict, status: Any, jobs: list[dict], now: datetime, settings
                             f"{where}: {step.phase} attempt {attempt} failed ({failure.reason}): "
                             f"{failure.message}; retry at {st.retryAfter}"[:1000])
             else:
+                if job is not None:
+                    _charge(st, spec, it_spec, step, job, now)
                 st.phase = "Failed"
                 st.activeJob = None
                 st.retryAfter = None
@@ -609,8 +695,16 @@ def _reconcile(run: dict, status: Any, jobs: list[dict], now: datetime, settings
             break
 
         if job is None:
+            if not seen and not attempts.get(key):
+                # a step not started yet: the budget (the current spec's, like suspend) may refuse it
+                why = _budget_refusal(spec, st, step)
+                if why is not None:
+                    _budget_exhausted(p, step, why)
+                    break
             n = attempt or 1
             manifest = _create_step_job(p, it_spec, step, n)
+            st.completionTime = None  # a run that stopped (the budget, a refused request) goes on
+            st.finalCheckpoint = None
             if attempts.get(key, 0) < n:
                 p.event("Normal", "JobCreated", f"{key}: created Job {manifest['metadata']['name']}")
             attempts[key] = n

@@ -1132,6 +1132,24 @@ class EvalSpec(_Model):
         return self
 
 
+class BudgetSpec(_Model):
+    """What the run's GPU time may cost. GPU-seconds are counted from the pods' start and
+    finish times times the GPUs each pod requested (see docs/gpu-scheduling.md#budgets)."""
+
+    maxGpuHours: Optional[float] = Field(
+        None, gt=0, le=1e9,
+        description="GPU-hours the run may use. Before a step starts, its cost is estimated from the same phase "
+        "of the previous iteration (no estimate: the step starts); a step that would cross this is not started "
+        "and the run ends Succeeded with reason BudgetExhausted and the best model so far (Failed when nothing "
+        "was trained yet). Raising it resumes the run.",
+    )
+    pricePerGpuHour: Optional[float] = Field(
+        None, gt=0, le=1e9,
+        description="Price of one GPU-hour, a unit-free number (write it in your own currency): with it, status, "
+        "history and metrics show the cost beside the GPU-seconds.",
+    )
+
+
 class RunSpec(_Model):
     """spec of a SelfRewardRun."""
 
@@ -1144,6 +1162,9 @@ class RunSpec(_Model):
     pairs: PairsSpec = Field(default_factory=PairsSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     eval: Optional[EvalSpec] = Field(None, description="Optional evaluation after each iteration (and of M_1).")
+    budget: Optional[BudgetSpec] = Field(
+        None, description="GPU-hour budget and price; the operator and `selfreward run` stop before a step that "
+        "would cross it.")
     storage: StorageSpec
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of prompt sampling and generation (32-bit unsigned).")
     suspend: bool = Field(False, description="Stop creating Jobs and suspend running ones (operator).")

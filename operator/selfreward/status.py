@@ -36,6 +36,13 @@ class _IterationBase(_Model):
     startTime: Optional[str] = None
     endTime: Optional[str] = Field(None, description="When the iteration's last step finished.")
     checkpoint: Optional[str] = Field(None, description="The model the iteration produced.")
+    gpuSeconds: Optional[float] = Field(
+        None, description="GPU-seconds the iteration's pods used (every attempt): pod run time x GPUs requested.")
+    gpuSecondsByPhase: Optional[dict[str, float]] = Field(None, description="gpuSeconds per worker phase.")
+    gpuSecondsEstimated: Optional[bool] = Field(
+        None, description="True when pods were gone before they were read and their time was estimated from "
+        "their Job's start and completion.")
+    cost: Optional[float] = Field(None, description="gpuSeconds priced at spec.budget.pricePerGpuHour.")
 
 
 # The figures come from the phase registry: each phase declares which of its summary
@@ -69,6 +76,12 @@ class RunStatus(_Model):
     lastEval: Optional[float] = Field(None, description="evalMetric of the last evaluated model.")
     rollbacks: Optional[int] = Field(None, description="Iterations restarted from the best model by the eval gate.")
     earlyStopped: Optional[str] = Field(None, description="The eval step (iter-<t>/eval) whose gate stopped the run.")
+    gpuSeconds: Optional[float] = Field(
+        None, description="GPU-seconds the run's pods used so far, every attempt of every step (a total kept "
+        "beyond the bounded history).")
+    gpuSecondsByPhase: Optional[dict[str, float]] = Field(None, description="gpuSeconds per worker phase.")
+    cost: Optional[float] = Field(None, description="gpuSeconds priced at spec.budget.pricePerGpuHour.")
+    costByPhase: Optional[dict[str, float]] = Field(None, description="cost per worker phase.")
     workerImageID: Optional[str] = Field(
         None, description="The worker image with its digest (pod status imageID) of the last completed step."
     )
