@@ -23,7 +23,7 @@ EVAL = {"judgeSet": {"uri": "/j.jsonl"}, "shards": 4}
 
 
 def test_the_registry_is_the_one_list_of_phases():
-    assert PHASES == phases.NAMES == ("sft", "instruct", "generate", "judge", "pairs", "train", "eval")
+    assert PHASES == phases.NAMES == ("sft", "instruct", "generate", "judge", "metajudge", "pairs", "train", "eval")
     assert [p.order for p in phases.REGISTRY] == list(range(len(phases.REGISTRY)))
     assert SHARDED == ("generate", "judge", "eval")
     for p in phases.REGISTRY:

@@ -509,6 +509,11 @@ class Runner:
                             self.state / f"{base}-{layout.shard_name(step.shards - 1, step.shards)}"))
         return out
 
+    def _saturation_line(self, step: Step) -> None:
+        s = self.store.read_json(layout.summary_path(step.iteration, step.phase))
+        if s.get("judgeSaturated") is True:
+            self.display.line(f"warning: JudgeSaturated: {s.get('saturationMessage') or step.key}")
+
     def _gate_line(self, step: Step) -> None:
         s = self.store.read_json(layout.summary_path(step.iteration, step.phase))
         if s.get("gatePassed") is False and s.get("gateAction") in ("warn", "rollback"):
@@ -538,6 +543,8 @@ class Runner:
                 if not store.exists(layout.summary_path(step.iteration, step.phase)):
                     raise RunError(f"{step.key}: every worker succeeded but "
                                    f"{store.url(layout.summary_path(step.iteration, step.phase))} was not written")
+            if step.phase == "judge":
+                self._saturation_line(step)
             if step.phase == "eval":
                 self._gate_line(step)
             stopped = gate_stop(store, step)
