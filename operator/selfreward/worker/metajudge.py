@@ -7,8 +7,9 @@ the verdicts' score lines removed; the outcomes rate the verdicts (Bradley-Terry
 scale) and the best against the worst verdict is a judge-preference candidate
 (``selfreward.metajudging`` has the rules). Output, in iter-<t>/metajudge/::
 
-    judgments.jsonl   per meta-judged response: its verdicts, every meta-judgment
-                      (both orders), the winners read from them and the ratings
+    judgments.jsonl   per meta-judged response: its verdicts, the verdicts as shown
+                      (score lines removed), every meta-judgment (both orders), the
+                      winners read from them and the ratings
     candidates.jsonl  the judge-preference pairs before the caps (the pairs phase caps
                       them and adds them to the DPO data)
 """
@@ -86,6 +87,7 @@ def run(ctx: PhaseContext) -> dict:
                 rows.append({"a": a, "b": c, "judgments": [ab, ba], "winners": winners, "agree": agree})
         rating = M.ratings(k, games)
         judgments.append({**{key: item[key] for key in ("promptId", "responseIndex", "variance", "verdicts")},
+                          "shown": stripped[n],  # the verdicts as the meta-judge read them
                           "comparisons": rows, "ratings": [round(r, 3) for r in rating]})
         pair = M.meta_pair(item, rating, render_judge_prompt(judge, item["prompt"], item["response"]))
         if pair is not None:
