@@ -1,0 +1,100 @@
+"""The metajudge phase on the tiny random model, through the worker dispatcher on a
+file:// store: generate -> judge -> metajudge -> pairs, with length control on."""
+import pytest
+
+from selfreward import layout, phases
+from selfreward import metajudging as M
+from selfreward.judging import parse_winner, render_judge_prompt
+from selfreward.storage import Store
+from selfreward.worker import run_phase
+from selfreward.worker.common import PhaseError
+from selfreward.worker.judge import read_phase_records
+from selfreward.worker.metajudge import candidates_path, judgments_path
+from selfreward.worker.pairs import build_pairs, pairs_path
+from test_phases_gen_judge import make_spec
+
+# The random model's text holds letters: one letter a or b is a winner (the last counts),
+# so games are won and lost at random and every path runs (sampled: greedy, it ends at once).
+META = {"responses": 6, "maxVerdicts": 3, "maxNewTokens": 16, "temperature": 1.0, "batchSize": 16, "winnerPattern": r"(a|b)",
+        "maxShare": 0.9, "maxClassShare": 0.5}
+
+
+def test_meta_judge_rates_verdicts_and_its_pairs_join_the_dpo_data(tmp_path, tiny_model):
+    spec = make_spec(tmp_path, tiny_model, generation={"shards": 1}, metaJudge=META,
+                     judge={"shards": 1, "samplesPerResponse": 4}, pairs={"lengthControl": 0.3})
+    assert [p.name for p in phases.active(spec, 1)] == ["generate", "judge", "metajudge", "pairs", "train"]
+    store = Store.for_spec(spec)
+    with pytest.raises(PhaseError, match="iter-1/judge is not complete"):
+        run_phase(spec, "metajudge", 1)
+    run_phase(spec, "generate", 1)
+    judge = run_phase(spec, "judge", 1)
+    records = read_phase_records(store, 1, "judge")
+    generated = {r["promptId"]: r for r in read_phase_records(store, 1, "generate")}
+    for rec in records:
+        for j, resp in enumerate(rec["responses"]):
+            # every verdict keeps its own score, aligned with the verdicts, and the tokens carry over
+            assert len(resp["verdictScores"]) == len(resp["verdicts"]) == 4
+            assert [s for s in resp["verdictScores"] if s is not None] == resp["scores"]
+            assert resp["tokens"] == generated[rec["promptId"]]["tokens"][j]
+    assert sum(judge[f"scoreHist{k}"] for k in range(6)) == sum(len(r["scores"]) for rec in records
+                                                                 for r in rec["responses"])
+    assert 0.0 <= judge["topScoreShare"] <= 1.0 and isinstance(judge["judgeSaturated"], bool)
+
+    reports = []
+    meta = run_phase(spec, "metajudge", 1, progress=reports.append)
+    expected = M.select_responses(records, 6, 0.0, 3)
+    assert expected and meta["metaJudgedResponses"] == len(expected)
+    judgments = store.read_jsonl(judgments_path(1))
+    assert [(j["promptId"], j["responseIndex"]) for j in judgments] == [(e["promptId"], e["responseIndex"])
+                                                                        for e in expected]
+    n_asks = sum(len(e["verdicts"]) * (len(e["verdicts"]) - 1) for e in expected)
+    assert meta["metaJudgments"] == n_asks and reports[-1]["done"] == reports[-1]["total"] == n_asks
+    games_both = agreed = 0
+    for j, e in zip(judgments, expected):
+        # the meta-judge read the verdicts without the lines the score pattern matches
+        assert j["shown"] == [M.strip_score_lines(v["text"], spec.judge.scorePattern) for v in e["verdicts"]]
+        assert not any(ch.isdigit() for text in j["shown"] for ch in text)
+        k = len(e["verdicts"])
+        assert len(j["comparisons"]) == k * (k - 1) // 2
+        games = []
+        for c in j["comparisons"]:
+            assert c["winners"] == [parse_winner(t, META["winnerPattern"]) for t in c["judgments"]]
+            results, agree = M.outcome(*c["winners"])
+            games += [(c["a"], c["b"], r) for r in results]
+            assert c["agree"] == agree
+            if agree is not None:
+                games_both += 1
+                agreed += agree
+        assert j["ratings"] == [round(r, 3) for r in M.ratings(k, games)]
+    assert meta["orderAgreement"] == (pytest.approx(agreed / games_both) if games_both else None)
+
+    candidates = store.read_jsonl(candidates_path(1))
+    assert candidates and meta["candidatePairs"] == len(candidates)
+    assert games_both > 0 and meta["winnerParseFailures"] < 2 * games_both
+    by_key = {(j["promptId"], j["responseIndex"]): j for j in judgments}
+    for c in candidates:
+        j = by_key[(c["promptId"], c["responseIndex"])]
+        best = max(range(len(j["ratings"])), key=lambda k: (j["ratings"][k], -k))
+        assert c["chosen"] == j["verdicts"][best]["text"] and c["chosenScore"] == j["verdicts"][best]["score"]
+        rec = next(r for r in records if r["promptId"] == c["promptId"])
+        assert c["prompt"] == render_judge_prompt(spec.judge, rec["prompt"], rec["responses"][c["responseIndex"]]["text"])
+
+    summary = run_phase(spec, "pairs", 1)
+    written = store.read_jsonl(pairs_path(1))
+    response_pairs, figures = build_pairs(records, spec.pairs.minMargin, 0.3)
+    kept, caps = M.cap_meta_pairs(candidates, len(response_pairs), 0.9, 0.5)
+    assert response_pairs and kept and written == response_pairs + kept
+    assert summary["pairs"] == len(written) and summary["metaPairs"] == len(kept)
+    assert summary["responsePairs"] == len(response_pairs) and summary["lengthControl"] == 0.3
+    assert summary["chosenMeanLength"] == figures["chosenMeanLength"]
+    assert len(kept) <= 0.9 * len(written) and caps["metaPairsLargestClassShare"] <= 0.5
+    assert all(p["kind"] == "judge" for p in written[len(response_pairs):])
+
+
+def test_pairs_refuse_to_run_without_the_meta_judge_output(tmp_path, tiny_model):
+    spec = make_spec(tmp_path, tiny_model, generation={"shards": 1}, judge={"shards": 1}, metaJudge=META)
+    run_phase(spec, "generate", 1)
+    run_phase(spec, "judge", 1)
+    with pytest.raises(PhaseError, match="metaJudge is on but .*candidates.jsonl is missing"):
+        run_phase(spec, "pairs", 1)
+    assert not Store.for_spec(spec).exists(layout.summary_path(1, "pairs"))
