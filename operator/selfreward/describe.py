@@ -25,7 +25,8 @@ FIGURES = {
     "instruct": ("prompts", "promptsKept"),
     "generate": ("prompts", "responses", "tokensPerSecond", "truncatedResponses", "batchesResumed"),
     "judge": ("judged", "meanScore", "scoreStd", "parseFailures", "batchesResumed"),
-    "pairs": ("pairs", "pairsDropped", "meanMargin", "margin"),
+    "metajudge": ("metaJudgedResponses", "orderAgreement", "candidatePairs"),
+    "pairs": ("pairs", "pairsDropped", "meanMargin", "margin", "metaPairs"),
     "train": ("steps", "dpoLoss", "rewardAccuracy", "rewardMargin", "resumedFromStep"),
     "eval": ("verifierScore", "judgePairwiseAccuracy", "winRateVsPrevious", "winRateVsBaseline"),
 }
