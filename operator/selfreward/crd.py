@@ -27,7 +27,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema, NoDefault
 
-from .spec import PHASES, TRAINING_PHASES, RunSpec
+from .spec import META_JUDGE_PLACEHOLDERS, PHASES, TRAINING_PHASES, RunSpec
 from .status import HISTORY_LIMIT, RunStatus
 
 GROUP = "selfreward.dev"
@@ -236,6 +236,10 @@ VALIDATIONS: dict[tuple[str, ...], list[dict]] = {
     ("spec", "judge", "template"): [
         {"rule": "self.contains('{prompt}')", "message": "judge.template must contain the placeholder {prompt}"},
         {"rule": "self.contains('{response}')", "message": "judge.template must contain the placeholder {response}"},
+    ],
+    ("spec", "metaJudge", "template"): [
+        {"rule": f"self.contains('{{{name}}}')", "message": f"metaJudge.template must contain the placeholder {{{name}}}"}
+        for name in META_JUDGE_PLACEHOLDERS
     ],
     ("spec", "prompts", "selfInstruct"): [{
         "rule": "!has(self.minChars) || !has(self.maxChars) || self.minChars <= self.maxChars",
