@@ -757,14 +757,22 @@ class JudgeSpec(_Sampler):
 # its own judgments of one answer. The judgments reach it with their "Score:" lines
 # removed (selfreward.metajudging.strip_score_lines), so it weighs the reasoning, not
 # which number is higher.
-DEFAULT_META_JUDGE_TEMPLATE = """Below are a user's question, an assistant's answer, and two judgments of that answer. Each judgment was asked to grade the answer on an additive five-point scale (relevance, substantial coverage, a useful answer to the basic question, a clear, direct and well-organised answer, and an expert, precise answer without surplus content) and to explain its grading. Decide which judgment applies the scale more accurately and explains its grading more faithfully to the answer. Ignore the order in which they are shown and their length.
+DEFAULT_META_JUDGE_TEMPLATE = """\
+Below are a user's question, an assistant's answer, and two judgments of that answer. \
+Each judgment was asked to grade the answer on an additive five-point scale (relevance, \
+substantial coverage, a useful answer to the basic question, a clear, direct and \
+well-organised answer, and an expert, precise answer without surplus content) and to \
+explain its grading. Decide which judgment applies the scale more accurately and \
+explains its grading more faithfully to the answer. Ignore the order in which they \
+are shown and their length.
 
 <question>{prompt}</question>
 <answer>{response}</answer>
 <judgment_a>{first}</judgment_a>
 <judgment_b>{second}</judgment_b>
 
-Explain your comparison in at most 80 words, then end with a line of the form "Winner: A", "Winner: B" or "Winner: tie".
+Explain your comparison in at most 80 words, then end with a line of the form \
+"Winner: A", "Winner: B" or "Winner: tie".
 """
 META_JUDGE_PLACEHOLDERS = ("prompt", "response", "first", "second")
 
