@@ -4,7 +4,7 @@ import pytest
 
 from selfreward import layout, phases
 from selfreward import metajudging as M
-from selfreward.judging import parse_winner, render_judge_prompt
+from selfreward.judging import parse_winner, render_judge_prompt, saturation
 from selfreward.storage import Store
 from selfreward.worker import run_phase
 from selfreward.worker.common import PhaseError
@@ -38,7 +38,10 @@ def test_meta_judge_rates_verdicts_and_its_pairs_join_the_dpo_data(tmp_path, tin
             assert resp["tokens"] == generated[rec["promptId"]]["tokens"][j]
     assert sum(judge[f"scoreHist{k}"] for k in range(6)) == sum(len(r["scores"]) for rec in records
                                                                  for r in rec["responses"])
-    assert 0.0 <= judge["topScoreShare"] <= 1.0 and isinstance(judge["judgeSaturated"], bool)
+    scores = [r["score"] for rec in records for r in rec["responses"] if r["score"] is not None]
+    assert judge["topScoreShare"] == pytest.approx(sum(s == 9 for s in scores) / len(scores))  # maxScore 9
+    assert judge["judgeSaturated"] is (saturation(judge, spec.judge.saturation) is not None)
+    assert judge["judgeSaturatedFlag"] == int(judge["judgeSaturated"])
 
     reports = []
     meta = run_phase(spec, "metajudge", 1, progress=reports.append)
