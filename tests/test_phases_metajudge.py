@@ -101,3 +101,50 @@ def test_pairs_refuse_to_run_without_the_meta_judge_output(tmp_path, tiny_model)
     with pytest.raises(PhaseError, match="metaJudge is on but .*candidates.jsonl is missing"):
         run_phase(spec, "pairs", 1)
     assert not Store.for_spec(spec).exists(layout.summary_path(1, "pairs"))
+
+
+def test_a_recreated_meta_judge_resumes_from_its_finished_batches(tmp_path, tiny_model, monkeypatch):
+    from selfreward.worker import metajudge, parts
+
+    spec = make_spec(tmp_path, tiny_model, generation={"shards": 1}, judge={"shards": 1, "samplesPerResponse": 4},
+                     metaJudge={**META, "batchSize": 4})
+    store = Store.for_spec(spec)
+    run_phase(spec, "generate", 1)
+    run_phase(spec, "judge", 1)
+    whole = run_phase(spec, "metajudge", 1)
+    expected = (store.read_jsonl(judgments_path(1)), store.read_jsonl(candidates_path(1)))
+    assert whole["batchesResumed"] == 0 and whole["metaJudgments"] > 8  # several batches of 4
+    for rel in (layout.summary_path(1, "metajudge"), judgments_path(1), candidates_path(1)):
+        store.delete(rel)
+
+    # the pod is killed after its second batch: the parts of batches 0 and 1 are in the store
+    real_write = parts.BatchParts.write
+
+    def killed_after_two(self, batch, *a, **kw):
+        out = real_write(self, batch, *a, **kw)
+        if batch == 1:
+            raise SystemExit("killed")
+        return out
+
+    monkeypatch.setattr(parts.BatchParts, "write", killed_after_two)
+    with pytest.raises(SystemExit):
+        run_phase(spec, "metajudge", 1)
+    monkeypatch.setattr(parts.BatchParts, "write", real_write)
+    assert not store.exists(judgments_path(1))
+    asked = []
+    real_generate = metajudge.make_backend
+
+    def counting(*a, **kw):
+        backend = real_generate(*a, **kw)
+        inner = backend.generate
+        backend.generate = lambda prompts, **k: asked.append(len(prompts)) or inner(prompts, **k)
+        return backend
+
+    monkeypatch.setattr(metajudge, "make_backend", counting)
+    again = run_phase(spec, "metajudge", 1)
+    # the same records as the uninterrupted run (the batches keep their seeds), batches 0
+    # and 1 not asked again, and the parts gone after the commit
+    assert (store.read_jsonl(judgments_path(1)), store.read_jsonl(candidates_path(1))) == expected
+    assert again["batchesResumed"] == 2 and sum(asked) == whole["metaJudgments"] - 8
+    assert again["generatedTokens"] == whole["generatedTokens"]
+    assert store.list(judgments_path(1)[: -len(".jsonl")] + ".parts") == []

@@ -12,6 +12,9 @@ scale) and the best against the worst verdict is a judge-preference candidate
                       winners read from them and the ratings
     candidates.jsonl  the judge-preference pairs before the caps (the pairs phase caps
                       them and adds them to the DPO data)
+
+Finished batches of meta-judgments are kept as part files while the phase runs
+(``worker/parts.py``), so a re-created pod meta-judges only what it had not finished.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from .. import metajudging as M
 from ..backends import derive_seed, make_backend
 from ..judging import parse_winner, render_judge_prompt
 from .common import PhaseContext, log
+from .parts import BatchParts
 
 JUDGMENTS_FILE = "judgments.jsonl"
 CANDIDATES_FILE = "candidates.jsonl"
@@ -49,15 +53,25 @@ def run(ctx: PhaseContext) -> dict:
     texts: dict[tuple[int, int, int], str] = {}
     t0 = time.perf_counter()
     backend_name, generated = mj.backend, 0
-    if asks:
+    batches = [asks[start:start + mj.batchSize] for start in range(0, len(asks), mj.batchSize)]
+    # finished batches survive a killed pod (worker/parts.py), keyed by what they compared
+    keys = [[[items[n]["promptId"], items[n]["responseIndex"], a, c] for n, a, c in batch] for batch in batches]
+    parts = BatchParts(store, judgments_path(t), f"iter-{t}/metajudge")
+    done = parts.load(keys) if batches else {}
+    for b, part in done.items():
+        texts.update(zip(batches[b], part["items"]))
+        generated += part["generatedTokens"]
+    if len(done) < len(batches):
         model_dir = models.policy_model(spec, store, t)
         log(f"iter-{t}/metajudge: {len(items)} responses, {len(asks)} meta-judgments with {model_dir} ({mj.backend})")
         with make_backend(mj.backend, model_dir, spec.model.dtype, mj.batchSize,
                           trust_remote_code=spec.model.trustRemoteCode, vllm_settings=mj.vllm,
                           gpus=spec.resources.for_phase("metajudge").gpus) as backend:
             backend_name = backend.name
-            for b, start in enumerate(range(0, len(asks), mj.batchSize)):
-                batch = asks[start:start + mj.batchSize]
+            for b, batch in enumerate(batches):
+                if b in done:
+                    continue
+                before = backend.generated_tokens
                 prompts = [M.render_meta_prompt(mj.prompt_template, items[n]["prompt"], items[n]["response"],
                                                 stripped[n][a], stripped[n][c]) for n, a, c in batch]
                 groups = backend.generate(prompts, n=1, temperature=mj.temperature, top_p=mj.topP,
@@ -65,8 +79,10 @@ def run(ctx: PhaseContext) -> dict:
                                           seed=derive_seed(spec.seed, t, "metajudge", 0, 1, b))
                 for key, group in zip(batch, groups):
                     texts[key] = group[0].text
+                parts.write(b, keys[b], [texts[key] for key in batch],
+                            generatedTokens=backend.generated_tokens - before)
                 ctx.report(done=len(texts), total=len(asks))
-            generated = backend.generated_tokens
+            generated += backend.generated_tokens
 
     judgments, candidates = [], []
     compared = agreed = unparsed = 0
@@ -94,6 +110,7 @@ def run(ctx: PhaseContext) -> dict:
             candidates.append(pair)
     store.write_jsonl(judgments_path(t), judgments)
     store.write_jsonl(candidates_path(t), candidates)
+    parts.clear()
     classes: dict[str, int] = {}
     for c in candidates:
         classes[str(c["scoreClass"])] = classes.get(str(c["scoreClass"]), 0) + 1
@@ -107,6 +124,7 @@ def run(ctx: PhaseContext) -> dict:
         "candidatePairs": len(candidates),
         "candidateScoreClasses": dict(sorted(classes.items())),
         "generatedTokens": generated,
+        "batchesResumed": len(done),  # batches an earlier attempt had finished
         "generationSeconds": round(seconds, 3),
         "backend": backend_name,
     }
