@@ -24,7 +24,7 @@ FIGURES = {
     "sft": ("steps", "trainLoss", "meanTokenAccuracy", "resumedFromStep"),
     "instruct": ("prompts", "promptsKept"),
     "generate": ("prompts", "responses", "tokensPerSecond", "truncatedResponses", "batchesResumed"),
-    "judge": ("judged", "meanScore", "scoreStd", "parseFailures", "batchesResumed"),
+    "judge": ("judged", "meanScore", "scoreStd", "topScoreShare", "parseFailures", "batchesResumed"),
     "metajudge": ("metaJudgedResponses", "orderAgreement", "candidatePairs"),
     "pairs": ("pairs", "pairsDropped", "meanMargin", "margin", "metaPairs"),
     "train": ("steps", "dpoLoss", "rewardAccuracy", "rewardMargin", "resumedFromStep"),

@@ -9,9 +9,13 @@ raw verdicts (the audit trail) next to the scores read from them::
                                     verdictScores: [score|null per verdict],
                                     failureReasons: [...], truncated: bool, tokens: n}]}
 
-``truncated`` and ``tokens`` (generated tokens, when the generate record counted them)
-are carried over from the generate record (the response stopped at
-``generation.maxNewTokens``); the pairs phase never makes such a response the chosen one.
+``truncated`` (the response stopped at ``generation.maxNewTokens``: the pairs phase never
+makes such a response the chosen one) and ``tokens`` (its generated tokens, the length
+``pairs.lengthControl`` measures) are carried over from the generate record;
+``verdictScores`` holds each verdict's own score (None where it failed), which the
+metajudge phase reads. The phase summary adds ``topScoreShare``, the verdict score
+histogram ``scoreHist0..5`` and the saturation guard's verdict (``judgeSaturated``,
+``saturationMessage``; judge.saturation).
 
 Finished batches of verdicts are kept as part files while the shard runs
 (``worker/parts.py``), so a re-created shard judges only what it had not finished.
