@@ -68,6 +68,7 @@ def run(ctx: PhaseContext) -> dict:
                           trust_remote_code=spec.model.trustRemoteCode, vllm_settings=mj.vllm,
                           gpus=spec.resources.for_phase("metajudge").gpus) as backend:
             backend_name = backend.name
+            t0 = time.perf_counter()  # sampling only; durationSeconds (the dispatcher's) includes loading
             for b, batch in enumerate(batches):
                 if b in done:
                     continue
