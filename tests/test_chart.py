@@ -360,8 +360,10 @@ def exposed_metric_names() -> tuple[set[str], set[str]]:
                      "gpuSeconds": 180.0, "cost": 0.15, "prompts": 8, "responses": 32, "judged": 32, "parseFailures": 1, "pairs": 6,
                      "pairsDropped": 2, "meanScore": 3.1, "scoreStd": 0.8, "margin": 1.5,
                      "dpoLoss": 0.6, "rewardAccuracy": 0.7,
-                     # and every other figure the phase registry declares (sft, eval)
-                     **{f.name: 0.5 for _p, f in phases.figures() if f.kind is float}}]})
+                     # and every other figure the phase registry declares (sft, metajudge, eval)
+                     **{f.name: 0.5 if f.kind is float else 1 for _p, f in phases.figures()
+                        if f.name not in ("prompts", "responses", "judged", "parseFailures", "pairs",
+                                          "pairsDropped")}}]})
     m.job_created("ml", "run-a", "judge")
     m.job_failed("ml", "run-a", "judge")
     m.job_retried("ml", "run-a", "judge")

@@ -558,6 +558,14 @@ INVALID = [
     ("vllm generation without GPUs", "generation.backend", "vllm", {"cel", "parse_spec"}),
     ("zero GPU-hour budget", "budget.maxGpuHours", 0, {"schema", "parse_spec"}),
     ("negative price per GPU-hour", "budget.pricePerGpuHour", -0.5, {"schema", "parse_spec"}),
+    ("vllm meta-judge without GPUs", "metaJudge", {"backend": "vllm"}, {"cel", "parse_spec"}),
+    ("meta-judge template without {second}", "metaJudge.template", "{prompt} {response} {first}", {"cel", "parse_spec"}),
+    ("meta-judge share of all the data", "metaJudge.maxShare", 1.0, {"schema", "parse_spec"}),
+    ("a rho per iteration, one short", "pairs.lengthControl", [0.1, 0.2], {"cel", "parse_spec"}),
+    ("a rho per iteration, one too many", "pairs.lengthControl", [0.1, 0.2, 0.3, 0.4], {"cel", "parse_spec"}),
+    # a number or a list has no structural type: the spec model types and bounds it
+    ("rho above 1", "pairs.lengthControl", 1.5, {"parse_spec"}),
+    ("rho not a number", "pairs.lengthControl", "0.2", {"parse_spec"}),
     ("template with another placeholder", "judge.template", "{prompt} {response} {rubric}", {"parse_spec"}),
     ("score pattern without a group", "judge.scorePattern", r"Score: \d+", {"parse_spec"}),
     ("score pattern not a regex", "judge.scorePattern", "Score: ([0-9]", {"parse_spec"}),
@@ -584,6 +592,19 @@ def _layers(schema: dict, obj: dict, old: Optional[dict] = None) -> set[str]:
 def test_invalid_manifest_is_refused(schema, case, field, value, layers):
     assert _layers(schema, _minimal()) == set()
     assert _layers(schema, _set(_minimal(), field, value)) == layers
+
+
+def test_length_control_as_a_number_or_one_per_iteration(schema):
+    for value in (0.3, 0, [0.0, 0.2, 1.0]):  # iterations defaults to 3
+        obj = _set(_minimal(), "pairs.lengthControl", value)
+        stored, errors, msgs = admit(schema, obj)
+        assert (errors, msgs) == ([], []) and stored["spec"]["pairs"]["lengthControl"] == value
+        assert spec_from_document(stored)[0].pairs.lengthControl == value
+    stored, _, _ = admit(schema, _minimal())
+    assert stored["spec"]["pairs"]["lengthControl"] == 0.0  # the default, written by the server too
+    _, _, msgs = admit(schema, _set(_minimal(iterations=2), "pairs.lengthControl", [0.1, 0.2, 0.3]))
+    assert msgs == ["pairs.lengthControl: a list needs one rho per iteration (spec.iterations values), "
+                    "or give one number for all"]
 
 
 def test_cel_messages_name_the_problem(schema):

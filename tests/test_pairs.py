@@ -41,8 +41,9 @@ def test_summary_figures():
     pairs, s = build_pairs(records, min_margin=0.5)
     assert [p["promptId"] for p in pairs] == ["a", "b"]
     assert s == {"prompts": 5, "pairs": 2, "pairsDropped": 3, "droppedTies": 1, "droppedTooFewScored": 1,
-                 "droppedMargin": 1, "droppedTruncated": 0, "droppedIdentical": 0, "meanMargin": 2.5,
-                 "chosenMeanScore": 4.0, "rejectedMeanScore": 1.5}
+                 "droppedMargin": 1, "droppedTruncated": 0, "droppedIdentical": 0, "droppedInverted": 0,
+                 "meanMargin": 2.5, "chosenMeanScore": 4.0, "rejectedMeanScore": 1.5, "responsePairs": 2,
+                 "lengthControl": 0.0, "chosenMeanLength": 4.0, "rejectedMeanLength": 4.0}
     none, s0 = build_pairs([rec("c", 3.0, 3.0)])
     assert none == [] and s0["pairs"] == 0 and s0["meanMargin"] is None and s0["chosenMeanScore"] is None
 

@@ -23,7 +23,7 @@ EVAL = {"judgeSet": {"uri": "/j.jsonl"}, "shards": 4}
 
 
 def test_the_registry_is_the_one_list_of_phases():
-    assert PHASES == phases.NAMES == ("sft", "instruct", "generate", "judge", "pairs", "train", "eval")
+    assert PHASES == phases.NAMES == ("sft", "instruct", "generate", "judge", "metajudge", "pairs", "train", "eval")
     assert [p.order for p in phases.REGISTRY] == list(range(len(phases.REGISTRY)))
     assert SHARDED == ("generate", "judge", "eval")
     for p in phases.REGISTRY:
@@ -121,3 +121,21 @@ def test_spec_eval_refuses_what_cannot_work():
     for ev, where in cases:
         with pytest.raises(SpecError, match=where.replace(".", r"\.")):
             spec(eval=ev)
+
+
+def test_the_meta_judge_sits_between_judge_and_pairs_with_its_own_resources():
+    from selfreward import jobs as J
+
+    s = spec(metaJudge={"backend": "vllm"}, resources={"metajudge": {"gpus": 2, "memory": "40Gi"}})
+    keys = [st.key for st in layout.steps(s)]
+    assert keys[:5] == ["iter-1/generate", "iter-1/judge", "iter-1/metajudge", "iter-1/pairs", "iter-1/train"]
+    meta = next(st for st in layout.steps(s) if st.phase == "metajudge")
+    assert not meta.sharded and meta.shards == 1 and phases.get("metajudge").model == "policy"
+    job = J.build_job({"name": "demo", "namespace": "ml", "uid": "u", "generation": 1}, s, meta, 1)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert job["metadata"]["name"] == "demo-i1-metajudge"
+    assert container["resources"]["limits"] == {"memory": "40Gi", "nvidia.com/gpu": "2"}
+    assert container["command"][:5] == ["selfreward", "worker", "metajudge", "--iteration", "1"]
+    # off (absent, or enabled false): the plan of a run without it
+    assert [st.key for st in layout.steps(spec(metaJudge={"enabled": False}))] == [st.key for st in layout.steps(spec())]
+    assert _progress(s, _pos(1, "metajudge")) == "0/2"

@@ -510,6 +510,14 @@ CEL_VIOLATIONS = {
     "resources.default.gpus to 1 or more":
         _set(_set(_set(_minimal(), "judge.backend", "vllm"), "resources", {"judge": {"gpus": 1}}),
              "eval", {"judgeSet": {"uri": "s3://runs/labelled.jsonl"}}),
+    "metaJudge.backend vllm needs a GPU: set resources.metajudge.gpus or resources.default.gpus to 1 or more":
+        _set(_set(_minimal(), "metaJudge", {"backend": "vllm"}), "resources", {"judge": {"gpus": 1}}),
+    **{f"metaJudge.template must contain the placeholder {{{name}}}":
+       _set(_minimal(), "metaJudge.template", " ".join(f"{{{n}}}" for n in ("prompt", "response", "first", "second")
+                                                       if n != name))
+       for name in ("prompt", "response", "first", "second")},
+    "pairs.lengthControl: a list needs one rho per iteration (spec.iterations values), or give one number for all":
+        _set(_minimal(iterations=2), "pairs.lengthControl", [0.0, 0.1, 0.2]),
     "judge.minScore must be below judge.maxScore": _set(_minimal(), "judge", {"minScore": 5, "maxScore": 1}),
     "judge.template must contain the placeholder {prompt}": _set(_minimal(), "judge.template", "{response}"),
     "judge.template must contain the placeholder {response}": _set(_minimal(), "judge.template", "{prompt}"),

@@ -27,7 +27,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema, NoDefault
 
-from .spec import PHASES, TRAINING_PHASES, RunSpec
+from .spec import META_JUDGE_PLACEHOLDERS, PHASES, TRAINING_PHASES, RunSpec
 from .status import HISTORY_LIMIT, RunStatus
 
 GROUP = "selfreward.dev"
@@ -85,6 +85,16 @@ def _convert(node: dict, defs: dict, where: str, *, with_defaults: bool = True) 
         options = node.get("anyOf") or node.get("oneOf")
         real = [o for o in options if o.get("type") != "null"]
         has_null = len(real) < len(options)
+        if _scalar_or_list(real, defs):
+            # "a number, or a list of them" (pairs.lengthControl) has no structural form: the
+            # value is kept as written, typed and bounded by the spec model at load, its
+            # cross-field rule a CEL twin (VALIDATIONS)
+            out = {"x-kubernetes-preserve-unknown-fields": True}
+            if "description" in node:
+                out["description"] = node["description"]
+            if with_defaults and node.get("default") is not None:
+                out["default"] = copy.deepcopy(node["default"])
+            return out
         if len(real) != 1:
             raise SchemaError(f"{where}: a union of {len(real)} types has no structural form")
         outer = {k: v for k, v in node.items() if k not in ("anyOf", "oneOf")}
@@ -137,6 +147,17 @@ def _convert(node: dict, defs: dict, where: str, *, with_defaults: bool = True) 
     if with_defaults and "default" in node and node["default"] is not None:
         out["default"] = copy.deepcopy(node["default"])
     return out
+
+
+def _scalar_or_list(options: list[dict], defs: dict) -> bool:
+    """A union of one scalar type and an array of that same type."""
+    if len(options) != 2:
+        return False
+    a, b = (_resolve(o, defs) for o in options)
+    if a.get("type") == "array":
+        a, b = b, a
+    return (b.get("type") == "array" and a.get("type") in ("number", "integer", "string")
+            and _resolve(b.get("items", {}), defs).get("type") == a.get("type"))
 
 
 def _at(schema: dict, path: tuple[str, ...]) -> dict:
@@ -211,7 +232,15 @@ _ONE_NODE = [{"rule": "!has(self.nodes) || self.nodes <= 1",
 # Rules per schema node, as paths of property names from the CRD's version schema root.
 VALIDATIONS: dict[tuple[str, ...], list[dict]] = {
     ("spec",): [_gpus_rule("generation", "generate"), _gpus_rule("judge", "judge"), _EVAL_GPUS_RULE,
-                _one_process_rule("train"), _one_process_rule("sft")],
+                _gpus_rule("metaJudge", "metajudge"),
+                _one_process_rule("train"), _one_process_rule("sft"), {
+                    "rule": "!has(self.pairs) || !has(self.pairs.lengthControl) || "
+                            "type(self.pairs.lengthControl) != list || size(self.pairs.lengthControl) == self.iterations",
+                    "message": "pairs.lengthControl: a list needs one rho per iteration (spec.iterations values), "
+                               "or give one number for all",
+                    "fieldPath": ".pairs.lengthControl",
+                    "reason": "FieldValueInvalid",
+                }],
     ("spec", "training"): [{
         "rule": "!has(self.distributed) || self.distributed != 'deepspeed'",
         "message": "training.distributed deepspeed is not supported (DeepSpeed is not in the worker image): use fsdp",
@@ -225,6 +254,10 @@ VALIDATIONS: dict[tuple[str, ...], list[dict]] = {
     ("spec", "judge", "template"): [
         {"rule": "self.contains('{prompt}')", "message": "judge.template must contain the placeholder {prompt}"},
         {"rule": "self.contains('{response}')", "message": "judge.template must contain the placeholder {response}"},
+    ],
+    ("spec", "metaJudge", "template"): [
+        {"rule": f"self.contains('{{{name}}}')", "message": f"metaJudge.template must contain the placeholder {{{name}}}"}
+        for name in META_JUDGE_PLACEHOLDERS
     ],
     ("spec", "prompts", "selfInstruct"): [{
         "rule": "!has(self.minChars) || !has(self.maxChars) || self.minChars <= self.maxChars",

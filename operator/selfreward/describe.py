@@ -24,8 +24,9 @@ FIGURES = {
     "sft": ("steps", "trainLoss", "meanTokenAccuracy", "resumedFromStep"),
     "instruct": ("prompts", "promptsKept"),
     "generate": ("prompts", "responses", "tokensPerSecond", "truncatedResponses", "batchesResumed"),
-    "judge": ("judged", "meanScore", "scoreStd", "parseFailures", "batchesResumed"),
-    "pairs": ("pairs", "pairsDropped", "meanMargin", "margin"),
+    "judge": ("judged", "meanScore", "scoreStd", "topScoreShare", "parseFailures", "batchesResumed"),
+    "metajudge": ("metaJudgedResponses", "orderAgreement", "candidatePairs"),
+    "pairs": ("pairs", "pairsDropped", "meanMargin", "margin", "metaPairs"),
     "train": ("steps", "dpoLoss", "rewardAccuracy", "rewardMargin", "resumedFromStep"),
     "eval": ("verifierScore", "judgePairwiseAccuracy", "winRateVsPrevious", "winRateVsBaseline"),
 }

@@ -217,7 +217,7 @@ def score_histogram(scores: Iterable[float]) -> dict:
 # --- the gate ---------------------------------------------------------------------------
 
 def gate_decision(metric: str, higher_is_better: bool, gate: Optional[dict], previous: list[dict],
-                  current: dict) -> dict:
+                  current: dict, judge_saturated: bool = False) -> dict:
     """The gate fields of an eval summary.
 
     ``previous``: the eval summaries of the earlier iterations (0 first), each with
@@ -232,6 +232,10 @@ def gate_decision(metric: str, higher_is_better: bool, gate: Optional[dict], pre
     minChange, or when this model has no value. On failure: warn goes on, rollback makes
     the best model the next iteration's start (at most maxRollbacks times; a further
     failure acts as stop), stop ends the run with the best model.
+
+    ``judge_saturated``: the iteration's judge phase crossed judge.saturation. With
+    gate.onJudgeSaturated set, that fails the gate too, with that action (gateReason
+    judgeSaturated); a failure on the metric keeps the gate's own action.
     """
     sign = 1.0 if higher_is_better else -1.0
 
@@ -255,10 +259,15 @@ def gate_decision(metric: str, higher_is_better: bool, gate: Optional[dict], pre
         change = sign * (value - val(best))
         passed = gate is None or change >= float(gate.get("minChange", 0.0))
     out["gateChange"] = change
-    out["gatePassed"] = passed
     action = "none"
     if not passed and gate is not None:
         action = gate.get("action", "warn")
+        out["gateReason"] = "metric"
+    elif judge_saturated and gate is not None and gate.get("onJudgeSaturated"):
+        passed, action = False, gate["onJudgeSaturated"]
+        out["gateReason"] = "judgeSaturated"
+    out["gatePassed"] = passed
+    if not passed and gate is not None:
         if action == "rollback" and rollbacks >= int(gate.get("maxRollbacks", 1)):
             action = "stop"
     out["gateAction"] = action
@@ -271,7 +280,9 @@ def gate_decision(metric: str, higher_is_better: bool, gate: Optional[dict], pre
     })
     if action == "rollback":
         out["rollbacks"] = rollbacks + 1
-        out["nextPolicy"] = new_best.get("checkpoint", "")
+        # a saturated judge taught this model: start again from the best model before it
+        back = best if out.get("gateReason") == "judgeSaturated" and best is not None else new_best
+        out["nextPolicy"] = back.get("checkpoint", "")
     else:
         out["nextPolicy"] = current.get("checkpoint", "")
     return out

@@ -229,11 +229,11 @@ def _storage_env(spec: RunSpec) -> list[dict]:
 PVC_MOUNT_ROOT = "/mnt/selfreward/pvc"  # models.pvc_path reads pvc://claim/path at ROOT/claim/path
 MODEL_CACHE_MOUNT = "/cache/selfreward"
 # Copies of the model (of model.sizeGiB each) a phase's scratch holds, without and with a
-# shared model cache (fetched models then live in the cache): generate and judge fetch
+# shared model cache (fetched models then live in the cache): generate, judge and metajudge fetch
 # M_t (instruct: M_t or its own writer model); sft and train fetch M_t and, with
 # training.reference: base, the base model, and save M_{t+1}. docs/storage.md has the table.
-SCRATCH_MODEL_COPIES = {"generate": (1, 0), "judge": (1, 0), "instruct": (1, 0), "sft": (2, 1), "train": (3, 1),
-                        "pairs": (0, 0)}
+SCRATCH_MODEL_COPIES = {"generate": (1, 0), "judge": (1, 0), "metajudge": (1, 0), "instruct": (1, 0), "sft": (2, 1),
+                        "train": (3, 1), "pairs": (0, 0)}
 SCRATCH_HEADROOM_GIB = 10  # hub and compile caches, logs, a save's temporary files
 
 

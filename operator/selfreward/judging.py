@@ -26,7 +26,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-from .spec import JudgeSpec, compile_score_pattern
+from .spec import JudgeSpec, SaturationSpec, compile_score_pattern, compile_winner_pattern
 from .template import render_template
 
 # Why a verdict gave no score (counted in the judge summary).
@@ -161,6 +161,7 @@ def judge_response(text: str, verdicts: list[str], judge: JudgeSpec) -> dict:
     return {
         "text": text,
         "verdicts": list(verdicts),
+        "verdictScores": [p.score for p in parsed],  # one per verdict, None where it failed (the meta-judge's input)
         "scores": scores,
         "score": aggregate(scores, judge.aggregation),
         "parseFailures": sum(not p.ok for p in parsed),
@@ -168,8 +169,9 @@ def judge_response(text: str, verdicts: list[str], judge: JudgeSpec) -> dict:
     }
 
 
-def score_stats(records: Iterable[dict]) -> dict:
-    """Statistics over judged-prompt records ({responses: [judged response...]})."""
+def score_stats(records: Iterable[dict], top: Optional[float] = None) -> dict:
+    """Statistics over judged-prompt records ({responses: [judged response...]});
+    with ``top`` (judge.maxScore) also the share of scored responses at it."""
     verdicts = failures = judged = 0
     reasons = {r: 0 for r in REASONS}
     scores: list[float] = []
@@ -194,6 +196,34 @@ def score_stats(records: Iterable[dict]) -> dict:
         "scoreMin": min(scores) if scores else None,
         "scoreMax": max(scores) if scores else None,
     }
+    if top is not None:
+        out["topScoreShare"] = sum(s >= top for s in scores) / len(scores) if scores else None
     for r, k in reasons.items():
         out["parseFailures" + r[0].upper() + r[1:]] = k
     return out
+
+
+def saturation(stats: dict, guard: SaturationSpec) -> Optional[str]:
+    """Why the judge's scores look saturated (None when they do not): more than
+    guard.maxTopShare of the scored responses at the top score, or a score spread under
+    guard.minStd. ``stats`` is :func:`score_stats`' output with its top share."""
+    why = []
+    top, std = stats.get("topScoreShare"), stats.get("scoreStd")
+    if top is not None and guard.maxTopShare < 1.0 and top > guard.maxTopShare:
+        why.append(f"{top:.0%} of the scored responses got the top score (judge.saturation.maxTopShare "
+                   f"{guard.maxTopShare:g})")
+    if std is not None and stats.get("scoredResponses", 0) >= 2 and std < guard.minStd:
+        why.append(f"the score spread (std {std:.3g}) is under judge.saturation.minStd {guard.minStd:g}")
+    return "; ".join(why) or None
+
+
+def parse_winner(text: str, pattern: str) -> Optional[str]:
+    """"a", "b" or "tie" from a pairwise verdict (the evaluator's, the meta-judge's): the
+    first group of the last match of ``pattern`` (RE2, case-insensitive), or None."""
+    last = None
+    for m in compile_winner_pattern(pattern).finditer(text or ""):
+        last = m
+    if last is None or last.group(1) is None:
+        return None
+    word = last.group(1).strip().lower()
+    return word if word in ("a", "b", "tie") else None

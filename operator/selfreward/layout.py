@@ -13,7 +13,9 @@ Layout under the run's storage root::
     iter-<t>/instruct/prompts.jsonl        self-instructed prompts (optional)
     iter-<t>/generate/shard-00000-of-00002.jsonl  (+ .summary.json per shard)
     iter-<t>/judge/shard-00000-of-00002.jsonl     (+ .summary.json per shard)
-    iter-<t>/pairs/pairs.jsonl
+    iter-<t>/metajudge/judgments.jsonl     spec.metaJudge: every meta-judgment and the verdicts' ratings
+    iter-<t>/metajudge/candidates.jsonl    spec.metaJudge: judge-preference pairs before the caps
+    iter-<t>/pairs/pairs.jsonl             response pairs, then the capped judge-preference pairs
     iter-<t>/train/checkpoint/...          M_{t+1}: safetensors + MANIFEST.json
     iter-<t>/train/adapter/...             training.mode lora: the PEFT adapter (before merging)
     iter-<t>/train/resume/checkpoint-<n>/  while training: the newest intermediate checkpoint

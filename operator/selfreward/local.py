@@ -71,6 +71,9 @@ MUTABLE_FIELDS = (
     "judge.batchSize",
     "generation.vllm",
     "judge.vllm",
+    "metaJudge.backend",
+    "metaJudge.batchSize",
+    "metaJudge.vllm",
     "training.distributed",
     "training.fsdp",
     "storage.endpoint",
@@ -593,6 +596,11 @@ class Runner:
                     return self.store.url(best) if best else self.spec.model.uri
         return self.store.url(layout.checkpoint_dir(trained[-1].iteration, trained[-1].phase))
 
+    def _saturation_line(self, step: Step) -> None:
+        s = self.store.read_json(layout.summary_path(step.iteration, step.phase))
+        if s.get("judgeSaturated") is True:
+            self.display.line(f"warning: JudgeSaturated: {s.get('saturationMessage') or step.key}")
+
     def _gate_line(self, step: Step) -> None:
         s = self.store.read_json(layout.summary_path(step.iteration, step.phase))
         if s.get("gatePassed") is False and s.get("gateAction") in ("warn", "rollback"):
@@ -637,6 +645,8 @@ class Runner:
                     raise RunError(f"{step.key}: every worker succeeded but "
                                    f"{store.url(layout.summary_path(step.iteration, step.phase))} was not written")
             done.append(step)
+            if step.phase == "judge":
+                self._saturation_line(step)
             if step.phase == "eval":
                 self._gate_line(step)
             stopped = gate_stop(store, step)

@@ -29,7 +29,7 @@ selfreward_reconcile_errors_total                  counter      -
 =================================================  ===========  ==========================
 
 ``selfreward_run_phase`` is a state set: one series per worker phase of the registry
-(sft, instruct, generate, judge, pairs, train, eval), 1 for the phase now running and 0 for the others, all 0
+(sft, instruct, generate, judge, metajudge, pairs, train, eval), 1 for the phase now running and 0 for the others, all 0
 when no phase runs. ``selfreward_iteration_*`` hold the figures of the last *completed*
 iteration (the last ``status.history`` record with an ``endTime``) and
 ``selfreward_iteration_number`` says which iteration that is; a figure the record lacks

@@ -50,6 +50,7 @@ from .storage import storage_root_problem
 from .status import HISTORY_LIMIT, IterationRecord, RunStatus
 
 FINALIZER = "selfreward.dev/artifacts"
+JUDGE_SATURATED = "JudgeSaturated"  # the condition type and the Event reason
 
 
 # --- actions ----------------------------------------------------------------------
@@ -274,7 +275,8 @@ def _gate(p: "_Pass", spec: RunSpec, key: str, summary: Optional[dict]) -> bool:
     change = _num(summary.get("gateChange"))
     shown = "no value" if value is None else f"{value:.4g}" + (f" ({change:+.4g})" if change is not None else "")
     best_value = _num(summary.get("bestValue"))
-    text = (f"{key}: gate failed: {metric} {shown}, best so far {summary.get('bestModel', '?')}"
+    why = "the judge is saturated (eval.gate.onJudgeSaturated); " if summary.get("gateReason") == "judgeSaturated" else ""
+    text = (f"{key}: gate failed: {why}{metric} {shown}, best so far {summary.get('bestModel', '?')}"
             + (f" at {best_value:.4g}" if best_value is not None else ""))
     if action == "warn":
         p.event("Warning", "GateFailed", text[:1000])
@@ -284,6 +286,24 @@ def _gate(p: "_Pass", spec: RunSpec, key: str, summary: Optional[dict]) -> bool:
         return False
     p.event("Normal", "EarlyStopped", f"{text}; the run stops with the best model"[:1000])
     return True
+
+
+def _judge_saturation(p: "_Pass", key: str, summary: Optional[dict]) -> None:
+    """A judge step whose summary says its scores are saturated (judge.saturation): a
+    JudgeSaturated Warning Event and the JudgeSaturated condition with the figures; the
+    condition turns False at the next judge step that is not saturated."""
+    if not summary or not isinstance(summary.get("judgeSaturated"), bool):
+        return
+    st = p.st
+    if summary["judgeSaturated"]:
+        text = summary.get("saturationMessage")
+        message = (text if isinstance(text, str) and text else f"{key}: the judge looks saturated")[:1000]
+        p.event("Warning", JUDGE_SATURATED, message)
+        st.conditions = cond.set_condition(st.conditions, JUDGE_SATURATED, "True", JUDGE_SATURATED, message,
+                                           p.now, p.gen)
+    elif cond.get(st.conditions, JUDGE_SATURATED) is not None:
+        st.conditions = cond.set_condition(st.conditions, JUDGE_SATURATED, "False", "NotSaturated",
+                                           f"{key}: the judge's scores are not saturated", p.now, p.gen)
 
 
 def _figures(summary: Optional[dict], use: Optional[B.Usage] = None) -> str:
@@ -611,6 +631,8 @@ def _reconcile(run: dict, status: Any, jobs: list[dict], now: datetime, settings
             st.activeJob = None
             attempts[key] = attempt
             p.event("Normal", "StepCompleted", f"{key} completed{_figures(summary, use)}")
+            if step.phase == "judge":
+                _judge_saturation(p, key, summary)
             if step.phase == "eval" and _gate(p, it_spec, key, summary):
                 st.earlyStopped = key
             continue

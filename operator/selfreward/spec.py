@@ -15,7 +15,7 @@ import re
 import unicodedata
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import re2
 import yaml
@@ -430,6 +430,21 @@ def compile_winner_pattern(pattern: str):
     return re2.compile(pattern, _RE2_NOCASE)
 
 
+# The evaluator's and the meta-judge's default: the last "Winner: A|B|tie".
+DEFAULT_WINNER_PATTERN = r"Winner:\s*(A|B|tie)\b"
+
+
+def _winner_pattern(v: str) -> str:
+    """A winner pattern RE2 compiles, with a group around A, B or tie."""
+    try:
+        compiled = compile_winner_pattern(v)
+    except re2.error as e:
+        raise ValueError(f"not a regular expression RE2 accepts: {e}") from e
+    if compiled.groups < 1:
+        raise ValueError("needs one capturing group around A, B or tie")
+    return v
+
+
 @lru_cache(maxsize=64)
 def compile_score_pattern(pattern: str):
     """The pattern compiled by RE2: matching time is linear in the verdict's length
@@ -671,9 +686,35 @@ class GenerationSpec(_SamplingPhase):
     shards: int = Field(1, ge=1, le=SHARDS_MAX, description="Indexed Job completions (pods) for generation.")
 
 
-class JudgeSpec(_SamplingPhase):
+class _Sampler(_SamplingPhase):
+    """How a phase that samples verdicts from M_t (judge, metaJudge) runs its model."""
+
+    temperature: float = Field(0.7, ge=0.0, le=5.0, description="Sampling temperature; 0 = greedy.")
+    topP: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling: the smallest token set of this mass.")
+    maxNewTokens: int = Field(256, ge=1, le=131072, description="Longest verdict in tokens.")
+    backend: Literal["transformers", "vllm"] = Field("transformers", description="vllm needs a GPU image.")
+    batchSize: int = Field(16, ge=1, le=4096, description="Prompts per generate() call.")
+
+
+class SaturationSpec(_Model):
+    """When the judge's scores have compressed toward the top ("always a 5"): the run
+    records a JudgeSaturated Warning and condition, and eval.gate.onJudgeSaturated may act."""
+
+    maxTopShare: float = Field(
+        0.9, ge=0.0, le=1.0,
+        description="Saturated when more than this share (0-1) of the scored responses got judge.maxScore; "
+        "1 turns this test off.",
+    )
+    minStd: float = Field(
+        0.25, ge=0.0, le=1e9,
+        description="Saturated when the standard deviation of the response scores is below this; 0 turns this "
+        "test off.",
+    )
+
+
+class JudgeSpec(_Sampler):
     samplesPerResponse: int = Field(3, ge=1, le=64, description="Judge verdicts per response, aggregated (paper: 3).")
-    aggregation: Literal["mean", "median"] = Field("mean")
+    aggregation: Literal["mean", "median"] = Field("mean", description="How a response's verdict scores combine.")
     template: Optional[Annotated[str, _template_validator(JUDGE_PLACEHOLDERS)]] = Field(
         None, max_length=65536,
         description="Judge prompt with {prompt} and {response} placeholders; default: the additive 0-5 rubric.",
@@ -688,12 +729,10 @@ class JudgeSpec(_SamplingPhase):
     )
     minScore: float = Field(0.0, ge=-1e9, le=1e9, description="Lowest valid score; a verdict below it is a parse failure.")
     maxScore: float = Field(5.0, ge=-1e9, le=1e9, description="Highest valid score; a verdict above it is a parse failure.")
-    temperature: float = Field(0.7, ge=0.0, le=5.0)
-    topP: float = Field(0.9, gt=0.0, le=1.0)
-    maxNewTokens: int = Field(256, ge=1, le=131072)
-    backend: Literal["transformers", "vllm"] = Field("transformers")
-    batchSize: int = Field(16, ge=1, le=4096)
-    shards: int = Field(1, ge=1, le=SHARDS_MAX)
+    shards: int = Field(1, ge=1, le=SHARDS_MAX, description="Indexed Job completions (pods) for judging.")
+    saturation: SaturationSpec = Field(
+        default_factory=SaturationSpec, description="The saturation guard's thresholds (docs/judging.md)."
+    )
 
     @field_validator("scorePattern")
     @classmethod
@@ -714,10 +753,100 @@ class JudgeSpec(_SamplingPhase):
         return self.template or DEFAULT_JUDGE_TEMPLATE
 
 
+# Our own meta-judge prompt (after the idea of Wu et al. 2024): the model compares two of
+# its own judgments of one answer. The judgments reach it with their "Score:" lines
+# removed (selfreward.metajudging.strip_score_lines), so it weighs the reasoning, not
+# which number is higher.
+DEFAULT_META_JUDGE_TEMPLATE = """\
+Below are a user's question, an assistant's answer, and two judgments of that answer. \
+Each judgment was asked to grade the answer on an additive five-point scale (relevance, \
+substantial coverage, a useful answer to the basic question, a clear, direct and \
+well-organised answer, and an expert, precise answer without surplus content) and to \
+explain its grading. Decide which judgment applies the scale more accurately and \
+explains its grading more faithfully to the answer. Ignore the order in which they \
+are shown and their length.
+
+<question>{prompt}</question>
+<answer>{response}</answer>
+<judgment_a>{first}</judgment_a>
+<judgment_b>{second}</judgment_b>
+
+Explain your comparison in at most 80 words, then end with a line of the form \
+"Winner: A", "Winner: B" or "Winner: tie".
+"""
+META_JUDGE_PLACEHOLDERS = ("prompt", "response", "first", "second")
+
+
+class MetaJudgeSpec(_Sampler):
+    """The meta-judge (Meta-Rewarding, Wu et al. 2024): M_t compares pairs of its own
+    verdicts on the responses its judge samples disagree on most, in both orders; the
+    better and worse verdicts become judge-preference pairs that join the DPO data."""
+
+    enabled: bool = Field(True, description="false keeps the settings but skips the phase.")
+    responses: int = Field(
+        64, ge=1, le=1_000_000,
+        description="Meta-judge at most this many responses per iteration: those whose verdict scores have the "
+        "highest variance.",
+    )
+    minVariance: float = Field(
+        0.0, ge=0.0, le=1e18,
+        description="Only responses whose verdict-score variance is above this (0: any disagreement).",
+    )
+    maxVerdicts: int = Field(
+        4, ge=2, le=16,
+        description="Verdicts of one response compared with each other (every pair, in both orders: "
+        "maxVerdicts x (maxVerdicts - 1) meta-judge prompts per response).",
+    )
+    template: Optional[Annotated[str, _template_validator(META_JUDGE_PLACEHOLDERS)]] = Field(
+        None, max_length=65536,
+        description="Meta-judge prompt with {prompt}, {response}, {first} and {second}; default: a built-in "
+        "comparison of two judgments.",
+    )
+    winnerPattern: str = Field(
+        DEFAULT_WINNER_PATTERN, min_length=1, max_length=1000,
+        description="RE2 regular expression (case-insensitive) whose first group captures A, B or tie; the last "
+        "match counts.",
+    )
+    maxShare: float = Field(
+        0.15, ge=0.0, lt=1.0,
+        description="Judge-preference pairs are at most this share (0-1) of the iteration's DPO pairs.",
+    )
+    maxClassShare: float = Field(
+        0.4, gt=0.0, le=1.0,
+        description="No score class (the chosen verdict's score, rounded) is more than this share of the "
+        "judge-preference pairs, so the judge is not taught to give every response one score.",
+    )
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="Sampling temperature; 0 = greedy.")
+    maxNewTokens: int = Field(192, ge=1, le=131072, description="Longest meta-judgment in tokens.")
+
+    @field_validator("winnerPattern")
+    @classmethod
+    def _winner(cls, v: str) -> str:
+        return _winner_pattern(v)
+
+    @property
+    def prompt_template(self) -> str:
+        return self.template or DEFAULT_META_JUDGE_TEMPLATE
+
+
+_Rho = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
 class PairsSpec(_Model):
     minMargin: float = Field(
         0.0, ge=0.0, description="Keep a pair only if chosen - rejected mean score is above this (ties always dropped)."
     )
+    lengthControl: Union[_Rho, list[_Rho]] = Field(
+        0.0,
+        description="Length-controlled pair selection (Wu et al. 2024), rho in [0, 1], or a list of one rho per "
+        "iteration: chosen = the shortest finished response scored within rho of the top, rejected = the longest "
+        "scored within rho of the bottom. 0 is the highest- against lowest-scored rule (docs/judging.md).",
+    )
+
+    def rho(self, iteration: int) -> float:
+        """rho of iteration ``iteration`` (1..N)."""
+        v = self.lengthControl
+        return float(v[iteration - 1]) if isinstance(v, list) else float(v)
 
 
 class FSDPSpec(_Model):
@@ -968,6 +1097,7 @@ class ResourcesSpec(_Model):
     instruct: Optional[PhaseResources] = None
     generate: Optional[PhaseResources] = None
     judge: Optional[PhaseResources] = None
+    metajudge: Optional[PhaseResources] = None
     pairs: Optional[PhaseResources] = None
     train: Optional[PhaseResources] = None
     eval: Optional[PhaseResources] = None
@@ -1007,7 +1137,6 @@ Explain your decision in at most 60 words, then end with a line of the form \
 "Winner: A", "Winner: B" or "Winner: tie".
 """
 
-DEFAULT_WINNER_PATTERN = r"Winner:\s*(A|B|tie)\b"
 
 
 def _check_verifier(v: Optional[str]) -> Optional[str]:
@@ -1045,13 +1174,7 @@ class EvaluatorSpec(_Model):
     @field_validator("pattern")
     @classmethod
     def _pattern(cls, v: str) -> str:
-        try:
-            compiled = compile_winner_pattern(v)
-        except re2.error as e:
-            raise ValueError(f"not a regular expression RE2 accepts: {e}") from e
-        if compiled.groups < 1:
-            raise ValueError("needs one capturing group around A, B or tie")
-        return v
+        return _winner_pattern(v)
 
     @property
     def prompt_template(self) -> str:
@@ -1091,6 +1214,11 @@ class GateSpec(_Model):
         "rollback: the next iteration starts again from the best model.",
     )
     maxRollbacks: int = Field(1, ge=0, le=100, description="Rollbacks allowed; a later failure acts as stop.")
+    onJudgeSaturated: Optional[Literal["warn", "stop", "rollback"]] = Field(
+        None,
+        description="Also fail the gate, with this action, when the iteration's judge phase was saturated "
+        "(judge.saturation); default: a saturated judge only records its JudgeSaturated Warning.",
+    )
 
 
 class EvalSpec(_Model):
@@ -1159,6 +1287,9 @@ class RunSpec(_Model):
     sft: Optional[SFTSpec] = Field(None, description="Optional iteration 0 (SFT on IFT + EFT data) that makes M_1.")
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     judge: JudgeSpec = Field(default_factory=JudgeSpec)
+    metaJudge: Optional[MetaJudgeSpec] = Field(
+        None, description="Optional meta-judge after the judge (Meta-Rewarding): judge-preference pairs join DPO."
+    )
     pairs: PairsSpec = Field(default_factory=PairsSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     eval: Optional[EvalSpec] = Field(None, description="Optional evaluation after each iteration (and of M_1).")
@@ -1220,8 +1351,9 @@ class RunSpec(_Model):
     @model_validator(mode="after")
     def _vllm_needs_a_gpu(self) -> "RunSpec":
         # the twin of the CRD's CEL rule (crd._gpus_rule): vLLM runs on CUDA only
-        for section, phase in (("generation", "generate"), ("judge", "judge")):
-            if getattr(self, section).backend == "vllm" and not self.resources.for_phase(phase).gpus:
+        for section, phase in (("generation", "generate"), ("judge", "judge"), ("metaJudge", "metajudge")):
+            sampler = getattr(self, section)
+            if sampler is not None and sampler.backend == "vllm" and not self.resources.for_phase(phase).gpus:
                 raise FieldError(f"{section}.backend", f"vllm needs a GPU: set resources.{phase}.gpus or "
                                  "resources.default.gpus to 1 or more")
         # the eval phase answers with generation.backend and judges with judge.backend
@@ -1246,6 +1378,15 @@ class RunSpec(_Model):
                                  "have nothing to do")
         return self
 
+    @model_validator(mode="after")
+    def _length_control_per_iteration(self) -> "RunSpec":
+        # the twin of the CRD's CEL rule on spec (crd.VALIDATIONS)
+        rho = self.pairs.lengthControl
+        if isinstance(rho, list) and len(rho) != self.iterations:
+            raise FieldError("pairs.lengthControl", f"a list of {len(rho)} values for {self.iterations} iterations: "
+                             "give one rho per iteration, or one number for all")
+        return self
+
     def training_world(self, phase: str) -> tuple[int, int]:
         """(nodes, processes per node) of a training phase: one process per GPU of a pod
         (one on CPU) with training.distributed fsdp, else one process."""
@@ -1263,6 +1404,10 @@ class RunSpec(_Model):
     def instruct_enabled(self) -> bool:
         si = self.prompts.selfInstruct
         return si is not None and si.enabled
+
+    @property
+    def meta_judge_enabled(self) -> bool:
+        return self.metaJudge is not None and self.metaJudge.enabled
 
     @property
     def eval_enabled(self) -> bool:

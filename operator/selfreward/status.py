@@ -15,7 +15,8 @@ from . import phases
 
 HISTORY_LIMIT = 20
 RUN_PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed", "Terminating")
-CONDITION_TYPES = ("Ready", "Reconciling", "Stalled", "Succeeded", "Failed", "Suspended")
+CONDITION_TYPES = ("Ready", "Reconciling", "Stalled", "Succeeded", "Failed", "Suspended",
+                   "JudgeSaturated")  # the last: set by a saturated judge phase (judge.saturation)
 
 
 class _Model(BaseModel):
@@ -60,7 +61,7 @@ class RunStatus(_Model):
     phase: Optional[Literal["Pending", "Running", "Suspended", "Succeeded", "Failed", "Terminating"]] = Field(
         None, description="Terminating: the run is being deleted (its Jobs stopped, its artifacts being deleted).")
     currentIteration: Optional[int] = Field(None, description="Iteration now running (0 = SFT).")
-    currentPhase: Optional[str] = Field(None, description="Worker phase now running: sft, instruct, generate, judge, pairs, train.")
+    currentPhase: Optional[str] = Field(None, description="Worker phase now running: sft, instruct, generate, judge, metajudge, pairs, train, eval.")
     progress: Optional[str] = Field(None, description="Completed iterations over total, as 2/3.")
     lastPairs: Optional[int] = Field(None, description="Pairs built by the last completed pairs phase.")
     message: Optional[str] = Field(None, description="What a human reads first.")

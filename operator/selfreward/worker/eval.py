@@ -28,8 +28,8 @@ from typing import Any, Callable, Optional
 from .. import evaluation as E
 from .. import layout, models
 from ..backends import derive_seed, make_backend
-from ..judging import judge_response, render_judge_prompt
-from ..spec import GATE_METRICS, RunSpec, compile_winner_pattern
+from ..judging import judge_response, parse_winner, render_judge_prompt
+from ..spec import GATE_METRICS, RunSpec
 from ..template import render_values
 from ..storage import Store, StorageError, read_uri_jsonl
 from .common import PhaseContext, PhaseError, log
@@ -139,16 +139,6 @@ def render_pairwise(template: str, prompt: str, first: str, second: str) -> str:
     """The evaluator template through the one template renderer (only its three
     placeholders; {{ and }} are literal braces; braces in the texts stay)."""
     return render_values(template, {"prompt": prompt, "first": first, "second": second})
-
-
-def parse_winner(text: str, pattern: str) -> Optional[str]:
-    last = None
-    for m in compile_winner_pattern(pattern).finditer(text or ""):
-        last = m
-    if last is None or last.group(1) is None:
-        return None
-    word = last.group(1).strip().lower()
-    return word if word in ("a", "b", "tie") else None
 
 
 # --- the phase --------------------------------------------------------------------------
@@ -343,13 +333,16 @@ def finalize(store: Store, spec: RunSpec, iteration: int, shard_summaries: list[
     previous = [store.read_json(layout.summary_path(k, "eval")) for k in range(t)
                 if store.exists(layout.summary_path(k, "eval"))]
     gate = spec.eval.gate.model_dump() if spec.eval.gate is not None else None
+    judge_rel = layout.summary_path(t, "judge")
+    saturated = t >= 1 and store.exists(judge_rel) and store.read_json(judge_rel).get("judgeSaturated") is True
     summary.update(E.gate_decision(metric, GATE_METRICS.get(metric, True), gate, previous,
-                                   {**summary, "iteration": t}))
+                                   {**summary, "iteration": t}, judge_saturated=saturated))
     for k, v in list(summary.items()):
         if isinstance(v, float):
             summary[k] = round(v, 6)
     summary = {k: v for k, v in summary.items() if v is not None}
     if summary.get("gatePassed") is False:
-        log(f"iter-{t}/eval: gate failed on {metric}: {summary.get('gateValue')} against the best "
+        on = "the saturated judge" if summary.get("gateReason") == "judgeSaturated" else metric
+        log(f"iter-{t}/eval: gate failed on {on}: {metric} {summary.get('gateValue')} against the best "
             f"{summary.get('bestModel')} at {summary.get('bestValue')}; action {summary['gateAction']}")
     return summary

@@ -6,10 +6,16 @@ raw verdicts (the audit trail) next to the scores read from them::
 
     {promptId, prompt, responses: [{text, verdicts: [raw...], scores: [valid...],
                                     score: mean|median|null, parseFailures: k,
-                                    failureReasons: [...], truncated: bool}]}
+                                    verdictScores: [score|null per verdict],
+                                    failureReasons: [...], truncated: bool, tokens: n}]}
 
-``truncated`` is carried over from the generate record (the response stopped at
-``generation.maxNewTokens``); the pairs phase never makes such a response the chosen one.
+``truncated`` (the response stopped at ``generation.maxNewTokens``: the pairs phase never
+makes such a response the chosen one) and ``tokens`` (its generated tokens, the length
+``pairs.lengthControl`` measures) are carried over from the generate record;
+``verdictScores`` holds each verdict's own score (None where it failed), which the
+metajudge phase reads. The phase summary adds ``topScoreShare``, the verdict score
+histogram ``scoreHist0..5`` and the saturation guard's verdict (``judgeSaturated``,
+``saturationMessage``; judge.saturation).
 
 Finished batches of verdicts are kept as part files while the shard runs
 (``worker/parts.py``), so a re-created shard judges only what it had not finished.
@@ -21,7 +27,8 @@ import time
 
 from .. import layout, models
 from ..backends import derive_seed, make_backend
-from ..judging import judge_response, render_judge_prompt, score_stats
+from ..evaluation import score_histogram
+from ..judging import judge_response, render_judge_prompt, saturation, score_stats
 from ..storage import Store
 from .common import PhaseContext, PhaseError, aggregate, log
 from .parts import BatchParts
@@ -66,6 +73,14 @@ def was_truncated(record: dict, j: int) -> bool:
     before the field existed count as not truncated)."""
     flags = record.get("truncated")
     return isinstance(flags, list) and j < len(flags) and flags[j] is True
+
+
+def generated_tokens_of(record: dict, j: int) -> dict:
+    """{"tokens": n} for response j of a generate record that counted its tokens (the
+    pairs phase's length control measures in them), else {}."""
+    tokens = record.get("tokens")
+    n = tokens[j] if isinstance(tokens, list) and j < len(tokens) else None
+    return {"tokens": n} if isinstance(n, int) and not isinstance(n, bool) else {}
 
 
 def run(ctx: PhaseContext) -> dict:
@@ -121,7 +136,8 @@ def run(ctx: PhaseContext) -> dict:
         out.append({
             "promptId": rec["promptId"],
             "prompt": rec["prompt"],
-            "responses": [{**judge_response(text, verdicts[(r, j)], judge), "truncated": was_truncated(rec, j)}
+            "responses": [{**judge_response(text, verdicts[(r, j)], judge), "truncated": was_truncated(rec, j),
+                           **generated_tokens_of(rec, j)}
                           for j, text in enumerate(rec["responses"])],
         })
     ctx.store.write_jsonl(ctx.shard_data, out)
@@ -149,6 +165,13 @@ def finalize(store: Store, spec, iteration: int, shard_summaries: list[dict]) ->
     recomputed over every judged record (a mean of shard means would be wrong)."""
     summary = aggregate(shard_summaries)
     records = read_phase_records(store, iteration, "judge", len(shard_summaries))
-    summary.update(score_stats(records))
+    summary.update(score_stats(records, spec.judge.maxScore))
     summary["prompts"] = len(records)
+    summary.update(score_histogram(s for r in records for resp in r["responses"] for s in resp.get("scores", [])))
+    why = saturation(summary, spec.judge.saturation)
+    summary["judgeSaturated"] = why is not None  # reconcile and the local runner warn (JudgeSaturated)
+    summary["judgeSaturatedFlag"] = int(why is not None)  # the same as a history figure and metric
+    if why is not None:
+        summary["saturationMessage"] = f"iter-{iteration}/judge: the judge looks saturated: {why}"
+        log(summary["saturationMessage"])
     return summary
