@@ -146,14 +146,19 @@ def _at(schema: dict, path: tuple[str, ...]) -> dict:
     return node
 
 
+_COLOCATED = "has(self.judge) && has(self.judge.colocate) && self.judge.colocate"
+
+
 def _gpus_rule(section: str, phase: str) -> dict:
     """vLLM runs on CUDA only: the phase's pods must request a GPU. The phase's own
-    ``resources.<phase>.gpus`` wins over ``resources.default.gpus`` (ResourcesSpec.for_phase)."""
+    ``resources.<phase>.gpus`` wins over ``resources.default.gpus`` (ResourcesSpec.for_phase).
+    A colocated judge runs in the generate pods: generation's rule covers it."""
     own = f"self.resources.{phase}"
     dflt = "self.resources.default"
+    skip = f"({_COLOCATED}) || " if section == "judge" else ""
     return {
         "rule": (
-            f"!has(self.{section}) || !has(self.{section}.backend) || self.{section}.backend != 'vllm' || "
+            f"{skip}!has(self.{section}) || !has(self.{section}.backend) || self.{section}.backend != 'vllm' || "
             f"(has(self.resources) && ((has({own}) && has({own}.gpus)) ? {own}.gpus >= 1 : "
             f"(has({dflt}) && has({dflt}.gpus) && {dflt}.gpus >= 1)))"
         ),
@@ -186,6 +191,30 @@ def _one_process_rule(phase: str) -> dict:
     }
 
 
+def _same_as_generation(field: str, default: str) -> str:
+    """judge.<field> equals generation.<field>, each at its default when unset."""
+    return (f"(has(self.judge.{field}) ? self.judge.{field} : {default}) == "
+            f"((has(self.generation) && has(self.generation.{field})) ? self.generation.{field} : {default})")
+
+
+# judge.colocate: the twins of RunSpec._colocated_judge (one pod, one engine per shard)
+_COLOCATE = [
+    {"rule": f"!({_COLOCATED}) || {_same_as_generation('shards', '1')}",
+     "message": "judge.colocate needs judge.shards equal to generation.shards (each generate pod judges its shard)",
+     "fieldPath": ".judge.shards", "reason": "FieldValueInvalid"},
+    {"rule": f"!({_COLOCATED}) || {_same_as_generation('backend', chr(39) + 'transformers' + chr(39))}",
+     "message": "judge.colocate needs judge.backend equal to generation.backend (one engine)",
+     "fieldPath": ".judge.backend", "reason": "FieldValueInvalid"},
+    {"rule": (f"!({_COLOCATED}) || (has(self.judge.vllm) ? (has(self.generation) && has(self.generation.vllm) && "
+              "self.generation.vllm == self.judge.vllm) : !(has(self.generation) && has(self.generation.vllm)))"),
+     "message": "judge.colocate needs judge.vllm equal to generation.vllm (one engine)",
+     "fieldPath": ".judge.vllm", "reason": "FieldValueInvalid"},
+    {"rule": f"!({_COLOCATED}) || !has(self.resources) || !has(self.resources.judge)",
+     "message": "judge.colocate runs the judge in the generate pods: set resources.generate, not resources.judge",
+     "fieldPath": ".resources.judge", "reason": "FieldValueInvalid"},
+]
+
+
 _ONE_NODE = [{"rule": "!has(self.nodes) || self.nodes <= 1",
               "message": "nodes above 1: only resources.train and resources.sft run across nodes"}]
 
@@ -193,7 +222,7 @@ _ONE_NODE = [{"rule": "!has(self.nodes) || self.nodes <= 1",
 # Rules per schema node, as paths of property names from the CRD's version schema root.
 VALIDATIONS: dict[tuple[str, ...], list[dict]] = {
     ("spec",): [_gpus_rule("generation", "generate"), _gpus_rule("judge", "judge"),
-                _one_process_rule("train"), _one_process_rule("sft")],
+                _one_process_rule("train"), _one_process_rule("sft"), *_COLOCATE],
     ("spec", "training"): [{
         "rule": "!has(self.distributed) || self.distributed != 'deepspeed'",
         "message": "training.distributed deepspeed is not supported (DeepSpeed is not in the worker image): use fsdp",

@@ -70,6 +70,9 @@ class Phase:
     checkpoint: bool = False  # commits a model at iter-<t>/<name>/checkpoint
     figures: tuple[Figure, ...] = ()
     help: str = ""
+    # The earlier phase whose pods (local tasks) also run this one, shard for shard, on
+    # the model they loaded, when the spec says so; None: the phase has its own Job.
+    host: Optional[Callable[["RunSpec"], Optional[str]]] = None
 
     @property
     def sharded(self) -> bool:
@@ -81,6 +84,10 @@ class Phase:
 
     def num_shards(self, spec: "RunSpec") -> int:
         return self.shards(spec) if self.shards is not None else 1
+
+    def host_of(self, spec: "RunSpec") -> Optional[str]:
+        """The phase whose pods run this one under ``spec``, or None."""
+        return self.host(spec) if self.host is not None else None
 
     def runs_in(self, iteration: int) -> bool:
         if iteration == 0:
@@ -102,6 +109,7 @@ REGISTRY: tuple[Phase, ...] = (
                    F("responses", ("responses", "numResponses"), int, "Candidate responses sampled.",
                      "responses", "responses"))),
     Phase("judge", "each", "policy", lambda s: True, shards=lambda s: s.judge.shards,
+          host=lambda s: "generate" if s.judge.colocate else None,
           help="M_t grades every response with the LLM-as-a-judge prompt",
           figures=(F("judged", ("judgedResponses", "judged", "responses"), int, "Responses the model judged.",
                      "judged_responses"),
@@ -194,3 +202,14 @@ def figures() -> list[tuple[Phase, Figure]]:
 def active(spec: "RunSpec", iteration: int) -> list[Phase]:
     """The phases that run in ``iteration`` under ``spec``, in order."""
     return [p for p in REGISTRY if p.runs_in(iteration) and p.enabled(spec)]
+
+
+def guests(spec: "RunSpec", name: str) -> list[Phase]:
+    """The phases that run in ``name``'s pods after it under ``spec`` (judge.colocate:
+    judge in generate's), in order."""
+    return [p for p in REGISTRY if p.enabled(spec) and p.host_of(spec) == name]
+
+
+def pod_phase(spec: "RunSpec", name: str) -> str:
+    """The phase whose pods (resources.<phase>, GPUs) ``name`` runs in under ``spec``."""
+    return get(name).host_of(spec) or name
