@@ -100,6 +100,8 @@ class PhaseContext:
         backend, built = self.shared.backend(key, build)
         if not built:
             models.note_loaded(model_dir, load=False)
+            # each phase counts its own tokens, as on a backend built for it
+            backend.generated_tokens = backend.truncated_prompts = 0
         backend.resize(batch_size)
         yield backend
 
