@@ -14,6 +14,13 @@ regenerated CRD. The idea follows Kubeflow Trainer's plugin registry
 (pkg/runtime/framework): the framework iterates over registered plugins and never
 names one.
 
+A phase may name a ``host``: an earlier sharded phase whose pods (local tasks) run it
+too, shard for shard, on the model they loaded, when the spec asks for it
+(``judge.colocate``: judge in generate's pods). It stays a step of its own (its
+summary, history figures, place in the order); ``layout.Step.host`` says who runs it,
+the dispatcher's ``run_step`` runs a phase and the ones it hosts, and reconcile
+records a hosted step from its host's Job.
+
 An iteration ends with its last enabled step (train, or eval when ``spec.eval`` is
 set; sft, or the baseline eval, in iteration 0): ``layout.iteration_end`` derives it
 from this table, so no phase is special-cased as "the last one".
