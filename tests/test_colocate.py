@@ -264,3 +264,44 @@ def test_the_local_runner_runs_one_task_per_shard_for_both_phases(tmp_path, tiny
     it = store.read_json("iterations.json")["iterations"][0]
     assert it["judged"] == 21 and it["responses"] == 21 and it.get("pairs") is not None
     assert store.read_json(layout.summary_path(1, "judge"))["modelLoads"] == 0
+
+
+def test_a_failing_judge_in_the_generate_pod_is_named_and_generation_stays_committed(tmp_path, tiny_model,
+                                                                                    monkeypatch):
+    from selfreward.worker import main_phase
+    from selfreward.worker import judge as judge_mod
+
+    spec = make_spec(tmp_path, tiny_model)
+
+    def broken(ctx):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(judge_mod, "run", broken)
+    term = tmp_path / "term.json"
+    assert main_phase(spec, "generate", 1, None, None, str(term)) == 1
+    report = json.loads(term.read_text())
+    assert report["error"] == "iter-1/judge (in the generate pod): RuntimeError: out of memory"
+    store = Store.for_spec(spec)
+    assert store.exists(layout.summary_path(1, "generate")) and not store.exists(layout.summary_path(1, "judge"))
+
+
+def test_a_step_report_carries_every_phase_within_the_termination_limit():
+    from selfreward import jobs as J
+    from selfreward.worker import step_report
+    from selfreward.worker.common import TERMINATION_LIMIT, compact
+
+    big = {f"figure{i:03d}": i * 1.5 for i in range(400)}  # far over the limit on its own
+    text = compact(step_report({"generate": {"shard": 0, "responses": 12, **big},
+                                "judge": {"shard": 0, "judgedResponses": 12, "scoreMean": 2.5, **big}}))
+    assert len(text.encode()) <= TERMINATION_LIMIT
+    parsed = json.loads(text)["phases"]
+    assert parsed["generate"]["responses"] == 12 and parsed["judge"]["scoreMean"] == 2.5
+    assert compact(step_report({"pairs": {"pairs": 3}})) == '{"pairs":3}'  # one phase: as before
+    # the operator reads each phase's figures from the pods' reports, adding up shards
+    pods = [{"metadata": {"name": f"j-{i}"}, "status": {"containerStatuses": [{"name": "worker", "state": {
+        "terminated": {"message": compact(step_report({"generate": {"shard": i, "responses": 6},
+                                                        "judge": {"shard": i, "judgedResponses": 6}}))}}}]}}
+            for i in range(2)]
+    job = {"metadata": {"labels": {J.LABEL_PHASE: "generate"}}, "pods": pods}
+    assert J.job_summary(job)["responses"] == 12 and J.job_summary(job, "judge")["judgedResponses"] == 12
+    assert J.job_summary(job, "pairs") is None

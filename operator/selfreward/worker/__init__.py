@@ -40,6 +40,7 @@ def _loaded_into(summary: dict) -> None:
     loaded, loads = models.take_loaded(), models.take_loads()
     if loaded and "loadedModels" not in summary:
         summary["loadedModels"] = loaded
+    if summary.get("loadedModels"):
         summary.setdefault("modelLoads", loads)
 
 
@@ -64,6 +65,8 @@ def finalize_phase(store: Store, spec: RunSpec, iteration: int, phase: str, num_
     loaded = [m for s in summaries for m in (s.get("loadedModels") or [])]
     if loaded:  # every shard's models, each once, in shard order
         summary["loadedModels"] = list(dict.fromkeys(loaded))
+    if any("modelLoads" in s for s in summaries):  # every pod's loads from disk
+        summary["modelLoads"] = sum(int(s.get("modelLoads", 0)) for s in summaries)
     summary.update({"phase": phase, "iteration": iteration, "numShards": num_shards})
     store.write_json(layout.summary_path(iteration, phase), summary)
     return summary
@@ -160,7 +163,14 @@ def run_step(
     out: dict[str, dict] = {}
     try:
         for name in step_phases(spec, phase):
-            out[name] = run_phase(spec, name, iteration, shard, num_shards, store, progress, shared)
+            try:
+                out[name] = run_phase(spec, name, iteration, shard, num_shards, store, progress, shared)
+            except Exception as e:
+                if name == phase:
+                    raise
+                # the pod is the host's: say which of its phases failed
+                msg = str(e) if isinstance(e, PhaseError) else f"{type(e).__name__}: {e}"
+                raise PhaseError(f"iter-{iteration}/{name} (in the {phase} pod): {msg}") from e
     finally:
         shared.close()
     return out
