@@ -159,10 +159,11 @@ def run_step(
     committed is skipped, and a pod re-created after a kill mid-judge loads M_t once
     for the judge and redoes no generation."""
     store = store or Store.for_spec(spec)
-    shared = SharedModels()
+    names = step_phases(spec, phase)
+    shared = SharedModels() if len(names) > 1 else None  # alone, a phase closes its backend itself
     out: dict[str, dict] = {}
     try:
-        for name in step_phases(spec, phase):
+        for name in names:
             try:
                 out[name] = run_phase(spec, name, iteration, shard, num_shards, store, progress, shared)
             except Exception as e:
@@ -172,7 +173,8 @@ def run_step(
                 msg = str(e) if isinstance(e, PhaseError) else f"{type(e).__name__}: {e}"
                 raise PhaseError(f"iter-{iteration}/{name} (in the {phase} pod): {msg}") from e
     finally:
-        shared.close()
+        if shared is not None:
+            shared.close()
     return out
 
 

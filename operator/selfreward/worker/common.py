@@ -74,8 +74,10 @@ class PhaseContext:
 
     def policy_model(self) -> str:
         """M_t as a local directory (fetched and verified once per step)."""
-        resolve = lambda: models.policy_model(self.spec, self.store, self.iteration)  # noqa: E731
-        return resolve() if self.shared is None else self.shared.model_dir(("policy", self.iteration), resolve)
+        def fetch() -> str:
+            return models.policy_model(self.spec, self.store, self.iteration)
+
+        return fetch() if self.shared is None else self.shared.model_dir(("policy", self.iteration), fetch)
 
     @contextmanager
     def backend(self, name: str, model_dir: str, batch_size: int, vllm_settings: Any) -> Iterator[Any]:
