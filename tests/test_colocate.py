@@ -305,3 +305,14 @@ def test_a_step_report_carries_every_phase_within_the_termination_limit():
     job = {"metadata": {"labels": {J.LABEL_PHASE: "generate"}}, "pods": pods}
     assert J.job_summary(job)["responses"] == 12 and J.job_summary(job, "judge")["judgedResponses"] == 12
     assert J.job_summary(job, "pairs") is None
+
+
+def test_colocate_is_part_of_the_recipe(tmp_path, tiny_model):
+    """The judge's records depend on it (which prompts a judge shard takes): a store made
+    one way is not continued the other."""
+    from selfreward.local import RunError, check_run_json
+
+    plain = make_spec(tmp_path, tiny_model, "recipe", shards=2, colocate=False)
+    assert check_run_json(Store.for_spec(plain), plain) == "new"
+    with pytest.raises(RunError, match="judge.colocate"):
+        check_run_json(Store.for_spec(plain), make_spec(tmp_path, tiny_model, "recipe", shards=2))
