@@ -1,9 +1,16 @@
 """Throughput of the whole pipeline on this machine: generation tokens/s per backend,
 judge verdicts/s, DPO samples/s, checkpoint upload MB/s (file:// and a local SeaweedFS
-S3), and the wall time of one iteration split by phase.
+S3), the wall time of one iteration split by phase, and judge.colocate against a judge
+Job of its own: weights moved and model loads per iteration, as a ratio from one run.
 
     .venv/bin/python -P bench/pipeline.py                 # the tiny model (CPU is fine)
     .venv/bin/python -P bench/pipeline.py --shape 0.5b    # a random Llama of ~0.5B params (GPU)
+    .venv/bin/python -P bench/pipeline.py --skip backends --skip iteration --skip upload   # colocate only
+
+The colocate part plays iteration 2 of a run whose M_2 is committed in its store (S3 on
+loopback) pod by pod, each pod a worker process with a fresh model cache (a node without
+resources.modelCache): `shards` generate pods, then `shards` judge pods or none
+(colocated), then train (LoRA, 2 steps, fixed pairs: its cost is the same either way).
 
 The iteration runs as `selfreward run` runs it: every phase a worker subprocess, so
 the per-phase figures include each worker's start-up (imports, model load); the phase
@@ -135,6 +142,108 @@ def bench_iteration(model_dir: Path, work: Path, prompts: int, max_new_tokens: i
     print(f"  phases' work {work_total:.1f}s; worker start-up, model loads and commits {wall - work_total:.1f}s")
 
 
+def _pod(args: list[str], spec_file: Path, cache: Path, env: dict) -> float:
+    """One Job pod: `selfreward worker ...` in a process of its own with a fresh model
+    cache (a node without resources.modelCache); its wall seconds."""
+    import os
+    import subprocess
+
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "selfreward", "worker", *args, "--spec", str(spec_file),
+                           "--iteration", "2"], env={**os.environ, **env, "SELFREWARD_CACHE": str(cache)},
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {' '.join(args)} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return time.perf_counter() - t0
+
+
+def _cache_bytes(cache: Path) -> int:
+    return sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) if cache.exists() else 0
+
+
+def colocate_iteration(variant: str, model_dir: Path, work: Path, root: str, endpoint: str, env: dict,
+                       prompts: int, max_new_tokens: int, judge_tokens: int, shards: int) -> dict:
+    """Iteration 2 of a run whose M_2 is committed in its store, pod by pod, as the
+    operator runs it: generate (and, colocated, judge) shards, judge shards, train."""
+    from selfreward import checkpoint, layout
+    from selfreward.spec import parse_spec
+    from selfreward.storage import Store
+    from selfreward.worker.train import pairs_path
+
+    seeds = work / "colocate-prompts.jsonl"
+    seeds.write_text("".join(json.dumps({"prompt": f"{q} ({i})"}) + "\n"
+                             for i, q in enumerate((QUESTIONS * (prompts // len(QUESTIONS) + 1))[:prompts])))
+    spec = parse_spec({
+        "model": {"uri": str(model_dir)},
+        "prompts": {"uri": str(seeds)},
+        "iterations": 2,
+        "storage": {"uri": f"{root}/{variant}-{time.time_ns()}", "endpoint": endpoint},
+        "generation": {"responsesPerPrompt": 4, "maxNewTokens": max_new_tokens, "batchSize": 16, "shards": shards},
+        "judge": {"samplesPerResponse": 3, "maxNewTokens": judge_tokens, "batchSize": 16, "shards": shards,
+                  "colocate": variant == "colocated", "scorePattern": r"([0-5])"},
+        "training": {"mode": "lora", "maxSteps": 2, "batchSize": 2, "maxLength": 64, "checkpointDtype": "stored"},
+    })
+    store = Store.for_spec(spec)
+    checkpoint.commit(model_dir, store, layout.checkpoint_dir(1, "train"))  # M_2
+    spec_file = work / f"colocate-{variant}.json"
+    spec_file.write_text(json.dumps(spec.model_dump(mode="json")))
+    pods = [(f"generate-{i}", ["generate", "--shard", str(i), "--num-shards", str(shards)]) for i in range(shards)]
+    if variant == "separate":
+        pods += [(f"judge-{i}", ["judge", "--shard", str(i), "--num-shards", str(shards)]) for i in range(shards)]
+    pods.append(("train", ["train"]))
+    out: dict = {"fetched": 0, "wall": 0.0, "genJudgeWall": 0.0, "pods": len(pods)}
+    for name, args in pods:
+        if name == "train":  # DPO's cost does not depend on which pairs: fixed ones, always some
+            store.write_jsonl(pairs_path(2), [{"promptId": f"p{i}", "prompt": QUESTIONS[i], "chosen": "A careful answer.",
+                                               "rejected": "No.", "chosenScore": 4.0, "rejectedScore": 1.0}
+                                              for i in range(8)])
+            store.write_json(layout.summary_path(2, "pairs"), {"pairs": 8})
+        cache = work / f"cache-{variant}-{name}"
+        wall = _pod(args, spec_file, cache, env)
+        out["fetched"] += _cache_bytes(cache)
+        out["wall"] += wall
+        if name != "train":
+            out["genJudgeWall"] += wall
+    summaries = {phase: store.read_json(layout.summary_path(2, phase)) for phase in ("generate", "judge", "train")}
+    out["loads"] = {phase: int(s.get("modelLoads", 0)) for phase, s in summaries.items()}
+    out["uploaded"] = int(summaries["train"].get("checkpointBytes", 0))
+    out["moved"] = out["fetched"] + out["uploaded"]
+    return out
+
+
+def bench_colocate(model_dir: Path, work: Path, prompts: int, max_new_tokens: int, judge_tokens: int,
+                   shards: int) -> None:
+    """judge.colocate against a judge Job of its own, side by side in one run, on S3 on
+    loopback (SeaweedFS, else moto): weights fetched and committed per iteration, model
+    loads (the summaries' modelLoads), and the wall time of the generate and judge pods."""
+    import os
+
+    from s3server import make_bucket, s3_env, s3_server
+
+    with s3_server() as endpoint:
+        make_bucket(endpoint, "bench")
+        env = s3_env(endpoint)
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # the commit of M_2 from this process
+        try:
+            res = {v: colocate_iteration(v, model_dir, work, "s3://bench/colocate", endpoint, env, prompts,
+                                         max_new_tokens, judge_tokens, shards) for v in ("separate", "colocated")}
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    for v, r in res.items():
+        loads = sum(r["loads"].values())
+        print(f"colocate    {v:9s} {r['pods']} pods ({shards} generate shards): weights moved {r['moved'] / 1e6:8.1f} MB "
+              f"(fetched {r['fetched'] / 1e6:.1f}, committed {r['uploaded'] / 1e6:.1f}); model loads {loads} "
+              f"(generate {r['loads']['generate']}, judge {r['loads']['judge']}, train {r['loads']['train']}); "
+              f"generate+judge pods {r['genJudgeWall']:.1f}s, iteration {r['wall']:.1f}s")
+    a, b = res["separate"], res["colocated"]
+    print(f"colocate    M_t is {_cache_bytes(model_dir) / 1e6:.1f} MB; every pod fetches it once into its own cache")
+    print(f"colocate    ratio colocated/separate: weights moved {b['moved'] / a['moved']:.2f}x, model loads "
+          f"{sum(b['loads'].values()) / sum(a['loads'].values()):.2f}x, generate+judge wall "
+          f"{b['genJudgeWall'] / a['genJudgeWall']:.2f}x, iteration wall {b['wall'] / a['wall']:.2f}x")
+
+
 def upload_dir(model_dir: Path, work: Path, min_mb: int) -> Path:
     """The model directory, or, when its weights are under min_mb, a checkpoint-shaped
     directory with min_mb of random float16 weights (the tiny model is too small for
@@ -196,7 +305,8 @@ def main() -> None:
     ap.add_argument("--judge-tokens", type=int, default=32)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--upload-mb", type=int, default=256, help="smallest checkpoint the upload figure uses")
-    ap.add_argument("--skip", action="append", default=[], choices=["backends", "iteration", "upload"])
+    ap.add_argument("--shards", type=int, default=2, help="generate (and judge) shards of the colocate comparison")
+    ap.add_argument("--skip", action="append", default=[], choices=["backends", "iteration", "upload", "colocate"])
     args = ap.parse_args()
 
     import torch
@@ -212,6 +322,8 @@ def main() -> None:
             bench_iteration(model_dir, work, args.prompts, args.max_new_tokens, args.judge_tokens)
         if "upload" not in args.skip:
             bench_upload(upload_dir(model_dir, work, args.upload_mb), work, 3)
+        if "colocate" not in args.skip:
+            bench_colocate(model_dir, work, args.prompts, args.max_new_tokens, args.judge_tokens, args.shards)
 
 
 if __name__ == "__main__":

@@ -566,6 +566,10 @@ INVALID = [
     # a number or a list has no structural type: the spec model types and bounds it
     ("rho above 1", "pairs.lengthControl", 1.5, {"parse_spec"}),
     ("rho not a number", "pairs.lengthControl", "0.2", {"parse_spec"}),
+    ("colocated judge with other shards", "judge", {"colocate": True, "shards": 2}, {"cel", "parse_spec"}),
+    ("colocated judge on another backend", "judge", {"colocate": True, "backend": "vllm"}, {"cel", "parse_spec"}),
+    ("colocated judge, other vllm settings", "judge", {"colocate": True, "vllm": {"enforceEager": True}},
+     {"cel", "parse_spec"}),
     ("template with another placeholder", "judge.template", "{prompt} {response} {rubric}", {"parse_spec"}),
     ("score pattern without a group", "judge.scorePattern", r"Score: \d+", {"parse_spec"}),
     ("score pattern not a regex", "judge.scorePattern", "Score: ([0-9]", {"parse_spec"}),
@@ -748,3 +752,33 @@ def test_converter_on_its_own_models():
     raw = Bad.model_json_schema()
     with pytest.raises(crd.SchemaError, match="union"):
         crd._convert(raw, raw.get("$defs", {}), "bad")
+
+
+@pytest.mark.parametrize("spec", [
+    {"judge": {"colocate": True}},
+    {"judge": {"colocate": True, "shards": 3}, "generation": {"shards": 3}},
+    {"judge": {"colocate": True, "shards": 3}},
+    {"judge": {"colocate": True}, "generation": {"shards": 2}},
+    {"judge": {"colocate": True}, "resources": {"judge": {"cpu": "1"}}},
+    {"judge": {"colocate": False}, "resources": {"judge": {"cpu": "1"}}},
+    {"judge": {"colocate": True, "backend": "vllm"}, "generation": {"backend": "vllm"},
+     "resources": {"generate": {"gpus": 1}}},  # the judge runs on generate's GPUs
+    {"judge": {"colocate": False, "backend": "vllm"}, "generation": {"backend": "vllm"},
+     "resources": {"generate": {"gpus": 1}}},  # not colocated: the judge pods have none
+    {"judge": {"colocate": True, "vllm": {"maxModelLen": 2048}}, "generation": {"vllm": {"maxModelLen": 2048}}},
+    {"judge": {"colocate": True, "vllm": {"maxModelLen": 2048}}},
+    {"judge": {"colocate": True}, "generation": {"vllm": {"maxModelLen": 2048}}},
+], ids=lambda s: json.dumps(s, sort_keys=True))
+def test_cel_colocate_rules_agree_with_the_spec_model(schema, spec):
+    """judge.colocate's CEL twins refuse exactly what RunSpec refuses, naming the field."""
+    obj = _minimal(**spec)
+    _, errors, msgs = admit(schema, obj)
+    assert errors == []
+    try:
+        spec_from_document(obj)
+        refused = []
+    except SpecError as e:
+        refused = [loc for loc, _ in e.errors]
+    assert (msgs == []) == (refused == []), (msgs, refused)
+    for field in refused:  # the CEL message names the field pydantic names
+        assert any(field in m for m in msgs), (field, msgs)

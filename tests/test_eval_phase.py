@@ -306,7 +306,7 @@ def test_sharded_eval_gives_the_figures_of_one_pod(models_dir, tmp_path, monkeyp
     finalize pools every shard's records rather than averaging shard figures."""
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("SELFREWARD_CACHE", str(tmp_path / "cache"))
-    out = {}
+    out, loads = {}, {}
     for shards in (1, 2):
         doc = eval_spec(tmp_path, *models_dir, iterations=1, storage={"uri": f"file://{tmp_path}/s{shards}"})
         doc["eval"].update(shards=shards, generation={"temperature": 0.0, "maxNewTokens": 6})
@@ -320,8 +320,10 @@ def test_sharded_eval_gives_the_figures_of_one_pod(models_dir, tmp_path, monkeyp
             run_phase(spec, "eval", 0, shard=1, num_shards=shards, store=store)
         summary = store.read_json(layout.summary_path(0, "eval"))
         assert summary["numShards"] == shards
-        out[shards] = {k: v for k, v in summary.items() if k not in ("numShards", "durationSeconds", "loadedModels")}
-    assert out[1] == out[2]
+        loads[shards] = summary["modelLoads"]  # the pods' loads from disk: each shard loads its models
+        out[shards] = {k: v for k, v in summary.items()
+                       if k not in ("numShards", "durationSeconds", "loadedModels", "modelLoads")}
+    assert out[1] == out[2] and loads[2] == 2 * loads[1] >= 2
     assert out[2]["judgeSetPairs"] == 4 and out[2]["heldOutPrompts"] == len(HELD_OUT)
 
 

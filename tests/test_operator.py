@@ -569,6 +569,51 @@ def test_the_jobs_real_commands_run_a_tiny_iteration(kube, tmp_path, tiny_model)
         stop_operator(proc)
 
 
+def test_a_colocated_judge_runs_in_the_generate_jobs_real_pods(kube, tmp_path, tiny_model):
+    """judge.colocate through the real operator and the Jobs' real commands: one Indexed
+    generate Job whose two pods generate and judge their shard each, no judge Job, and
+    the run's status, history and store as with a judge Job of its own."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Question number {i}: what is {i} plus {i}?"}) + "\n"
+                               for i in range(6)))
+    store = tmp_path / "store"
+    m = manifest("fused", "d", model={"uri": tiny_model}, prompts={"uri": str(prompts)},
+                 storage={"uri": f"file://{store}"},
+                 generation={"responsesPerPrompt": 3, "maxNewTokens": 8, "batchSize": 6, "shards": 2},
+                 judge={"samplesPerResponse": 2, "maxNewTokens": 16, "shards": 2, "batchSize": 8, "colocate": True,
+                        "scorePattern": r"([0-9])", "minScore": 0, "maxScore": 9},
+                 seed=4,  # a seed whose verdicts give this tiny run a preference pair
+                 training={"maxSteps": 1, "batchSize": 2, "maxLength": 128},
+                 retry={"maxRetries": 0})
+    kubelet = Kubelet(kube, programs={"selfreward": Kubelet.venv_program("selfreward")},
+                      extra_env={"HOME": str(tmp_path / "home"), "XDG_CACHE_HOME": str(tmp_path / "home")})
+    player = JobPlayer(kube)
+    proc = start_operator(kube, ["d"], tmp_path / "operator.log")
+    try:
+        kube.create(m)
+        for phase in ("generate", "pairs", "train"):
+            name = f"fused-i1-{phase}"
+            player.wait_job("d", name)
+            job = kubelet.run_job(name, "d")
+            assert J.job_complete(job), (job.get("status"), {k: v[-2000:] for k, v in kubelet.logs.items()})
+            if phase == "generate":
+                assert job["spec"]["completions"] == 2
+                judged = wait_status(kube, "d", "fused", lambda s: s.get("completedStep") == "iter-1/judge")
+                assert judged["history"][0]["judged"] == 18  # from the generate pods' termination messages
+        st = wait_status(kube, "d", "fused", lambda s: s.get("phase") == "Succeeded", timeout=60)
+        assert step_jobs(kube, "d", "fused") == ["fused-i1-generate", "fused-i1-pairs", "fused-i1-train"]
+        h = st["history"][0]
+        assert h["responses"] == 18 and h["judged"] == 18 and h["pairs"] >= 1 and h.get("meanScore") is not None
+        s = Store(f"file://{store}")
+        assert s.read_json(layout.summary_path(1, "judge"))["modelLoads"] == 0  # both pods judged on generate's model
+        assert s.read_json(layout.summary_path(1, "generate"))["modelLoads"] == 2
+        reasons = [e[2] for e in events(kube, "d", "fused") if e[1] == "StepCompleted"]
+        assert any(r.startswith("iter-1/judge completed in fused-i1-generate") for r in reasons), reasons
+    finally:
+        kubelet.close()
+        stop_operator(proc)
+
+
 def _free_port() -> int:
     import socket
 

@@ -576,3 +576,52 @@ def test_multi_node_train_step_creates_the_headless_service_before_each_of_its_j
     assert res.of(CreateJob)[0].manifest["spec"]["completions"] == 2
     sim.complete("r-i1-train-r2")
     assert sim.step().status["phase"] == "Succeeded"
+
+
+def test_a_colocated_judge_is_recorded_from_the_generate_job_and_gets_no_job():
+    """judge.colocate: one Job per iteration for generate and judge; its pods report both
+    phases' summaries, and the judge step completes from it (history, completedStep)
+    without a Job of its own."""
+    sim = Sim(make_run(iterations=1, generation={"shards": 2}, judge={"shards": 2, "colocate": True}))
+    assert created(sim.step()) == ["r-i1-generate"]
+    job = sim.jobs["r-i1-generate"]
+    assert job["spec"]["completions"] == 2 and job["spec"]["completionMode"] == "Indexed"
+    gen = {"prompts": 8, "responses": 32}
+    judge = {"judgedResponses": 32, "scoreMean": 3.25, "scoreStd": 0.5, "parseFailures": 1}
+    sim.complete("r-i1-generate", {"phases": {"generate": {**gen, "shard": 1}, "judge": {**judge, "shard": 1}}})
+    res = sim.step(5)
+    assert created(res) == ["r-i1-pairs"]  # straight to pairs: no r-i1-judge
+    done = [e.message for e in res.of(Event) if e.reason == "StepCompleted"]
+    assert done[0].startswith("iter-1/generate completed (prompts=8, responses=32")
+    assert done[1].startswith("iter-1/judge completed in r-i1-generate (judgedResponses=32, scoreMean=3.25")
+    st = sim.status
+    assert st["completedStep"] == "iter-1/judge" and st["currentPhase"] == "pairs"
+    h = st["history"][0]
+    assert (h["prompts"], h["responses"], h["judged"], h["meanScore"], h["scoreStd"], h["parseFailures"]) == \
+        (8, 32, 32, 3.25, 0.5, 1)
+    for phase in ("pairs", "train"):
+        sim.complete(f"r-i1-{phase}", {"pairs": 6} if phase == "pairs" else {"dpoLoss": 0.6})
+        sim.step(5)
+    assert sim.status["phase"] == "Succeeded" and sorted(sim.jobs) == ["r-i1-generate", "r-i1-pairs", "r-i1-train"]
+
+
+def test_a_colocated_judge_whose_generate_job_is_gone_gets_a_job_of_its_own():
+    """A lost status and a generate Job already deleted (its TTL): the judge step cannot
+    be proved done by that Job, so it gets a judge Job, whose worker judges only what is
+    left (each shard its generate shard)."""
+    run = make_run(iterations=1, judge={"colocate": True})
+    res = reconcile(run, {"completedStep": "iter-1/generate"}, [], T0, SETTINGS)
+    assert created(res) == ["r-i1-judge"]
+    cmd = res.of(CreateJob)[0].manifest["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert cmd[:3] == ["selfreward", "worker", "judge"]
+
+
+def test_a_failed_colocated_step_is_retried_as_the_generate_step():
+    sim = Sim(make_run(iterations=1, judge={"colocate": True}))
+    sim.step()
+    sim.fail("r-i1-generate")
+    assert created(sim.step(10)) == ["r-i1-generate-r2"]
+    sim.complete("r-i1-generate-r2", {"phases": {"generate": {"responses": 4}, "judge": {"judgedResponses": 4}}})
+    assert created(sim.step(5)) == ["r-i1-pairs"]
+    assert sim.status["history"][0]["judged"] == 4
+    assert sim.status["attempts"] == {"iter-1/generate": 2, "iter-1/pairs": 1}  # the judge had no Job

@@ -51,8 +51,9 @@ def test_bad_vllm_settings_name_the_field(path, value):
 
 def test_the_phases_pass_their_pods_gpus_to_the_backend(tmp_path, monkeypatch):
     """generate and judge build their backend with their own resources.<phase>.gpus and
-    vllm settings (what becomes tensor_parallel_size)."""
-    from selfreward.worker import generate, judge
+    vllm settings (what becomes tensor_parallel_size); a colocated judge with the generate
+    pods' GPUs, in which it runs."""
+    import selfreward.backends
 
     seen = {}
 
@@ -66,11 +67,10 @@ def test_the_phases_pass_their_pods_gpus_to_the_backend(tmp_path, monkeypatch):
                        "storage": {"uri": f"file://{tmp_path}/art"},
                        "generation": {"backend": "vllm", "vllm": {"maxModelLen": 2048}},
                        "resources": {"default": {"gpus": 2}, "generate": {"gpus": 8}, "train": {"gpus": 1}}})
-    monkeypatch.setattr(generate, "make_backend", fake)
+    monkeypatch.setattr(selfreward.backends, "make_backend", fake)
     with pytest.raises(BackendError):
         run_phase(spec, "generate", 1, shard=0, num_shards=1)
     assert seen == {"name": "vllm", "gpus": 8, "settings": spec.generation.vllm}
-    monkeypatch.setattr(judge, "make_backend", fake)
     from selfreward import layout
     from selfreward.storage import Store
 
@@ -84,6 +84,13 @@ def test_the_phases_pass_their_pods_gpus_to_the_backend(tmp_path, monkeypatch):
     with pytest.raises(BackendError):
         run_phase(spec, "judge", 1, shard=0, num_shards=1, store=store)
     assert seen == {"name": "transformers", "gpus": 2, "settings": spec.judge.vllm}
+    doc = spec.model_dump(mode="json")
+    doc["judge"].update(colocate=True, backend="vllm", vllm=doc["generation"]["vllm"])
+    colocated = parse_spec(doc)
+    seen.clear()
+    with pytest.raises(BackendError):
+        run_phase(colocated, "judge", 1, shard=0, num_shards=1, store=store)
+    assert seen == {"name": "vllm", "gpus": 8, "settings": colocated.generation.vllm}
 
 
 def test_transformers_spreads_a_model_over_the_pods_gpus():

@@ -518,6 +518,14 @@ CEL_VIOLATIONS = {
        for name in ("prompt", "response", "first", "second")},
     "pairs.lengthControl: a list needs one rho per iteration (spec.iterations values), or give one number for all":
         _set(_minimal(iterations=2), "pairs.lengthControl", [0.0, 0.1, 0.2]),
+    "judge.colocate needs judge.shards equal to generation.shards (each generate pod judges its shard)":
+        _set(_minimal(), "judge", {"colocate": True, "shards": 2}),
+    "judge.colocate needs judge.backend equal to generation.backend (one engine)":
+        _set(_set(_minimal(), "judge", {"colocate": True, "backend": "vllm"}), "resources", {"default": {"gpus": 1}}),
+    "judge.colocate needs judge.vllm equal to generation.vllm (one engine)":
+        _set(_minimal(), "judge", {"colocate": True, "vllm": {"enforceEager": True}}),
+    "judge.colocate runs the judge in the generate pods: set resources.generate, not resources.judge":
+        _set(_set(_minimal(), "judge.colocate", True), "resources", {"judge": {"cpu": "2"}}),
     "judge.minScore must be below judge.maxScore": _set(_minimal(), "judge", {"minScore": 5, "maxScore": 1}),
     "judge.template must contain the placeholder {prompt}": _set(_minimal(), "judge.template", "{response}"),
     "judge.template must contain the placeholder {response}": _set(_minimal(), "judge.template", "{prompt}"),

@@ -167,6 +167,9 @@ def _at(schema: dict, path: tuple[str, ...]) -> dict:
     return node
 
 
+_COLOCATED = "has(self.judge) && has(self.judge.colocate) && self.judge.colocate"
+
+
 def _has_gpus(phase: str) -> str:
     """CEL: the phase's pods request a GPU; its own ``resources.<phase>.gpus`` wins over
     ``resources.default.gpus`` (ResourcesSpec.for_phase)."""
@@ -181,9 +184,11 @@ def _uses_vllm(section: str) -> str:
 
 
 def _gpus_rule(section: str, phase: str) -> dict:
-    """vLLM runs on CUDA only: the phase's pods must request a GPU."""
+    """vLLM runs on CUDA only: the phase's pods must request a GPU. A colocated judge runs
+    in the generate pods: generation's rule covers it."""
+    skip = f"({_COLOCATED}) || " if section == "judge" else ""
     return {
-        "rule": f"!{_uses_vllm(section)} || {_has_gpus(phase)}",
+        "rule": f"{skip}!{_uses_vllm(section)} || {_has_gpus(phase)}",
         "message": f"{section}.backend vllm needs a GPU: set resources.{phase}.gpus or resources.default.gpus to 1 or more",
         "fieldPath": f".{section}.backend",
         "reason": "FieldValueInvalid",
@@ -225,6 +230,30 @@ def _one_process_rule(phase: str) -> dict:
     }
 
 
+def _same_as_generation(field: str, default: str) -> str:
+    """judge.<field> equals generation.<field>, each at its default when unset."""
+    return (f"(has(self.judge.{field}) ? self.judge.{field} : {default}) == "
+            f"((has(self.generation) && has(self.generation.{field})) ? self.generation.{field} : {default})")
+
+
+# judge.colocate: the twins of RunSpec._colocated_judge (one pod, one engine per shard)
+_COLOCATE = [
+    {"rule": f"!({_COLOCATED}) || {_same_as_generation('shards', '1')}",
+     "message": "judge.colocate needs judge.shards equal to generation.shards (each generate pod judges its shard)",
+     "fieldPath": ".judge.shards", "reason": "FieldValueInvalid"},
+    {"rule": f"!({_COLOCATED}) || {_same_as_generation('backend', chr(39) + 'transformers' + chr(39))}",
+     "message": "judge.colocate needs judge.backend equal to generation.backend (one engine)",
+     "fieldPath": ".judge.backend", "reason": "FieldValueInvalid"},
+    {"rule": (f"!({_COLOCATED}) || (has(self.judge.vllm) ? (has(self.generation) && has(self.generation.vllm) && "
+              "self.generation.vllm == self.judge.vllm) : !(has(self.generation) && has(self.generation.vllm)))"),
+     "message": "judge.colocate needs judge.vllm equal to generation.vllm (one engine)",
+     "fieldPath": ".judge.vllm", "reason": "FieldValueInvalid"},
+    {"rule": f"!({_COLOCATED}) || !has(self.resources) || !has(self.resources.judge)",
+     "message": "judge.colocate runs the judge in the generate pods: set resources.generate, not resources.judge",
+     "fieldPath": ".resources.judge", "reason": "FieldValueInvalid"},
+]
+
+
 _ONE_NODE = [{"rule": "!has(self.nodes) || self.nodes <= 1",
               "message": "nodes above 1: only resources.train and resources.sft run across nodes"}]
 
@@ -233,7 +262,7 @@ _ONE_NODE = [{"rule": "!has(self.nodes) || self.nodes <= 1",
 VALIDATIONS: dict[tuple[str, ...], list[dict]] = {
     ("spec",): [_gpus_rule("generation", "generate"), _gpus_rule("judge", "judge"), _EVAL_GPUS_RULE,
                 _gpus_rule("metaJudge", "metajudge"),
-                _one_process_rule("train"), _one_process_rule("sft"), {
+                _one_process_rule("train"), _one_process_rule("sft"), *_COLOCATE, {
                     "rule": "!has(self.pairs) || !has(self.pairs.lengthControl) || "
                             "type(self.pairs.lengthControl) != list || size(self.pairs.lengthControl) == self.iterations",
                     "message": "pairs.lengthControl: a list needs one rho per iteration (spec.iterations values), "

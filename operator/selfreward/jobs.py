@@ -671,11 +671,18 @@ def job_image_id(job: dict) -> Optional[str]:
     return None
 
 
-def job_summary(job: dict) -> Optional[dict]:
-    """The phase summary a completed Job's pods reported: the aggregate one (a sharded
-    phase's last shard writes the phase summary, which has no "shard" key), else the
-    shard summaries added up, else None."""
-    reports = [r for r in pod_reports(job.get("pods") or []) if "error" not in r]
+def job_summary(job: dict, phase: Optional[str] = None) -> Optional[dict]:
+    """The summary of ``phase`` (default: the Job's own) a completed Job's pods
+    reported: the aggregate one (a sharded phase's last shard writes the phase summary,
+    which has no "shard" key), else the shard summaries added up, else None. A pod of a
+    step that ran several phases (judge.colocate) reports ``{"phases": {phase: summary}}``."""
+    phase = phase or ((job.get("metadata") or {}).get("labels") or {}).get(LABEL_PHASE)
+    reports = []
+    for r in pod_reports(job.get("pods") or []):
+        if isinstance(r.get("phases"), dict):
+            r = r["phases"].get(phase)
+        if isinstance(r, dict) and "error" not in r:
+            reports.append(r)
     if not reports:
         return None
     whole = [r for r in reports if "shard" not in r]

@@ -45,10 +45,16 @@ class Step:
     iteration: int
     phase: str
     shards: int = 1
+    host: Optional[str] = None  # the phase whose Job (local tasks) runs this step too (judge.colocate)
 
     @property
     def key(self) -> str:
         return f"iter-{self.iteration}/{self.phase}"
+
+    @property
+    def job_phase(self) -> str:
+        """The phase whose Job runs this step: its host's, else its own."""
+        return self.host or self.phase
 
     @property
     def sharded(self) -> bool:
@@ -84,16 +90,22 @@ def checkpoint_dir(iteration: int, phase: str = "train") -> str:
     return f"{phase_dir(iteration, phase)}/{CHECKPOINT}"
 
 
+def _step(spec: RunSpec, iteration: int, entry: phases.Phase) -> Step:
+    return Step(iteration, entry.name, entry.num_shards(spec), entry.host_of(spec))
+
+
 def steps(spec: RunSpec) -> list[Step]:
     """Every step of the run, in order: per iteration (0 first), the registry's phases
-    that run in it and that the spec enables."""
-    return [Step(t, p.name, p.num_shards(spec)) for t in range(spec.iterations + 1) for p in phases.active(spec, t)]
+    that run in it and that the spec enables. A step with a host (the judge under
+    judge.colocate) is still a step of its own, with its own summary and place in the
+    order; it is only run by its host's Job."""
+    return [_step(spec, t, p) for t in range(spec.iterations + 1) for p in phases.active(spec, t)]
 
 
 def iteration_end(spec: RunSpec, iteration: int) -> Optional[Step]:
     """The step that ends an iteration (its last one), or None if it has none."""
     active = phases.active(spec, iteration)
-    return Step(iteration, active[-1].name, active[-1].num_shards(spec)) if active else None
+    return _step(spec, iteration, active[-1]) if active else None
 
 
 def steps_from(spec: RunSpec, iteration: int) -> list[Step]:

@@ -9,7 +9,10 @@ the run's state directory. Live progress comes through ``$SELFREWARD_PROGRESS_FI
 (the worker keeps its latest progress report there as JSON).
 
 Resuming: a step whose ``summary.json`` exists is shown as done and not run; a shard
-whose shard summary exists is not run again. Re-running the same command after a
+whose shard summary exists is not run again. With ``judge.colocate`` a generate task
+judges its shard too (``worker.run_step``), so the judge step is normally done when the
+generate step is; one left unfinished (stopped mid-judge after the last generate shard)
+runs as judge tasks, each judging its generate shard. Re-running the same command after a
 failure, Ctrl-C or a crash continues where the run stopped, and the workers themselves
 skip committed output, so nothing is produced twice.
 
@@ -477,8 +480,9 @@ class Runner:
         elapsed = time.time() - task.started
         self._charge(task, elapsed)
         if rc == 0 and "error" not in result:
-            how = "already committed" if result.get("skipped") else "done"
-            figures = _figures(result)
+            parts = result["phases"] if isinstance(result.get("phases"), dict) else {"": result}
+            how = "already committed" if all(p.get("skipped") for p in parts.values()) else "done"
+            figures = "; ".join(f"{name + ': ' if name else ''}{_figures(p)}" for name, p in parts.items() if _figures(p))
             self.display.finish(task.handle, task.label,
                                 f"{how} in {elapsed:.1f}s" + (f" ({figures})" if figures else ""))
             return None
@@ -532,21 +536,25 @@ class Runner:
             raise RunError(error)
 
     def _tasks(self, step: Step) -> list[Task]:
+        """One task per shard still to do; a shard of a step that hosts other phases
+        (judge.colocate) is done when every one of them committed it."""
         base = f"iter-{step.iteration}-{step.phase}"
         if not step.sharded:
             return [Task(step, None, f"iter-{step.iteration}/{step.phase}", self.state / base)]
+        names = [step.phase] + [g.name for g in phases.guests(self.spec, step.phase)]
+        what = f"iter-{step.iteration}/{'+'.join(names)}"
         out = []
         for i in range(step.shards):
-            label = f"iter-{step.iteration}/{step.phase} shard {i + 1}/{step.shards}"
+            label = f"{what} shard {i + 1}/{step.shards}"
             files = self.state / f"{base}-{layout.shard_name(i, step.shards)}"
-            if self.store.exists(layout.shard_summary_path(step.iteration, step.phase, i, step.shards)):
+            if all(self.store.exists(layout.shard_summary_path(step.iteration, name, i, step.shards)) for name in names):
                 self.display.line(f"{label}: already committed")
                 continue
             out.append(Task(step, i, label, files))
         if not out:
             # every shard committed but the phase summary is missing (stopped in between):
             # any shard's worker skips its shard and writes the phase summary
-            out.append(Task(step, step.shards - 1, f"iter-{step.iteration}/{step.phase} (finalize)",
+            out.append(Task(step, step.shards - 1, f"{what} (finalize)",
                             self.state / f"{base}-{layout.shard_name(step.shards - 1, step.shards)}"))
         return out
 

@@ -172,21 +172,32 @@ def model_identity(model_dir: str) -> str:
 # local directory -> identity of the checkpoint fetched into it (the S3 cache keeps no manifest)
 _identities: dict[str, str] = {}
 
-# Identities of the models this process loaded (generation backends, trainers), in
-# order. The worker dispatcher writes them into the phase summary as ``loadedModels``,
-# so a test (or an auditor) can check which model a phase really used.
+# Identities of the models this process used (generation backends, trainers), in
+# order, and how many times it loaded one from disk. The worker dispatcher writes them
+# into the phase summary as ``loadedModels`` and ``modelLoads``, so a test (or an
+# auditor) can check which model a phase really used and whether it loaded it itself
+# (a colocated judge samples from the backend its generate shard built: 0 loads).
 _loaded: list[str] = []
+_loads = [0]
 
 
-def note_loaded(model_dir: str) -> None:
+def note_loaded(model_dir: str, load: bool = True) -> None:
+    """``model_dir`` was used; ``load``: it was loaded from disk for that (not reused)."""
     ident = model_identity(model_dir)
     if ident not in _loaded:
         _loaded.append(ident)
+    if load:
+        _loads[0] += 1
 
 
 def take_loaded() -> list[str]:
     out = list(_loaded)
     _loaded.clear()
+    return out
+
+
+def take_loads() -> int:
+    out, _loads[0] = _loads[0], 0
     return out
 
 

@@ -14,6 +14,13 @@ regenerated CRD. The idea follows Kubeflow Trainer's plugin registry
 (pkg/runtime/framework): the framework iterates over registered plugins and never
 names one.
 
+A phase may name a ``host``: an earlier sharded phase whose pods (local tasks) run it
+too, shard for shard, on the model they loaded, when the spec asks for it
+(``judge.colocate``: judge in generate's pods). It stays a step of its own (its
+summary, history figures, place in the order); ``layout.Step.host`` says who runs it,
+the dispatcher's ``run_step`` runs a phase and the ones it hosts, and reconcile
+records a hosted step from its host's Job.
+
 An iteration ends with its last enabled step (train, or eval when ``spec.eval`` is
 set; sft, or the baseline eval, in iteration 0): ``layout.iteration_end`` derives it
 from this table, so no phase is special-cased as "the last one".
@@ -70,6 +77,9 @@ class Phase:
     checkpoint: bool = False  # commits a model at iter-<t>/<name>/checkpoint
     figures: tuple[Figure, ...] = ()
     help: str = ""
+    # The earlier phase whose pods (local tasks) also run this one, shard for shard, on
+    # the model they loaded, when the spec says so; None: the phase has its own Job.
+    host: Optional[Callable[["RunSpec"], Optional[str]]] = None
 
     @property
     def sharded(self) -> bool:
@@ -81,6 +91,10 @@ class Phase:
 
     def num_shards(self, spec: "RunSpec") -> int:
         return self.shards(spec) if self.shards is not None else 1
+
+    def host_of(self, spec: "RunSpec") -> Optional[str]:
+        """The phase whose pods run this one under ``spec``, or None."""
+        return self.host(spec) if self.host is not None else None
 
     def runs_in(self, iteration: int) -> bool:
         if iteration == 0:
@@ -102,6 +116,7 @@ REGISTRY: tuple[Phase, ...] = (
                    F("responses", ("responses", "numResponses"), int, "Candidate responses sampled.",
                      "responses", "responses"))),
     Phase("judge", "each", "policy", lambda s: True, shards=lambda s: s.judge.shards,
+          host=lambda s: "generate" if s.judge.colocate else None,
           help="M_t grades every response with the LLM-as-a-judge prompt",
           figures=(F("judged", ("judgedResponses", "judged", "responses"), int, "Responses the model judged.",
                      "judged_responses"),
@@ -226,3 +241,14 @@ def figures() -> list[tuple[Phase, Figure]]:
 def active(spec: "RunSpec", iteration: int) -> list[Phase]:
     """The phases that run in ``iteration`` under ``spec``, in order."""
     return [p for p in REGISTRY if p.runs_in(iteration) and p.enabled(spec)]
+
+
+def guests(spec: "RunSpec", name: str) -> list[Phase]:
+    """The phases that run in ``name``'s pods after it under ``spec`` (judge.colocate:
+    judge in generate's), in order."""
+    return [p for p in REGISTRY if p.enabled(spec) and p.host_of(spec) == name]
+
+
+def pod_phase(spec: "RunSpec", name: str) -> str:
+    """The phase whose pods (resources.<phase>, GPUs) ``name`` runs in under ``spec``."""
+    return get(name).host_of(spec) or name

@@ -426,6 +426,18 @@ def _next_step(spec: RunSpec, done: tuple[int, int], by_step: dict) -> tuple[Opt
     return None, spec
 
 
+def _hosted_by(step: Step, by_step: dict, attempts: dict) -> Optional[dict]:
+    """The completed Job of the step's host (judge.colocate: generate) that ran this step
+    as well, or None: no host, or its Job is gone (then the step gets a Job of its own,
+    whose worker does only what is left)."""
+    if step.host is None:
+        return None
+    seen = by_step.get((step.iteration, step.host), {})
+    attempt = max([attempts.get(layout.phase_dir(step.iteration, step.host), 0)] + list(seen))
+    job = seen.get(attempt) if attempt else None
+    return job if job is not None and J.job_complete(job) else None
+
+
 def _progress(spec: RunSpec, done: tuple[int, int]) -> str:
     """Iterations 1..N finished: an iteration is finished when its last step is done."""
     it = done[0]
@@ -613,6 +625,15 @@ def _reconcile(run: dict, status: Any, jobs: list[dict], now: datetime, settings
             _succeeded(p, spec, done)
             break
         key = step.key
+        hosted = _hosted_by(step, by_step, attempts)
+        if hosted is not None:
+            # the host's completed Job ran this step too (judge.colocate): record it from there
+            summary = J.job_summary(hosted, step.phase)
+            _record(st, it_spec, step, hosted, summary, now)
+            done = _pos(step.iteration, step.phase)
+            st.completedStep = key
+            p.event("Normal", "StepCompleted", f"{key} completed in {hosted['metadata']['name']}{_figures(summary)}")
+            continue
         seen = by_step.get((step.iteration, step.phase), {})
         attempt = max([attempts.get(key, 0)] + list(seen))
         job = seen.get(attempt) if attempt else None

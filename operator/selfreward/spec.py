@@ -733,6 +733,13 @@ class JudgeSpec(_Sampler):
     saturation: SaturationSpec = Field(
         default_factory=SaturationSpec, description="The saturation guard's thresholds (docs/judging.md)."
     )
+    colocate: bool = Field(
+        False,
+        description="Judge in the generate pods: each generate shard's pod (and local task) then judges that "
+        "shard's responses on the M_t it loaded, instead of a judge Job loading M_t again. Needs judge.shards "
+        "equal to generation.shards, the same backend and vLLM settings (one engine), and no resources.judge "
+        "(the pods are generate's). Judge shard i then judges generate shard i's prompts.",
+    )
 
     @field_validator("scorePattern")
     @classmethod
@@ -1349,9 +1356,33 @@ class RunSpec(_Model):
         return self
 
     @model_validator(mode="after")
+    def _colocated_judge(self) -> "RunSpec":
+        # the twins of the CRD's CEL rules (crd._COLOCATE): one pod, one engine, one M_t
+        # for a generate shard and the judge shard after it
+        if not self.judge.colocate:
+            return self
+        why = "judge.colocate judges each generate shard in its own pod on the model it loaded"
+        if self.judge.shards != self.generation.shards:
+            raise FieldError("judge.shards", f"judge.shards is {self.judge.shards} but generation.shards is "
+                             f"{self.generation.shards}: {why}, so set both to the same number")
+        if self.judge.backend != self.generation.backend:
+            raise FieldError("judge.backend", f"judge.backend is {self.judge.backend} but generation.backend is "
+                             f"{self.generation.backend}: {why} (one engine), so set both alike")
+        if self.judge.vllm != self.generation.vllm:
+            raise FieldError("judge.vllm", f"judge.vllm differs from generation.vllm: {why} (one engine, built "
+                             "once), so give both the same settings")
+        if self.resources.judge is not None:
+            raise FieldError("resources.judge", f"resources.judge is set but {why}: the judge runs in the "
+                             "generate pods, so move these settings to resources.generate")
+        return self
+
+    @model_validator(mode="after")
     def _vllm_needs_a_gpu(self) -> "RunSpec":
-        # the twin of the CRD's CEL rule (crd._gpus_rule): vLLM runs on CUDA only
+        # the twin of the CRD's CEL rule (crd._gpus_rule): vLLM runs on CUDA only; a
+        # colocated judge runs in the generate pods, whose check is generation's (same backend)
         for section, phase in (("generation", "generate"), ("judge", "judge"), ("metaJudge", "metajudge")):
+            if section == "judge" and self.judge.colocate:
+                continue
             sampler = getattr(self, section)
             if sampler is not None and sampler.backend == "vllm" and not self.resources.for_phase(phase).gpus:
                 raise FieldError(f"{section}.backend", f"vllm needs a GPU: set resources.{phase}.gpus or "

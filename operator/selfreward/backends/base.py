@@ -49,6 +49,11 @@ class GenerationBackend(ABC):
     ) -> list[list[Completion]]:
         """For each prompt, ``n`` completions, in the order of ``prompts``."""
 
+    def resize(self, batch_size: int) -> None:
+        """Prompts per forward pass from now on (a backend reused by the next phase of a
+        step takes that phase's batchSize). A backend that schedules its own batches
+        (vLLM) keeps the bound it was built with."""
+
     def close(self) -> None:
         """Free the model (and accelerator memory)."""
 

@@ -78,6 +78,9 @@ class TransformersBackend(GenerationBackend):
         self.pad_id = int(pad)
         self.context = getattr(self.model.config, "max_position_embeddings", None)
 
+    def resize(self, batch_size: int) -> None:
+        self.batch_size = max(1, int(batch_size))
+
     # --- helpers ---
     def _encode(self, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
         """Token ids of each chat-formatted prompt, cut from the left to fit the context."""

@@ -17,8 +17,8 @@ from typing import Any, Callable, Optional
 from .. import distributed, layout, models, phases, provenance
 from ..spec import RunSpec
 from ..storage import Store
-from .common import (PhaseContext, PhaseError, aggregate, log, progress_file, resolve_shard, shard_summaries,
-                     write_termination_log)
+from .common import (PhaseContext, PhaseError, SharedModels, aggregate, log, progress_file, resolve_shard,
+                     shard_summaries, write_termination_log)
 
 SHARDED = tuple(p.name for p in phases.REGISTRY if p.sharded)
 
@@ -34,10 +34,19 @@ def default_shards(spec: RunSpec, phase: str) -> int:
 
 
 def _loaded_into(summary: dict) -> None:
-    """Name the models the phase loaded (checkpoint identities) in its summary."""
-    loaded = models.take_loaded()
+    """Name the models the phase used (checkpoint identities) in its summary, and how
+    many times it loaded one from disk (0: it used the backend its step's earlier phase
+    built)."""
+    loaded, loads = models.take_loaded(), models.take_loads()
     if loaded and "loadedModels" not in summary:
         summary["loadedModels"] = loaded
+    if summary.get("loadedModels"):
+        summary.setdefault("modelLoads", loads)
+
+
+def _reset_loaded() -> None:
+    models.take_loaded()
+    models.take_loads()
 
 
 def phase_done(store: Store, iteration: int, phase: str) -> bool:
@@ -56,6 +65,8 @@ def finalize_phase(store: Store, spec: RunSpec, iteration: int, phase: str, num_
     loaded = [m for s in summaries for m in (s.get("loadedModels") or [])]
     if loaded:  # every shard's models, each once, in shard order
         summary["loadedModels"] = list(dict.fromkeys(loaded))
+    if any("modelLoads" in s for s in summaries):  # every pod's loads from disk
+        summary["modelLoads"] = sum(int(s.get("modelLoads", 0)) for s in summaries)
     summary.update({"phase": phase, "iteration": iteration, "numShards": num_shards})
     store.write_json(layout.summary_path(iteration, phase), summary)
     return summary
@@ -69,8 +80,10 @@ def run_phase(
     num_shards: Optional[int] = None,
     store: Optional[Store] = None,
     progress: Optional[Callable[[dict], Any]] = None,
+    shared: Optional[SharedModels] = None,
 ) -> dict:
-    """Run one phase (one shard of it, if sharded) and return its summary."""
+    """Run one phase (one shard of it, if sharded) and return its summary. ``shared``:
+    the models and backends of the step this phase is part of (see run_step)."""
     mod = phase_module(phase)
     store = store or Store.for_spec(spec)
     entry = phases.get(phase)
@@ -93,7 +106,7 @@ def run_phase(
     else:
         shard, num_shards = 0, 1
     ctx = PhaseContext(spec=spec, store=store, iteration=iteration, phase=phase,
-                       shard=shard, num_shards=num_shards, progress=progress)
+                       shard=shard, num_shards=num_shards, progress=progress, shared=shared)
 
     if entry.sharded:
         if store.exists(ctx.shard_summary):
@@ -102,7 +115,7 @@ def run_phase(
             summary["skipped"] = True
         else:
             t0 = time.time()
-            models.take_loaded()
+            _reset_loaded()
             summary = dict(mod.run(ctx))
             summary.setdefault("durationSeconds", round(time.time() - t0, 3))
             _loaded_into(summary)
@@ -113,7 +126,7 @@ def run_phase(
         return final if final is not None else summary
 
     t0 = time.time()
-    models.take_loaded()
+    _reset_loaded()
     summary = dict(mod.run(ctx))
     summary.setdefault("durationSeconds", round(time.time() - t0, 3))
     _loaded_into(summary)
@@ -122,6 +135,55 @@ def run_phase(
     if distributed.is_main():  # one summary per launch: rank 0's (selfreward.distributed)
         store.write_json(layout.summary_path(iteration, phase), summary)  # the phase's commit marker
     return summary
+
+
+def step_phases(spec: RunSpec, phase: str) -> list[str]:
+    """The phases the step of ``phase`` runs, in order: the phase, then those it hosts
+    (judge.colocate: generate, judge)."""
+    return [phase] + [g.name for g in phases.guests(spec, phase)]
+
+
+def run_step(
+    spec: RunSpec,
+    phase: str,
+    iteration: int,
+    shard: Optional[int] = None,
+    num_shards: Optional[int] = None,
+    store: Optional[Store] = None,
+    progress: Optional[Callable[[dict], Any]] = None,
+) -> dict[str, dict]:
+    """What one Job pod (local task) of ``phase``'s step does: the phase, then every
+    phase it hosts, for the same shard, in this process and on the models they share
+    (fetched and loaded once); {phase: summary} in order. Each phase commits as when run
+    alone (its shard files, shard summary and phase summary), so a phase already
+    committed is skipped, and a pod re-created after a kill mid-judge loads M_t once
+    for the judge and redoes no generation."""
+    store = store or Store.for_spec(spec)
+    names = step_phases(spec, phase)
+    shared = SharedModels() if len(names) > 1 else None  # alone, a phase closes its backend itself
+    out: dict[str, dict] = {}
+    try:
+        for name in names:
+            try:
+                out[name] = run_phase(spec, name, iteration, shard, num_shards, store, progress, shared)
+            except Exception as e:
+                if name == phase:
+                    raise
+                # the pod is the host's: say which of its phases failed
+                msg = str(e) if isinstance(e, PhaseError) else f"{type(e).__name__}: {e}"
+                raise PhaseError(f"iter-{iteration}/{name} (in the {phase} pod): {msg}") from e
+    finally:
+        if shared is not None:
+            shared.close()
+    return out
+
+
+def step_report(summaries: dict[str, dict]) -> dict:
+    """The termination message of a step: its one phase's summary, or ``{"phases":
+    {phase: summary}}`` when it ran several (jobs.job_summary reads either)."""
+    if len(summaries) == 1:
+        return next(iter(summaries.values()))
+    return {"phases": summaries}
 
 
 EXIT_STORE_NOT_OURS = 2  # as an invalid spec (jobs.EXIT_INVALID_SPEC): the Job fails at once
@@ -144,7 +206,7 @@ def main_phase(spec: RunSpec, phase: str, iteration: int, shard: Optional[int], 
     try:
         if owner is not None:
             claim(Store.for_spec(spec), owner)
-        summary = run_phase(spec, phase, iteration, shard, num_shards, progress=progress)
+        summary = step_report(run_step(spec, phase, iteration, shard, num_shards, progress=progress))
     except OwnershipError as e:
         log(f"iter-{iteration}/{phase} refused: {e}")
         write_termination_log({"error": str(e)[:1500], "phase": phase, "iteration": iteration}, termination_log)

@@ -16,10 +16,11 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
-from .. import layout
+from .. import layout, models
 from ..spec import RunSpec
 from ..storage import Store
 
@@ -29,6 +30,34 @@ TERMINATION_LIMIT = 4000  # bytes; the kubelet keeps at most 4096
 
 class PhaseError(RuntimeError):
     """A worker failure with a message meant for the run's status."""
+
+
+class SharedModels:
+    """What the phases of one step share in one process: the model directories they
+    resolved and the generation backends they built, kept open from one phase to the
+    next. Under judge.colocate a generate shard and the judge shard after it thus fetch
+    and load M_t once. The dispatcher closes it when the step ends."""
+
+    def __init__(self) -> None:
+        self._dirs: dict[Any, str] = {}
+        self._backends: dict[Any, Any] = {}
+
+    def model_dir(self, key: Any, resolve: Callable[[], str]) -> str:
+        if key not in self._dirs:
+            self._dirs[key] = resolve()
+        return self._dirs[key]
+
+    def backend(self, key: Any, build: Callable[[], Any]) -> tuple[Any, bool]:
+        """The backend built for ``key``, building it first if need be; (backend, built now)."""
+        if key in self._backends:
+            return self._backends[key], False
+        self._backends[key] = build()
+        return self._backends[key], True
+
+    def close(self) -> None:
+        backends, self._backends = list(self._backends.values()), {}
+        for b in backends:
+            b.close()
 
 
 @dataclass
@@ -41,6 +70,42 @@ class PhaseContext:
     num_shards: int = 1
     progress: Any = None  # a callable(dict) for live progress, or None
     started: float = field(default_factory=time.time)
+    shared: Optional[SharedModels] = None  # set when the phase's step runs other phases in this process too
+
+    def policy_model(self) -> str:
+        """M_t as a local directory (fetched and verified once per step)."""
+        def fetch() -> str:
+            return models.policy_model(self.spec, self.store, self.iteration)
+
+        return fetch() if self.shared is None else self.shared.model_dir(("policy", self.iteration), fetch)
+
+    @contextmanager
+    def backend(self, name: str, model_dir: str, batch_size: int, vllm_settings: Any) -> Iterator[Any]:
+        """A generation backend over ``model_dir`` in the pod this phase runs in (its
+        GPUs: resources of phases.pod_phase). Within a step with several phases, the one
+        a phase before built is reused (counted as used, not loaded) and stays open."""
+        from .. import phases
+        from ..backends import make_backend
+
+        spec = self.spec
+        gpus = spec.resources.for_phase(phases.pod_phase(spec, self.phase)).gpus
+
+        def build():
+            return make_backend(name, model_dir, spec.model.dtype, batch_size, trust_remote_code=spec.model.trustRemoteCode,
+                                vllm_settings=vllm_settings, gpus=gpus)
+
+        if self.shared is None:
+            with build() as backend:
+                yield backend
+            return
+        key = (name, model_dir, spec.model.dtype, json.dumps(vllm_settings.model_dump(mode="json"), sort_keys=True), gpus)
+        backend, built = self.shared.backend(key, build)
+        if not built:
+            models.note_loaded(model_dir, load=False)
+            # each phase counts its own tokens, as on a backend built for it
+            backend.generated_tokens = backend.truncated_prompts = 0
+        backend.resize(batch_size)
+        yield backend
 
     @property
     def dir(self) -> str:
@@ -100,7 +165,13 @@ def aggregate(summaries: list[dict]) -> dict:
 
 def compact(summary: dict, limit: int = TERMINATION_LIMIT) -> str:
     """The summary as one JSON line under `limit` bytes: drop non-scalar and then the
-    longest fields until it fits."""
+    longest fields until it fits. A step of several phases reports ``{"phases": {phase:
+    summary}}``: each phase's summary compacted in an equal share of the limit."""
+    steps = summary.get("phases")
+    if isinstance(steps, dict) and steps and all(isinstance(v, dict) for v in steps.values()):
+        share = (limit - len('{"phases":{}}')) // len(steps) - max(len(json.dumps(k)) + 2 for k in steps)
+        inner = ",".join(f"{json.dumps(k)}:{compact(v, share)}" for k, v in steps.items())
+        return '{"phases":{' + inner + "}}"
     flat = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None}
     for k, v in list(flat.items()):
         if isinstance(v, float):

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import time
 
-from .. import models
-from ..backends import derive_seed, make_backend
+from ..backends import derive_seed
 from ..prompts import iteration_prompts
 from .common import PhaseContext, log
 from .parts import BatchParts
@@ -28,15 +27,13 @@ def run(ctx: PhaseContext) -> dict:
     backend_name = gen.backend
     done: dict[int, dict] = {}
     if prompts:
-        model_dir = models.policy_model(spec, ctx.store, ctx.iteration)
+        model_dir = ctx.policy_model()
         log(f"iter-{ctx.iteration}/generate shard {ctx.shard}/{ctx.num_shards}: {len(prompts)} prompts x "
             f"{gen.responsesPerPrompt} responses with {model_dir} ({gen.backend})")
         batches = [prompts[start:start + gen.batchSize] for start in range(0, len(prompts), gen.batchSize)]
         parts = BatchParts(ctx.store, ctx.shard_data, f"iter-{ctx.iteration}/generate shard {ctx.shard}")
         done = parts.load([[p["promptId"] for p in batch] for batch in batches])
-        with make_backend(gen.backend, model_dir, spec.model.dtype, gen.batchSize,
-                          trust_remote_code=spec.model.trustRemoteCode, vllm_settings=gen.vllm,
-                          gpus=spec.resources.for_phase("generate").gpus) as backend:
+        with ctx.backend(gen.backend, model_dir, gen.batchSize, gen.vllm) as backend:
             backend_name = backend.name
             t0 = time.perf_counter()
             for b, batch in enumerate(batches):

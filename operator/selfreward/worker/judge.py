@@ -1,8 +1,9 @@
 """The judge phase: M_t grades every generated response with the LLM-as-a-judge prompt.
 
 Shard i of n takes the prompts with index i::n across all of the generate phase's shard
-files and samples ``samplesPerResponse`` verdicts per response. Each record keeps the
-raw verdicts (the audit trail) next to the scores read from them::
+files (with ``judge.colocate``: the prompts of generate shard i, judged in that shard's
+pod on the model it loaded) and samples ``samplesPerResponse`` verdicts per response.
+Each record keeps the raw verdicts (the audit trail) next to the scores read from them::
 
     {promptId, prompt, responses: [{text, verdicts: [raw...], scores: [valid...],
                                     score: mean|median|null, parseFailures: k,
@@ -25,8 +26,8 @@ from __future__ import annotations
 import re
 import time
 
-from .. import layout, models
-from ..backends import derive_seed, make_backend
+from .. import layout
+from ..backends import derive_seed
 from ..evaluation import score_histogram
 from ..judging import judge_response, render_judge_prompt, saturation, score_stats
 from ..storage import Store
@@ -83,9 +84,21 @@ def generated_tokens_of(record: dict, j: int) -> dict:
     return {"tokens": n} if isinstance(n, int) and not isinstance(n, bool) else {}
 
 
+def shard_records(ctx: PhaseContext) -> list[dict]:
+    """The generate records this judge shard judges: with judge.colocate, those of the
+    generate shard of the same index (the one its pod has just written, on the model
+    still loaded), else every ``num_shards``-th record across all generate shards."""
+    if not ctx.spec.judge.colocate:
+        return read_phase_records(ctx.store, ctx.iteration, "generate")[ctx.shard::ctx.num_shards]
+    if not ctx.store.exists(layout.shard_summary_path(ctx.iteration, "generate", ctx.shard, ctx.num_shards)):
+        raise PhaseError(f"iter-{ctx.iteration}/generate shard {ctx.shard} of {ctx.num_shards} has not committed: "
+                         "with judge.colocate the judge shard judges that generate shard, so run it first")
+    return ctx.store.read_jsonl(layout.shard_data_path(ctx.iteration, "generate", ctx.shard, ctx.num_shards))
+
+
 def run(ctx: PhaseContext) -> dict:
     spec, judge = ctx.spec, ctx.spec.judge
-    records = read_phase_records(ctx.store, ctx.iteration, "generate")[ctx.shard::ctx.num_shards]
+    records = shard_records(ctx)
     # one judge request per (record, response)
     items = [(r, j) for r, rec in enumerate(records) for j in range(len(rec["responses"]))]
     verdicts: dict[tuple[int, int], list[str]] = {}
@@ -95,15 +108,13 @@ def run(ctx: PhaseContext) -> dict:
     parts: BatchParts | None = None
     done: dict[int, dict] = {}
     if items:
-        model_dir = models.policy_model(spec, ctx.store, ctx.iteration)
+        model_dir = ctx.policy_model()
         log(f"iter-{ctx.iteration}/judge shard {ctx.shard}/{ctx.num_shards}: {len(items)} responses x "
             f"{judge.samplesPerResponse} verdicts with {model_dir} ({judge.backend})")
         batches = [items[start:start + judge.batchSize] for start in range(0, len(items), judge.batchSize)]
         parts = BatchParts(ctx.store, ctx.shard_data, f"iter-{ctx.iteration}/judge shard {ctx.shard}")
         done = parts.load([[[records[r]["promptId"], j] for r, j in batch] for batch in batches])
-        with make_backend(judge.backend, model_dir, spec.model.dtype, judge.batchSize,
-                          trust_remote_code=spec.model.trustRemoteCode, vllm_settings=judge.vllm,
-                          gpus=spec.resources.for_phase("judge").gpus) as backend:
+        with ctx.backend(judge.backend, model_dir, judge.batchSize, judge.vllm) as backend:
             backend_name = backend.name
             t0 = time.perf_counter()
             for b, batch in enumerate(batches):
