@@ -133,3 +133,19 @@ def test_the_gate_event_names_the_saturated_judge():
     stop = [e for e in res.of(Event) if e.reason == "EarlyStopped"]
     assert len(stop) == 1 and "the judge is saturated (eval.gate.onJudgeSaturated)" in stop[0].message
     assert sim.status["phase"] == "Succeeded" and not res.of(CreateJob)
+
+
+def test_a_colocated_judge_that_saturates_warns_as_a_judge_job_would():
+    """judge.colocate: the judge step completes from the generate Job's report; its
+    saturation still becomes the Warning and the condition."""
+    sim = Sim(make_run(iterations=1, judge={"colocate": True}))
+    sim.step()
+    message = "iter-1/judge: the judge looks saturated: 97% of the scored responses got the top score"
+    sim.complete("r-i1-generate", {"phases": {"generate": {"prompts": 4},
+                                              "judge": {"judgedResponses": 16, "topScoreShare": 0.97,
+                                                        "judgeSaturated": True, "judgeSaturatedFlag": 1,
+                                                        "saturationMessage": message}}})
+    res = sim.step(1)
+    assert [e for e in res.of(Event) if e.reason == "JudgeSaturated"] == [Event("Warning", "JudgeSaturated", message)]
+    assert sim.cond("JudgeSaturated")["status"] == "True"
+    assert created(res) == ["r-i1-pairs"]

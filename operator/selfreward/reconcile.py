@@ -633,6 +633,8 @@ def _reconcile(run: dict, status: Any, jobs: list[dict], now: datetime, settings
             done = _pos(step.iteration, step.phase)
             st.completedStep = key
             p.event("Normal", "StepCompleted", f"{key} completed in {hosted['metadata']['name']}{_figures(summary)}")
+            if step.phase == "judge":
+                _judge_saturation(p, key, summary)
             continue
         seen = by_step.get((step.iteration, step.phase), {})
         attempt = max([attempts.get(key, 0)] + list(seen))
