@@ -16,6 +16,8 @@ Finished batches of verdicts are kept as part files while the shard runs
 """
 from __future__ import annotations
 
+import math
+import random
 import re
 import time
 
@@ -68,6 +70,20 @@ def was_truncated(record: dict, j: int) -> bool:
     return isinstance(flags, list) and j < len(flags) and flags[j] is True
 
 
+def random_verdicts(spec, iteration: int, keys: list[tuple]) -> list[list[str]]:
+    """The randomJudge ablation (spec.ablation): per (promptId, response index),
+    ``samplesPerResponse`` verdicts "Score: k" with k drawn uniformly from the whole
+    numbers in minScore..maxScore, seeded by the run seed, the iteration and the key, so
+    they go through the same parser and aggregation as a model's verdicts."""
+    judge = spec.judge
+    lo, hi = math.ceil(judge.minScore), math.floor(judge.maxScore)
+    out = []
+    for key in keys:
+        rng = random.Random(derive_seed(spec.seed, iteration, "random-judge", *key))
+        out.append([f"Score: {rng.randint(lo, hi)}" for _ in range(judge.samplesPerResponse)])
+    return out
+
+
 def run(ctx: PhaseContext) -> dict:
     spec, judge = ctx.spec, ctx.spec.judge
     records = read_phase_records(ctx.store, ctx.iteration, "generate")[ctx.shard::ctx.num_shards]
@@ -79,7 +95,13 @@ def run(ctx: PhaseContext) -> dict:
     backend_name = judge.backend
     parts: BatchParts | None = None
     done: dict[int, dict] = {}
-    if items:
+    if items and spec.ablation == "randomJudge":
+        backend_name = "random"
+        verdicts = dict(zip(items, random_verdicts(spec, ctx.iteration,
+                                                   [(records[r]["promptId"], j) for r, j in items])))
+        log(f"iter-{ctx.iteration}/judge shard {ctx.shard}: ablation randomJudge: {len(items)} responses x "
+            f"{judge.samplesPerResponse} random verdicts, no model")
+    elif items:
         model_dir = models.policy_model(spec, ctx.store, ctx.iteration)
         log(f"iter-{ctx.iteration}/judge shard {ctx.shard}/{ctx.num_shards}: {len(items)} responses x "
             f"{judge.samplesPerResponse} verdicts with {model_dir} ({judge.backend})")

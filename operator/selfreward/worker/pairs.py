@@ -90,11 +90,22 @@ def build_pairs(records: list[dict], min_margin: float = 0.0) -> tuple[list[dict
     return pairs, summary
 
 
+def swap_pairs(pairs: list[dict]) -> list[dict]:
+    """The swapPairs ablation (spec.ablation): every pair with its chosen and rejected
+    sides (texts and scores) exchanged, so DPO learns the judge's preference backwards."""
+    return [{**p, "chosen": p["rejected"], "rejected": p["chosen"],
+             "chosenScore": p["rejectedScore"], "rejectedScore": p["chosenScore"]} for p in pairs]
+
+
 def run(ctx: PhaseContext) -> dict:
     from .judge import read_phase_records
 
     records = read_phase_records(ctx.store, ctx.iteration, "judge")
     pairs, summary = build_pairs(records, ctx.spec.pairs.minMargin)
+    if ctx.spec.ablation == "swapPairs":
+        pairs = swap_pairs(pairs)
+        summary["ablation"] = "swapPairs"
+        log(f"iter-{ctx.iteration}/pairs: ablation swapPairs: chosen and rejected swapped in {len(pairs)} pairs")
     ctx.store.write_jsonl(pairs_path(ctx.iteration), pairs)
     if not pairs:
         log(f"iter-{ctx.iteration}/pairs: no preference pair from {len(records)} prompts "
