@@ -49,15 +49,15 @@ VARIANTS = {"normal": "none", "swapped": "swapPairs", "randomJudge": "randomJudg
 
 # The design (see docs/paper-table.md for why each setting is what it is).
 DEFAULTS = dict(
-    hidden=128, layers=3, heads=4,
-    symbols=16, train_prompts=2000, ift=1000, eft=2000, heldout=200, judgeset=32, right=0.4,
-    sft_lr=3e-3, sft_epochs=4, sft_batch=32,
+    hidden=96, layers=2, heads=4,
+    symbols=8, train_prompts=2000, ift=1000, eft=2000, heldout=200, judgeset=32, right=0.4,
+    sft_lr=3e-3, sft_epochs=6, sft_batch=32,
     per_iteration=128, responses=4, temperature=1.0, samples=1, judge_temperature=0.3,
     dpo_lr=2e-4, dpo_epochs=2, dpo_batch=16, beta=0.1,
     iterations=3,
 )
-QUICK = dict(train_prompts=600, ift=800, eft=1200, heldout=100, judgeset=16, sft_epochs=5, per_iteration=64,
-             iterations=1)
+QUICK = dict(train_prompts=600, ift=800, eft=1200, heldout=100, judgeset=16, sft_epochs=5, per_iteration=64)
+SMOKE = dict(iterations=1)
 
 
 def spec_doc(cfg: dict, data: dict[str, str], model_dir: str, store: str, seed: int, ablation: str) -> dict:
@@ -76,7 +76,7 @@ def spec_doc(cfg: dict, data: dict[str, str], model_dir: str, store: str, seed: 
         "generation": {"responsesPerPrompt": cfg["responses"], "temperature": cfg["temperature"], "topP": 1.0,
                        "maxNewTokens": max_answer, "batchSize": 64},
         "judge": {"template": cipher.JUDGE_TEMPLATE, "samplesPerResponse": cfg["samples"],
-                  "temperature": cfg["judge_temperature"], "topP": 1.0, "maxNewTokens": 16, "batchSize": 64},
+                  "temperature": cfg["judge_temperature"], "topP": 1.0, "maxNewTokens": 32, "batchSize": 64},
         "training": {"learningRate": cfg["dpo_lr"], "epochs": cfg["dpo_epochs"], "batchSize": cfg["dpo_batch"],
                      "beta": cfg["beta"], "maxLength": 128, "seed": seed, "checkpointing": {"enabled": False}},
         "eval": {"prompts": {"uri": data["heldout"]}, "verifier": "selfreward.tasks.cipher:verify",
@@ -109,6 +109,11 @@ def _init_worker() -> None:
     import torch
 
     torch.set_num_threads(1)
+    if sys.platform.startswith("linux"):  # a worker dies with the benchmark, even when that is killed
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def base_task(cfg: dict, root: str, seed: int) -> dict:
@@ -254,15 +259,18 @@ def report(results: dict, seeds: list[int], cfg: dict, wall: float) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--quick", action="store_true", help="smaller data, 1 iteration (a smoke run)")
+    ap.add_argument("--quick", action="store_true", help="smaller data and fewer steps, 3 iterations")
+    ap.add_argument("--smoke", action="store_true", help="the CI-sized run of tests/test_reproduce.py: 1 iteration")
     ap.add_argument("--jobs", type=int, default=2, help="processes (one torch thread each)")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--workdir", help="keep everything here (default: a temporary directory)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help=f"design settings: {sorted(DEFAULTS)}")
     args = ap.parse_args(argv)
     cfg = dict(DEFAULTS)
-    if args.quick:
+    if args.quick or args.smoke:
         cfg.update(QUICK)
+    if args.smoke:
+        cfg.update(SMOKE)
     for kv in args.set:
         k, _, v = kv.partition("=")
         if k not in DEFAULTS:

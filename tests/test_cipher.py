@@ -52,13 +52,20 @@ def test_verify_is_the_rule_score_on_zero_to_one(c):
     assert cipher.answer_of(7, "Encode: ka zz ka ka ka") is None
 
 
-def test_judge_target_parses_with_the_default_score_pattern():
+def test_judge_target_marks_each_criterion_and_parses_with_the_default_score_pattern(c):
     # the EFT target must be read by the project's default rubric parser, as the judge phase reads it
     judge = JudgeSpec()
-    for marks in ([True] * 5, [False] * 5, [True, False, True, True, False]):
-        target = cipher.judge_target(marks)
-        assert target.startswith(" ".join("1" if m else "0" for m in marks))
-        assert parse_verdict(target, judge).score == sum(marks)
+    words = ["ka", "mo", "su", "ni", "po"]
+    answer = c.encode(words)
+    for response in (" ".join(answer), " ".join(c.g[w] for w in words),
+                     " ".join([answer[0], c.g["mo"], answer[2], answer[3], c.g["po"]]), answer[0]):
+        target = cipher.judge_target(words, answer, response)
+        lines = target.splitlines()
+        got = response.split()
+        assert lines[:5] == [f"{q} {got[i] if i < len(got) else '-'} {int(m)}"
+                             for i, (q, m) in enumerate(zip(words, cipher.criteria(answer, response)))]
+        assert lines[5] == f"Score: {cipher.rule_score(answer, response)}"
+        assert parse_verdict(target, judge).score == cipher.rule_score(answer, response)
 
 
 def _rows(path):
@@ -100,7 +107,7 @@ def test_data_say_what_the_design_says(tmp_path):
         q, a = r["prompt"].split("\n")[1:3]
         assert r["prompt"] == cipher.judge_prompt(q.removeprefix("Question: "), a.removeprefix("Answer: "))
         answer = c.encode(cipher.prompt_words(q))
-        assert r["response"] == cipher.judge_target(cipher.criteria(answer, a.removeprefix("Answer: ")))
+        assert r["response"] == cipher.judge_target(cipher.prompt_words(q), answer, a.removeprefix("Answer: "))
         scores.append(cipher.rule_score(answer, a.removeprefix("Answer: ")))
     assert set(scores) == set(range(6))
     # judge set: distinct rule scores per prompt, labelled correctly

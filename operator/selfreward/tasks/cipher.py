@@ -15,10 +15,11 @@ The data mirror what the paper starts from:
   fixed map that never agrees with f. From the IFT data alone f and g cannot be told
   apart, so M_1 (the SFT model) samples the right word about 40% of the time.
 - EFT (judge training) data teach which map is right: the judge prompt shows a prompt and
-  an answer with every mix of f, g and random words, and the target is the per-criterion
-  marks and their sum, ``1 0 1 1 0\\nScore: 3``. Decomposing the count into five marks
-  makes judging easy for a tiny transformer; the "Score: N" line is what the default
-  score pattern reads.
+  an answer with every mix of f, g and random words, and the target is one line per
+  criterion (the question word, the answer word, the mark) and the sum, ``ka mo 1`` ...
+  ``Score: 3``. Decomposing the count into five marks, each next to the two words it
+  compares, makes judging easy for a tiny transformer; the "Score: N" line is what the
+  default score pattern reads.
 
 Self-rewarding training then has to move judging skill (from EFT) into generation
 (through the judge's preference pairs and DPO), which is the paper's mechanism.
@@ -120,9 +121,15 @@ def verify(prompt: str, response: str, record: dict) -> float:
     return rule_score(answer, response) / len(answer)
 
 
-def judge_target(marks: Sequence[bool]) -> str:
-    """The EFT target: the per-criterion marks, then the sum on its own line."""
-    return " ".join("1" if m else "0" for m in marks) + f"\nScore: {sum(marks)}"
+def judge_target(question: Sequence[str], answer: Sequence[str], response: str) -> str:
+    """The EFT target: one line per criterion, ``<question word> <response word> <mark>``
+    (mark 1 when the response word is the code of the question word), then the sum as
+    ``Score: N``. Restating the two words puts them next to the mark, so a tiny model
+    decides each mark from the two tokens before it instead of searching the prompt."""
+    words = response.split()
+    marks = criteria(answer, response)
+    lines = [f"{q} {words[i] if i < len(words) else '-'} {int(m)}" for i, (q, m) in enumerate(zip(question, marks))]
+    return "\n".join(lines) + f"\nScore: {sum(marks)}"
 
 
 def judge_prompt(prompt: str, response: str, template: str = JUDGE_TEMPLATE) -> str:
@@ -196,7 +203,7 @@ def build(out_dir: str | Path, seed: int = 0, *, train_prompts: int = 2000, ift:
     for w in eft_words:
         response = graded_response(c, w, rng, rng.randint(0, LENGTH))
         eft_rows.append({"prompt": judge_prompt(prompt_text(w), response, template),
-                         "response": judge_target(criteria(c.encode(w), response))})
+                         "response": judge_target(w, c.encode(w), response)})
     rows["eft"] = eft_rows
     judge_rows = []
     for w in judged:
