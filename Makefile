@@ -1,5 +1,5 @@
 # Two commands for a fresh machine:
-#   make run   installs the runtime and runs the local quickstart (a tiny model, 2 iterations)
+#   make run   installs the runtime and runs the local quickstart (the cipher task, a tiny model, 2 iterations)
 #   make test  installs the test dependencies and runs the test suite
 PY ?= python3
 VENV ?= .venv
@@ -30,7 +30,8 @@ install: $(STAMP_RUN)
 install-test: $(STAMP_TEST)
 
 run: $(STAMP_RUN)
-	$(BIN)/selfreward make-tiny-model .quickstart/tiny-model
+	$(BIN)/python examples/data/build_cipher.py .quickstart/data
+	$(BIN)/selfreward make-tiny-model .quickstart/tiny-model --corpus .quickstart/data/corpus.txt --hidden-size 96 --layers 2
 	$(BIN)/selfreward run examples/quickstart.yaml
 
 test: $(STAMP_TEST)

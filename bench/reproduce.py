@@ -50,14 +50,15 @@ VARIANTS = {"normal": "none", "swapped": "swapPairs", "randomJudge": "randomJudg
 # The design (see docs/paper-table.md for why each setting is what it is).
 DEFAULTS = dict(
     hidden=96, layers=2, heads=4,
-    symbols=8, train_prompts=2000, ift=1000, eft=2000, heldout=200, judgeset=32, right=0.4,
-    sft_lr=3e-3, sft_epochs=6, sft_batch=32,
+    symbols=8, train_prompts=2000, ift=1000, eft=3000, heldout=200, judgeset=32, right=0.4,
+    sft_lr=3e-3, sft_epochs=8, sft_batch=32,
     per_iteration=128, responses=4, temperature=1.0, samples=1, judge_temperature=0.3,
     dpo_lr=2e-4, dpo_epochs=2, dpo_batch=16, beta=0.1,
     iterations=3,
 )
 QUICK = dict(train_prompts=600, ift=800, eft=1200, heldout=100, judgeset=16, sft_epochs=5, per_iteration=64)
-SMOKE = dict(iterations=1)
+SMOKE = dict(symbols=4, train_prompts=200, ift=200, eft=500, heldout=60, judgeset=12, sft_epochs=6, sft_lr=5e-3,
+             hidden=64, per_iteration=48, iterations=1)
 
 
 def spec_doc(cfg: dict, data: dict[str, str], model_dir: str, store: str, seed: int, ablation: str) -> dict:

@@ -21,17 +21,20 @@ def c():
 
 
 def test_maps_are_permutations_and_never_agree(c):
-    assert sorted(c.f.values()) == sorted(cipher.SYMBOLS) == sorted(c.g.values())
-    assert all(c.f[x] != c.g[x] for x in cipher.SYMBOLS)
+    assert c.symbols == cipher.SYMBOLS[:cipher.DEFAULT_SYMBOLS]
+    assert sorted(c.f.values()) == sorted(c.symbols) == sorted(c.g.values())
+    assert all(c.f[x] != c.g[x] for x in c.symbols)
     assert cipher.make_cipher(7) == c and cipher.make_cipher(8) != c
+    wide = cipher.make_cipher(7, 16)
+    assert sorted(wide.f) == sorted(cipher.SYMBOLS) and all(wide.f[x] != wide.g[x] for x in cipher.SYMBOLS)
 
 
 def test_rule_score_counts_the_right_words_in_place(c):
-    words = ["ka", "mo", "su", "ni", "ka"]
+    words = ["ka", "mo", "na", "ne", "ka"]
     answer = c.encode(words)
     assert cipher.rule_score(answer, " ".join(answer)) == 5
     assert cipher.rule_score(answer, " ".join(c.g[w] for w in words)) == 0
-    mixed = [answer[0], c.g["mo"], answer[2], c.g["ni"], answer[4]]
+    mixed = [answer[0], c.g["mo"], answer[2], c.g["ne"], answer[4]]
     assert cipher.criteria(answer, " ".join(mixed)) == [True, False, True, False, True]
     # a right word in the wrong place does not count; missing words fail their criteria
     shifted = " ".join(answer[1:] + answer[:1])
@@ -41,24 +44,25 @@ def test_rule_score_counts_the_right_words_in_place(c):
 
 
 def test_verify_is_the_rule_score_on_zero_to_one(c):
-    words = ["ra", "re", "ri", "so", "su"]
+    words = ["ka", "ne", "mi", "mo", "ku"]
     answer = " ".join(c.encode(words))
     record = {"prompt": cipher.prompt_text(words), "answer": answer}
     assert cipher.verify(record["prompt"], answer, record) == 1.0
     wrong_two = answer.split()
-    wrong_two[1], wrong_two[3] = c.g["re"], c.g["so"]
+    wrong_two[1], wrong_two[3] = c.g["ne"], c.g["mo"]
     assert cipher.verify(record["prompt"], " ".join(wrong_two), record) == pytest.approx(0.6)
     assert cipher.answer_of(7, record["prompt"]) == answer
     assert cipher.answer_of(7, "Encode: ka zz ka ka ka") is None
+    assert cipher.answer_of(7, "Encode: ka su ka ka ka") is None  # su is not one of the 8 symbols
 
 
 def test_judge_target_marks_each_criterion_and_parses_with_the_default_score_pattern(c):
     # the EFT target must be read by the project's default rubric parser, as the judge phase reads it
     judge = JudgeSpec()
-    words = ["ka", "mo", "su", "ni", "po"]
+    words = ["ka", "mo", "na", "ne", "ku"]
     answer = c.encode(words)
     for response in (" ".join(answer), " ".join(c.g[w] for w in words),
-                     " ".join([answer[0], c.g["mo"], answer[2], answer[3], c.g["po"]]), answer[0]):
+                     " ".join([answer[0], c.g["mo"], answer[2], answer[3], c.g["ku"]]), answer[0]):
         target = cipher.judge_target(words, answer, response)
         lines = target.splitlines()
         got = response.split()
@@ -207,6 +211,7 @@ def test_judge_phase_under_random_judge_loads_no_model_and_ignores_quality(tmp_p
     store.write_json(layout.summary_path(1, "generate"), {"numShards": 1})
     summary = run_phase(spec, "judge", 1, store=store)
     assert summary["backend"] == "random" and summary["parseFailures"] == 0
+    assert summary["ablation"] == "randomJudge"
     judged = read_phase_records(store, 1, "judge")
     scores = [r["score"] for rec in judged for r in rec["responses"]]
     assert len(scores) == 120 and len(set(scores)) > 5

@@ -1,7 +1,7 @@
 """The cipher task: a synthetic task where verifying is easy and generating is not.
 
-A secret map ``f`` (a permutation of :data:`SYMBOLS`, drawn from the task seed) codes a
-word. A prompt is five symbols (``Encode: ka mo ...``); the ideal answer is the five
+A secret map ``f`` (a permutation of the task's symbols, by default the first 8 of
+:data:`SYMBOLS`, drawn from the task seed) codes a word. A prompt is five symbols (``Encode: ka mo ...``); the ideal answer is the five
 symbols mapped by ``f``, in order. The additive 0-5 rubric has one criterion per
 position: criterion i holds when answer word i equals f(prompt word i). The rule score
 is the number of criteria met and the verifier (:func:`verify`) gives it on 0-1 (the
@@ -41,11 +41,15 @@ from ..template import render_template
 # tiny tokenizer trained on the task corpus (see check_tokenizer).
 SYMBOLS: tuple[str, ...] = ("ka", "ko", "ku", "mi", "mo", "mu", "na", "ne",
                             "ni", "po", "pu", "ra", "re", "ri", "so", "su")
+# How many of them a task uses by default: with 8 the tiny model of bench/reproduce.py
+# learns to judge (pairwise accuracy about 0.95) within the SFT budget of a 2-core CPU;
+# with all 16 it had not after 560 steps.
+DEFAULT_SYMBOLS = 8
 LENGTH = 5
 PROMPT_PREFIX = "Encode:"
 
 JUDGE_TEMPLATE = (
-    "Mark each answer word 1 if it codes the question word at its place, else 0, then give the sum.\n"
+    "Mark each answer word 1 if right, else 0; sum.\n"
     "Question: {prompt}\n"
     "Answer: {response}"
 )
@@ -75,7 +79,7 @@ class Cipher:
         return [self.f[w] for w in words]
 
 
-def make_cipher(seed: int, symbols: int = len(SYMBOLS)) -> Cipher:
+def make_cipher(seed: int, symbols: int = DEFAULT_SYMBOLS) -> Cipher:
     """f and g over the first ``symbols`` of :data:`SYMBOLS` (fewer symbols: a smaller
     map to learn, for quick runs)."""
     if not 3 <= symbols <= len(SYMBOLS):
@@ -173,9 +177,9 @@ def graded_response(c: Cipher, words: Sequence[str], rng: random.Random, score: 
     return " ".join(out)
 
 
-def build(out_dir: str | Path, seed: int = 0, *, train_prompts: int = 2000, ift: int = 1500, eft: int = 2500,
+def build(out_dir: str | Path, seed: int = 0, *, train_prompts: int = 2000, ift: int = 1000, eft: int = 3000,
           heldout: int = 200, judgeset: int = 32, responses_per_judged_prompt: int = 4, right: float = 0.4,
-          symbols: int = len(SYMBOLS), template: str = JUDGE_TEMPLATE) -> dict[str, Path]:
+          symbols: int = DEFAULT_SYMBOLS, template: str = JUDGE_TEMPLATE) -> dict[str, Path]:
     """Write the task's files for ``seed`` into out_dir (see :data:`FILES`); return their
     paths. Training, IFT/EFT, held-out and judge-set prompts are disjoint."""
     if not 0.0 <= right <= 1.0:
@@ -234,7 +238,7 @@ def check_tokenizer(tokenizer) -> list[str]:
     return bad
 
 
-def answer_of(seed: int, prompt: str, symbols: int = len(SYMBOLS)) -> Optional[str]:
+def answer_of(seed: int, prompt: str, symbols: int = DEFAULT_SYMBOLS) -> Optional[str]:
     """The ideal answer to a prompt under the task seed's map (None if a word is not a symbol)."""
     c = make_cipher(seed, symbols)
     words = prompt_words(prompt)

@@ -163,6 +163,7 @@ def run(ctx: PhaseContext) -> dict:
         "truncatedPrompts": truncated_prompts,  # judge prompts cut from the left to fit the context
         "generationSeconds": round(seconds, 3),  # sampling only; durationSeconds (set by the dispatcher) includes loading
         "backend": backend_name,
+        **({"ablation": spec.ablation} if spec.ablation == "randomJudge" else {}),
     }
 
 
