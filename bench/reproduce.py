@@ -51,7 +51,7 @@ VARIANTS = {"normal": "none", "swapped": "swapPairs", "randomJudge": "randomJudg
 DEFAULTS = dict(
     hidden=96, layers=2, heads=4,
     symbols=8, train_prompts=2000, ift=1000, eft=3000, heldout=200, judgeset=32, right=0.4,
-    sft_lr=3e-3, sft_epochs=8, sft_batch=32,
+    sft_lr=3e-3, sft_epochs=12, sft_batch=32,
     per_iteration=128, responses=4, temperature=1.0, samples=1, judge_temperature=0.3,
     dpo_lr=2e-4, dpo_epochs=2, dpo_batch=16, beta=0.1,
     iterations=3,

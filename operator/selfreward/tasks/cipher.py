@@ -1,8 +1,8 @@
 """The cipher task: a synthetic task where verifying is easy and generating is not.
 
 A secret map ``f`` (a permutation of the task's symbols, by default the first 8 of
-:data:`SYMBOLS`, drawn from the task seed) codes a word. A prompt is five symbols (``Encode: ka mo ...``); the ideal answer is the five
-symbols mapped by ``f``, in order. The additive 0-5 rubric has one criterion per
+:data:`SYMBOLS`, drawn from the task seed) codes a word. A prompt is five symbols
+(``Encode: ka mo ...``); the ideal answer is the five symbols mapped by ``f``, in order. The additive 0-5 rubric has one criterion per
 position: criterion i holds when answer word i equals f(prompt word i). The rule score
 is the number of criteria met and the verifier (:func:`verify`) gives it on 0-1 (the
 eval phase reports 0-100). Checking an answer is five look-ups; writing one needs all
@@ -14,12 +14,12 @@ The data mirror what the paper starts from:
   position is f(x) with probability ``right`` (default 0.4) and otherwise g(x), a second
   fixed map that never agrees with f. From the IFT data alone f and g cannot be told
   apart, so M_1 (the SFT model) samples the right word about 40% of the time.
-- EFT (judge training) data teach which map is right: the judge prompt shows a prompt and
-  an answer with every mix of f, g and random words, and the target is one line per
-  criterion (the question word, the answer word, the mark) and the sum, ``ka mo 1`` ...
-  ``Score: 3``. Decomposing the count into five marks, each next to the two words it
-  compares, makes judging easy for a tiny transformer; the "Score: N" line is what the
-  default score pattern reads.
+- EFT (judge training) data teach which map is right: the judge prompt shows a prompt
+  and an answer mixing f, g and random words (each word right with probability 1/2),
+  and the target is one line per criterion (the question word, the answer word, the
+  mark) and the sum, ``ka mo 1`` ... ``Score: 3``. Decomposing the count into five
+  marks, each next to the two words it compares, makes judging easy for a tiny
+  transformer; the "Score: N" line is what the default score pattern reads.
 
 Self-rewarding training then has to move judging skill (from EFT) into generation
 (through the judge's preference pairs and DPO), which is the paper's mechanism.
@@ -205,7 +205,10 @@ def build(out_dir: str | Path, seed: int = 0, *, train_prompts: int = 2000, ift:
     }
     eft_rows = []
     for w in eft_words:
-        response = graded_response(c, w, rng, rng.randint(0, LENGTH))
+        # each word right with probability 1/2, independently: with a uniform score instead,
+        # the marks of one verdict agree more often than not, and a tiny model learns to
+        # copy the previous mark rather than to check the word (seed 1 did)
+        response = graded_response(c, w, rng, sum(rng.random() < 0.5 for _ in range(LENGTH)))
         eft_rows.append({"prompt": judge_prompt(prompt_text(w), response, template),
                          "response": judge_target(w, c.encode(w), response)})
     rows["eft"] = eft_rows
