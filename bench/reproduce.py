@@ -57,7 +57,7 @@ DEFAULTS = dict(
     iterations=3,
 )
 QUICK = dict(train_prompts=600, ift=800, eft=1200, heldout=100, judgeset=16, sft_epochs=5, per_iteration=64)
-SMOKE = dict(symbols=4, train_prompts=200, ift=200, eft=500, heldout=60, judgeset=12, sft_epochs=6, sft_lr=5e-3,
+SMOKE = dict(symbols=4, train_prompts=200, ift=200, eft=600, heldout=60, judgeset=12, sft_epochs=12, sft_lr=5e-3,
              hidden=64, per_iteration=48, iterations=1)
 
 

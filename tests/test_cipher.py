@@ -114,6 +114,10 @@ def test_data_say_what_the_design_says(tmp_path):
         assert r["response"] == cipher.judge_target(cipher.prompt_words(q), answer, a.removeprefix("Answer: "))
         scores.append(cipher.rule_score(answer, a.removeprefix("Answer: ")))
     assert set(scores) == set(range(6))
+    # each word right with probability 1/2 on its own: verdicts whose marks all agree are
+    # rare (2/32), not a third of them as a uniform score would make them
+    assert sum(x in (0, 5) for x in scores) / len(scores) < 0.12
+    assert 0.45 < sum(scores) / (5 * len(scores)) < 0.55
     # judge set: distinct rule scores per prompt, labelled correctly
     for r in _rows(p["judgeset"]):
         answer = c.encode(cipher.prompt_words(r["prompt"]))
