@@ -57,8 +57,8 @@ DEFAULTS = dict(
     iterations=3,
 )
 QUICK = dict(train_prompts=600, ift=800, eft=1200, heldout=100, judgeset=16, sft_epochs=5, per_iteration=64)
-SMOKE = dict(symbols=4, train_prompts=200, ift=200, eft=600, heldout=60, judgeset=12, sft_epochs=12, sft_lr=5e-3,
-             hidden=64, per_iteration=48, iterations=1)
+SMOKE = dict(symbols=5, train_prompts=200, ift=200, eft=700, heldout=150, judgeset=12, sft_epochs=16, sft_lr=5e-3,
+             hidden=64, per_iteration=64, dpo_lr=5e-4, iterations=1)
 
 
 def spec_doc(cfg: dict, data: dict[str, str], model_dir: str, store: str, seed: int, ablation: str) -> dict:
