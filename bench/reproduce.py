@@ -56,9 +56,11 @@ DEFAULTS = dict(
     dpo_lr=2e-4, dpo_epochs=2, dpo_batch=16, beta=0.1,
     iterations=3,
 )
-QUICK = dict(train_prompts=600, ift=800, eft=1200, heldout=100, judgeset=16, sft_epochs=5, per_iteration=64)
-SMOKE = dict(symbols=5, train_prompts=200, ift=200, eft=700, heldout=150, judgeset=12, sft_epochs=16, sft_lr=5e-3,
-             hidden=64, per_iteration=64, dpo_lr=5e-4, iterations=1)
+# --quick: 5 symbols and a smaller model, about a fifth of the SFT compute; --smoke (the
+# CI-sized run of tests/test_reproduce.py) is --quick with 1 iteration.
+QUICK = dict(symbols=5, train_prompts=200, ift=200, eft=700, heldout=150, judgeset=12, sft_epochs=16, sft_lr=5e-3,
+             hidden=64, per_iteration=64, dpo_lr=5e-4)
+SMOKE = dict(iterations=1)
 
 
 def spec_doc(cfg: dict, data: dict[str, str], model_dir: str, store: str, seed: int, ablation: str) -> dict:
@@ -119,7 +121,11 @@ def _init_worker() -> None:
 
 def base_task(cfg: dict, root: str, seed: int) -> dict:
     """Data, tiny model and iteration 0 (SFT, eval of M_1) of one seed, in the normal run's store."""
+    from transformers import AutoTokenizer
+
+    from selfreward import layout
     from selfreward.spec import parse_spec
+    from selfreward.storage import Store
     from selfreward.tasks import cipher
     from selfreward.tiny import make_tiny_model
 
@@ -132,23 +138,18 @@ def base_task(cfg: dict, root: str, seed: int) -> dict:
     if not (model_dir / "config.json").exists():
         make_tiny_model(model_dir, seed=seed, corpus=str(paths["corpus"]), hidden_size=cfg["hidden"],
                         layers=cfg["layers"], heads=cfg["heads"])
-    from transformers import AutoTokenizer
-
     bad = cipher.check_tokenizer(AutoTokenizer.from_pretrained(model_dir))
     if bad:
         raise SystemExit(f"seed {seed}: not one token each: {bad}")
     data = {k: str(v) for k, v in paths.items()}
     spec = parse_spec(spec_doc(cfg, data, str(model_dir), str(d / "normal"), seed, "none"), "reproduce")
     run_steps(spec, only_iteration=0)
-    from selfreward import layout
-    from selfreward.storage import Store
-
     m1 = Store.for_spec(spec).read_json(layout.summary_path(0, "eval"))
     return {"seed": seed, "data": data, "model": str(model_dir), "seconds": time.time() - t0, "m1": m1}
 
 
 def variant_task(cfg: dict, root: str, base: dict, variant: str) -> dict:
-    from selfreward import local
+    from selfreward import layout, local
     from selfreward.spec import parse_spec
     from selfreward.storage import Store
 
@@ -163,8 +164,6 @@ def variant_task(cfg: dict, root: str, base: dict, variant: str) -> dict:
     run_steps(spec)
     store = Store.for_spec(spec)
     rows = []
-    from selfreward import layout
-
     for rec in local.iteration_records(spec, store):
         t = rec.iteration
         ev = store.read_json(layout.summary_path(t, "eval"))
@@ -175,7 +174,6 @@ def variant_task(cfg: dict, root: str, base: dict, variant: str) -> dict:
         if t >= 1:
             judge = store.read_json(layout.summary_path(t, "judge"))
             pairs = store.read_json(layout.summary_path(t, "pairs"))
-            train = store.read_json(layout.summary_path(t, "train"))
             row.update({"pairs": pairs.get("pairs"), "parseFailures": judge.get("parseFailures"),
                         "verdicts": judge.get("verdicts"), "meanJudgeScore": judge.get("scoreMean"),
                         "chosenMeanScore": pairs.get("chosenMeanScore"),
@@ -260,7 +258,7 @@ def report(results: dict, seeds: list[int], cfg: dict, wall: float) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--quick", action="store_true", help="smaller data and fewer steps, 3 iterations")
+    ap.add_argument("--quick", action="store_true", help="5 symbols, a smaller model and data: a few minutes")
     ap.add_argument("--smoke", action="store_true", help="the CI-sized run of tests/test_reproduce.py: 1 iteration")
     ap.add_argument("--jobs", type=int, default=2, help="processes (one torch thread each)")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
