@@ -122,33 +122,42 @@ def test_valid_spec_gets_the_paper_defaults():
 def test_quickstart_loads_and_resolves_relative_uris_against_its_file():
     spec, meta = load_spec_file(ROOT / "examples" / "quickstart.yaml")
     assert meta["name"] == "quickstart"
-    examples = (ROOT / "examples").resolve()
+    data = ROOT.resolve() / ".quickstart" / "data"  # written by examples/data/build_cipher.py (make run)
     assert spec.model.uri == str(ROOT.resolve() / ".quickstart" / "tiny-model")
     assert spec.storage.uri == str(ROOT.resolve() / ".quickstart" / "artifacts")
-    assert spec.prompts.uri == str(examples / "data" / "prompts.jsonl")
-    assert spec.sft.instructionDataUri == str(examples / "data" / "ift.jsonl")
-    assert spec.sft.judgeDataUri == str(examples / "data" / "eft.jsonl")
-    for uri in (spec.prompts.uri, spec.sft.instructionDataUri, spec.sft.judgeDataUri):
-        assert Path(uri).is_file(), uri
-    assert spec.iterations == 2 and spec.sft_enabled
+    assert spec.prompts.uri == str(data / "prompts.jsonl")
+    assert spec.sft.instructionDataUri == str(data / "ift.jsonl")
+    assert spec.sft.judgeDataUri == str(data / "eft.jsonl")
+    assert spec.eval.prompts.uri == str(data / "heldout.jsonl")
+    assert spec.eval.judgeSet.uri == str(data / "judgeset.jsonl")
+    assert spec.iterations == 2 and spec.sft_enabled and spec.eval_enabled and spec.ablation == "none"
 
 
-def test_quickstart_eft_data_uses_the_quickstart_judge_template():
-    """data/eft.jsonl must be rendered from the template the quickstart judges with."""
+def test_quickstart_is_the_cipher_task_its_builder_writes(tmp_path):
+    """The quickstart judges with the template its EFT data are rendered from, verifies
+    with the task's verifier, and reads the files examples/data/build_cipher.py writes."""
+    import importlib.util
     import json
 
     from selfreward.judging import render_judge_prompt
+    from selfreward.tasks import cipher
+    from selfreward.worker.eval import load_verifier
 
     spec, _ = load_spec_file(ROOT / "examples" / "quickstart.yaml")
-    head, _, _ = spec.judge.prompt_template.partition("{prompt}")
-    rows = [json.loads(line) for line in (ROOT / "examples" / "data" / "eft.jsonl").read_text().splitlines()]
-    assert len(rows) >= 20
-    for row in rows:
-        assert row["prompt"].startswith(head)
-        assert row["response"].rstrip().splitlines()[-1].startswith("Score: ")
-    scores = {row["response"].rsplit("Score: ", 1)[1].strip() for row in rows}
-    assert scores == {"0", "1", "2", "3", "4", "5"}  # the whole scale is taught
-    assert rows[0]["prompt"] == render_judge_prompt(spec.judge, "What is two plus three?", "Two plus three is five.")
+    assert spec.judge.prompt_template == cipher.JUDGE_TEMPLATE
+    assert load_verifier(spec.eval.verifier) is cipher.verify
+    mod_spec = importlib.util.spec_from_file_location("build_cipher", ROOT / "examples" / "data" / "build_cipher.py")
+    builder = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(builder)
+    sizes = {**builder.SIZES, "train_prompts": 20, "ift": 10, "eft": 30, "heldout": 5, "judgeset": 3}
+    paths = cipher.build(tmp_path, 0, **sizes)
+    for uri in (spec.prompts.uri, spec.sft.instructionDataUri, spec.sft.judgeDataUri, spec.eval.prompts.uri,
+                spec.eval.judgeSet.uri):
+        assert Path(uri).name in {p.name for p in paths.values()}, uri
+    rows = [json.loads(line) for line in paths["eft"].read_text().splitlines()]
+    q, a = rows[0]["prompt"].split("\n")[1:3]
+    assert rows[0]["prompt"] == render_judge_prompt(spec.judge, q.removeprefix("Question: "), a.removeprefix("Answer: "))
+    assert all(r["response"].splitlines()[-1].startswith("Score: ") for r in rows)
 
 
 def test_relative_uris_resolve_against_the_file_not_the_cwd(tmp_path, monkeypatch):

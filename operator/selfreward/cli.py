@@ -51,7 +51,8 @@ def cmd_make_tiny_model(args) -> int:
     from .tiny import make_tiny_model
 
     make_tiny_model(args.dir, seed=args.seed, corpus=args.corpus, dtype=args.dtype,
-                    chat_template=not args.no_chat_template)
+                    chat_template=not args.no_chat_template, hidden_size=args.hidden_size, layers=args.layers,
+                    heads=args.heads)
     print(f"tiny model written to {args.dir}")
     return 0
 
@@ -258,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype the weights are stored in (real models are mostly bfloat16)")
     t.add_argument("--no-chat-template", action="store_true",
                    help="a tokenizer without a chat template, as a base model has")
+    t.add_argument("--hidden-size", type=int, default=64, help="width of the model")
+    t.add_argument("--layers", type=int, default=2, help="transformer blocks")
+    t.add_argument("--heads", type=int, default=4, help="attention heads (divides --hidden-size)")
     t.set_defaults(func=cmd_make_tiny_model)
 
     im = sub.add_parser("import-model", help="copy a model into a store as a committed, verified checkpoint")

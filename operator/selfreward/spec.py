@@ -1305,6 +1305,11 @@ class RunSpec(_Model):
         "would cross it.")
     storage: StorageSpec
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of prompt sampling and generation (32-bit unsigned).")
+    ablation: Literal["none", "swapPairs", "randomJudge"] = Field(
+        "none", description="For experiments only (bench/reproduce.py): swapPairs trains DPO with every pair's "
+        "chosen and rejected swapped; randomJudge replaces the model's verdicts by random scores. none: the "
+        "self-rewarding method itself.",
+    )
     suspend: bool = Field(False, description="Stop creating Jobs and suspend running ones (operator).")
     # Kubernetes-only settings
     image: Optional[str] = Field(None, max_length=4096, pattern=r"^[^\s]+$",

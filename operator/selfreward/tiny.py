@@ -36,12 +36,9 @@ def _corpus_lines(corpus: Optional[str]) -> list[str]:
             except json.JSONDecodeError:
                 lines.append(raw)
     else:
-        from importlib import resources
+        from .prompts import packaged_prompts
 
-        data = resources.files("selfreward") / "data" / "seed_prompts.jsonl"
-        for raw in data.read_text().splitlines():
-            if raw.strip():
-                lines.append(json.loads(raw)["prompt"])
+        lines.extend(packaged_prompts())
     from .spec import DEFAULT_JUDGE_TEMPLATE
 
     lines.append(DEFAULT_JUDGE_TEMPLATE)

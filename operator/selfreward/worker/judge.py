@@ -23,6 +23,8 @@ Finished batches of verdicts are kept as part files while the shard runs
 """
 from __future__ import annotations
 
+import math
+import random
 import re
 import time
 
@@ -96,6 +98,20 @@ def shard_records(ctx: PhaseContext) -> list[dict]:
     return ctx.store.read_jsonl(layout.shard_data_path(ctx.iteration, "generate", ctx.shard, ctx.num_shards))
 
 
+def random_verdicts(spec, iteration: int, keys: list[tuple]) -> list[list[str]]:
+    """The randomJudge ablation (spec.ablation): per (promptId, response index),
+    ``samplesPerResponse`` verdicts "Score: k" with k drawn uniformly from the whole
+    numbers in minScore..maxScore, seeded by the run seed, the iteration and the key, so
+    they go through the same parser and aggregation as a model's verdicts."""
+    judge = spec.judge
+    lo, hi = math.ceil(judge.minScore), math.floor(judge.maxScore)
+    out = []
+    for key in keys:
+        rng = random.Random(derive_seed(spec.seed, iteration, "random-judge", *key))
+        out.append([f"Score: {rng.randint(lo, hi)}" for _ in range(judge.samplesPerResponse)])
+    return out
+
+
 def run(ctx: PhaseContext) -> dict:
     spec, judge = ctx.spec, ctx.spec.judge
     records = shard_records(ctx)
@@ -107,7 +123,13 @@ def run(ctx: PhaseContext) -> dict:
     backend_name = judge.backend
     parts: BatchParts | None = None
     done: dict[int, dict] = {}
-    if items:
+    if items and spec.ablation == "randomJudge":
+        backend_name = "random"
+        verdicts = dict(zip(items, random_verdicts(spec, ctx.iteration,
+                                                   [(records[r]["promptId"], j) for r, j in items])))
+        log(f"iter-{ctx.iteration}/judge shard {ctx.shard}: ablation randomJudge: {len(items)} responses x "
+            f"{judge.samplesPerResponse} random verdicts, no model")
+    elif items:
         model_dir = ctx.policy_model()
         log(f"iter-{ctx.iteration}/judge shard {ctx.shard}/{ctx.num_shards}: {len(items)} responses x "
             f"{judge.samplesPerResponse} verdicts with {model_dir} ({judge.backend})")
@@ -168,6 +190,7 @@ def run(ctx: PhaseContext) -> dict:
         "truncatedPrompts": truncated_prompts,  # judge prompts cut from the left to fit the context
         "generationSeconds": round(seconds, 3),  # sampling only; durationSeconds (set by the dispatcher) includes loading
         "backend": backend_name,
+        **({"ablation": spec.ablation} if spec.ablation == "randomJudge" else {}),
     }
 
 

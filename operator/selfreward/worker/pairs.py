@@ -165,6 +165,13 @@ def build_pairs(records: list[dict], min_margin: float = 0.0, rho: float = 0.0) 
     return pairs, summary
 
 
+def swap_pairs(pairs: list[dict]) -> list[dict]:
+    """The swapPairs ablation (spec.ablation): every pair with its chosen and rejected
+    sides (texts and scores) exchanged, so DPO learns the judge's preference backwards."""
+    return [{**p, "chosen": p["rejected"], "rejected": p["chosen"],
+             "chosenScore": p["rejectedScore"], "rejectedScore": p["chosenScore"]} for p in pairs]
+
+
 def run(ctx: PhaseContext) -> dict:
     from ..metajudging import cap_meta_pairs
     from .judge import read_phase_records
@@ -188,6 +195,10 @@ def run(ctx: PhaseContext) -> dict:
         summary.update(figures)
         pairs = pairs + meta
         summary["pairs"] = len(pairs)
+    if spec.ablation == "swapPairs":  # every DPO pair, the meta-judge's too
+        pairs = swap_pairs(pairs)
+        summary["ablation"] = "swapPairs"
+        log(f"iter-{t}/pairs: ablation swapPairs: chosen and rejected swapped in {len(pairs)} pairs")
     ctx.store.write_jsonl(pairs_path(t), pairs)
     ctx.report(done=len(records), total=len(records))
     return summary
