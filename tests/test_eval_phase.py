@@ -320,6 +320,7 @@ def test_sharded_eval_gives_the_figures_of_one_pod(models_dir, tmp_path, monkeyp
             run_phase(spec, "eval", 0, shard=1, num_shards=shards, store=store)
         summary = store.read_json(layout.summary_path(0, "eval"))
         assert summary["numShards"] == shards
+        assert summary["runtime"]["versions"]["torch"]  # the phase summary says what it ran with, as every phase's
         loads[shards] = summary["modelLoads"]  # the pods' loads from disk: each shard loads its models
         out[shards] = {k: v for k, v in summary.items()
                        if k not in ("numShards", "durationSeconds", "loadedModels", "modelLoads")}

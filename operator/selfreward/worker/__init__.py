@@ -67,6 +67,9 @@ def finalize_phase(store: Store, spec: RunSpec, iteration: int, phase: str, num_
         summary["loadedModels"] = list(dict.fromkeys(loaded))
     if any("modelLoads" in s for s in summaries):  # every pod's loads from disk
         summary["modelLoads"] = sum(int(s.get("modelLoads", 0)) for s in summaries)
+    runtimes = [s["runtime"] for s in summaries if isinstance(s.get("runtime"), dict)]
+    if runtimes:  # what the phase ran with, as a phase's own finalize does not carry it (shard 0's)
+        summary.setdefault("runtime", runtimes[0])
     summary.update({"phase": phase, "iteration": iteration, "numShards": num_shards})
     store.write_json(layout.summary_path(iteration, phase), summary)
     return summary
