@@ -541,7 +541,7 @@ class Runner:
         base = f"iter-{step.iteration}-{step.phase}"
         if not step.sharded:
             return [Task(step, None, f"iter-{step.iteration}/{step.phase}", self.state / base)]
-        names = [step.phase] + [g.name for g in phases.guests(self.spec, step.phase)]
+        names = phases.step_phases(self.spec, step.phase)
         what = f"iter-{step.iteration}/{'+'.join(names)}"
         out = []
         for i in range(step.shards):

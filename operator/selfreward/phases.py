@@ -249,6 +249,12 @@ def guests(spec: "RunSpec", name: str) -> list[Phase]:
     return [p for p in REGISTRY if p.enabled(spec) and p.host_of(spec) == name]
 
 
+def step_phases(spec: "RunSpec", name: str) -> list[str]:
+    """The phases the step of ``name`` runs, in order: the phase, then those it hosts
+    (judge.colocate: generate, judge)."""
+    return [name] + [g.name for g in guests(spec, name)]
+
+
 def pod_phase(spec: "RunSpec", name: str) -> str:
     """The phase whose pods (resources.<phase>, GPUs) ``name`` runs in under ``spec``."""
     return get(name).host_of(spec) or name

@@ -75,6 +75,18 @@ def finalize_phase(store: Store, spec: RunSpec, iteration: int, phase: str, num_
     return summary
 
 
+def _run_module(mod: Any, ctx: PhaseContext) -> dict:
+    """The phase module's summary with what the dispatcher adds to every one: its
+    duration, the models it loaded and the runtime (image, versions) it ran with."""
+    t0 = time.time()
+    _reset_loaded()
+    summary = dict(mod.run(ctx))
+    summary.setdefault("durationSeconds", round(time.time() - t0, 3))
+    _loaded_into(summary)
+    summary.setdefault("runtime", provenance.runtime())
+    return summary
+
+
 def run_phase(
     spec: RunSpec,
     phase: str,
@@ -117,33 +129,17 @@ def run_phase(
             summary = store.read_json(ctx.shard_summary)
             summary["skipped"] = True
         else:
-            t0 = time.time()
-            _reset_loaded()
-            summary = dict(mod.run(ctx))
-            summary.setdefault("durationSeconds", round(time.time() - t0, 3))
-            _loaded_into(summary)
-            summary.setdefault("runtime", provenance.runtime())
+            summary = _run_module(mod, ctx)
             summary.update({"phase": phase, "iteration": iteration, "shard": shard, "numShards": num_shards})
             store.write_json(ctx.shard_summary, summary)  # the shard's commit marker
         final = finalize_phase(store, spec, iteration, phase, num_shards)
         return final if final is not None else summary
 
-    t0 = time.time()
-    _reset_loaded()
-    summary = dict(mod.run(ctx))
-    summary.setdefault("durationSeconds", round(time.time() - t0, 3))
-    _loaded_into(summary)
-    summary.setdefault("runtime", provenance.runtime())  # the image and versions it ran with
+    summary = _run_module(mod, ctx)
     summary.update({"phase": phase, "iteration": iteration})
     if distributed.is_main():  # one summary per launch: rank 0's (selfreward.distributed)
         store.write_json(layout.summary_path(iteration, phase), summary)  # the phase's commit marker
     return summary
-
-
-def step_phases(spec: RunSpec, phase: str) -> list[str]:
-    """The phases the step of ``phase`` runs, in order: the phase, then those it hosts
-    (judge.colocate: generate, judge)."""
-    return [phase] + [g.name for g in phases.guests(spec, phase)]
 
 
 def run_step(
@@ -162,7 +158,7 @@ def run_step(
     committed is skipped, and a pod re-created after a kill mid-judge loads M_t once
     for the judge and redoes no generation."""
     store = store or Store.for_spec(spec)
-    names = step_phases(spec, phase)
+    names = phases.step_phases(spec, phase)
     shared = SharedModels() if len(names) > 1 else None  # alone, a phase closes its backend itself
     out: dict[str, dict] = {}
     try:
