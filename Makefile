@@ -38,7 +38,7 @@ run: $(STAMP_RUN)
 	OMP_NUM_THREADS=1 $(BIN)/selfreward run examples/quickstart.yaml
 
 test: $(STAMP_TEST)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=20
 
 crd: $(STAMP_RUN)
 	$(BIN)/selfreward crd -o crds/selfreward.dev_selfrewardruns.yaml
