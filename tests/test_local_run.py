@@ -310,8 +310,11 @@ def test_ctrl_c_stops_the_worker_and_exits_130(env, tiny_model, tmp_path):
     spec_yaml = tmp_path / "run.yaml"
     spec_yaml.write_text(json.dumps(spec.model_dump(mode="json", exclude_none=True)))
     state = tmp_path / "state"
+    # As from a terminal: a shell starts background jobs with SIGINT ignored, and a pytest
+    # started that way would pass the ignored SIGINT on to the runner.
     proc = subprocess.Popen([sys.executable, "-m", "selfreward", "run", str(spec_yaml), "--quiet",
-                             "--state-dir", str(state)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--state-dir", str(state)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while not _workers_of(state) and time.time() < deadline:
