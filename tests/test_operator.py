@@ -155,8 +155,8 @@ def events(kube, ns, name):
 
 
 def events_when(kube, ns, name, pred, timeout=WAIT):
-    """The run's Events once pred(events) holds. kopf posts Events from a queue of its own,
-    so they can land a moment after the status patch of the same pass: wait, never assume."""
+    """The run's Events once pred(events) holds. The operator awaits a pass's Events before its
+    status patch, so this is a guard, not a known race: a failure lists what was posted."""
     try:
         return kube.wait_for(lambda: (lambda evs: evs if pred(evs) else None)(events(kube, ns, name)), timeout)
     except TimeoutError:
@@ -519,8 +519,7 @@ def test_operator_killed_mid_phase_restarts_without_duplicates(kube, tmp_path):
         kube.create(manifest("crash", "c"))
         player.wait_job("c", "crash-i1-generate")
         wait_status(kube, "c", "crash", lambda s: s.get("activeJob") == "crash-i1-generate")
-        # kopf posts Events from a queue of its own: a kill as soon as the status lands could
-        # lose the pass's Events, which the counts below read. Kill once they are posted.
+        # kill only once the pass's Events are posted: the counts below read them
         wait_events(kube, "c", "crash", "crash-i1-generate")
     finally:
         stop_operator(proc, kill=True)
