@@ -154,21 +154,6 @@ def events(kube, ns, name):
             if e["involvedObject"]["name"] == name]
 
 
-def events_when(kube, ns, name, pred, timeout=WAIT):
-    """The run's Events once pred(events) holds. The operator awaits a pass's Events before its
-    status patch, so this is a guard, not a known race: a failure lists what was posted."""
-    try:
-        return kube.wait_for(lambda: (lambda evs: evs if pred(evs) else None)(events(kube, ns, name)), timeout)
-    except TimeoutError:
-        raise AssertionError(f"Events of {ns}/{name} never matched: {events(kube, ns, name)}") from None
-
-
-def wait_events(kube, ns, name, job, timeout=WAIT):
-    """Wait until the pass that created `job` has posted its Event."""
-    return events_when(kube, ns, name, lambda evs: any(job in m and ("created Job" in m or "running (Job" in m)
-                                                       for _, _, m in evs), timeout)
-
-
 def step_jobs(kube, ns, run):
     return sorted(j["metadata"]["name"] for j in kube.objects("batch/v1", "jobs", ns)
                   if j["metadata"]["labels"].get(J.LABEL_RUN) == run)
@@ -207,8 +192,7 @@ def test_two_iterations_from_apply_to_succeeded(kube, operator):
     h = st["history"][0]
     assert (h["responses"], h["judged"], h["meanScore"], h["pairs"], h["dpoLoss"]) == (16, 16, 3.5, 3, 0.68)
     assert "kopf.zalando.org/last-handled-configuration" not in (run_obj(kube, "a", "two")["metadata"].get("annotations") or {})
-    reasons = [e[1] for e in events_when(kube, "a", "two", lambda evs: [e[1] for e in evs].count("StepCompleted") >= 8
-                                         and "Succeeded" in [e[1] for e in evs])]
+    reasons = [e[1] for e in events(kube, "a", "two")]
     assert reasons.count("StepCompleted") == 8 and "Succeeded" in reasons and "RunStarted" in reasons
     created = [m for _, _, m in events(kube, "a", "two") if "created Job" in m or "running (Job" in m]
     assert len(created) == 8  # one Event line per Job, no duplicates
@@ -238,7 +222,7 @@ def test_gpu_seconds_reach_status_and_metrics_and_the_budget_stops_the_run(kube,
     assert "5 of 5.5 GPU-hours used and the step is estimated at 1 more" in st["message"]
     time.sleep(1)
     assert "bud-i2-generate" not in step_jobs(kube, "a", "bud")
-    events_when(kube, "a", "bud", lambda evs: ("Normal", "BudgetExhausted") in [(e[0], e[1]) for e in evs])
+    assert ("Normal", "BudgetExhausted") in [(e[0], e[1]) for e in events(kube, "a", "bud")]
     import urllib.request
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics", timeout=5).read().decode()
@@ -262,7 +246,7 @@ def test_failed_job_is_retried_then_the_run_fails_with_oomkilled(kube, operator)
     assert cond(st, "Failed")["reason"] == "OOMKilled" and cond(st, "Stalled")["status"] == "True"
     assert "memory" in cond(st, "Failed")["message"] and cond(st, "Ready")["status"] == "False"
     assert st["attempts"] == {"iter-1/generate": 2}
-    evs = events_when(kube, "a", "oom", lambda evs: "OOMKilled" in [e[1] for e in evs])
+    evs = events(kube, "a", "oom")
     assert ("Warning", "JobRetried") in [(e[0], e[1]) for e in evs]
     assert ("Warning", "OOMKilled") in [(e[0], e[1]) for e in evs]
     time.sleep(1)
@@ -300,7 +284,7 @@ def test_suspend_and_resume(kube, operator):
     wait_status(kube, "a", "sus", lambda s: s.get("phase") == "Running")
     player.finish("a", "sus-i1-generate")
     player.wait_job("a", "sus-i1-judge")
-    reasons = [e[1] for e in events_when(kube, "a", "sus", lambda evs: "Resumed" in [e[1] for e in evs])]
+    reasons = [e[1] for e in events(kube, "a", "sus")]
     assert "Suspended" in reasons and "Resumed" in reasons
 
 
@@ -403,7 +387,7 @@ def test_refused_api_calls_are_reported_and_retried(kube, operator):
     kube.fail_next("POST", r"/namespaces/b/jobs$", code=500, reason="InternalError", message="etcd timeout")
     kube.create(manifest("quota", "b"))
     JobPlayer(kube).wait_job("b", "quota-i1-generate")  # created once the server accepts it
-    evs = [e for e in events_when(kube, "b", "quota", lambda evs: "ApiError" in [e[1] for e in evs]) if e[1] == "ApiError"]
+    evs = [e for e in events(kube, "b", "quota") if e[1] == "ApiError"]
     assert len(evs) == 1 and evs[0][0] == "Warning" and "exceeded quota" in evs[0][2]
     wait_status(kube, "b", "quota", lambda s: s.get("activeJob") == "quota-i1-generate")
 
@@ -415,7 +399,7 @@ def test_a_request_refused_for_good_fails_the_run_with_the_servers_reason(kube, 
     st = wait_status(kube, "b", "bad", lambda s: s.get("phase") == "Failed")
     assert cond(st, "Failed")["reason"] == "ApiRejected" and "HTTP 422" in cond(st, "Failed")["message"]
     assert "nodeSelector: Invalid value" in st["message"]
-    evs = [e for e in events_when(kube, "b", "bad", lambda evs: "ApiRejected" in [e[1] for e in evs]) if e[1] == "ApiRejected"]
+    evs = [e for e in events(kube, "b", "bad") if e[1] == "ApiRejected"]
     assert len(evs) == 1 and evs[0][0] == "Warning" and "nodeSelector" in evs[0][2]
     def posts():
         return len([e for e in kube.emulator.log if e[0] == "POST" and e[1] == "/apis/batch/v1/namespaces/b/jobs"])
@@ -467,7 +451,7 @@ def test_schema_rejects_what_it_can_and_the_operator_reports_the_rest(kube, oper
         return
     st = wait_status(kube, "a", "odd", lambda s: cond(s, "Stalled").get("reason") == "InvalidSpec")
     assert st["phase"] == "Failed" and "minScore" in cond(st, "Stalled")["message"]
-    events_when(kube, "a", "odd", lambda evs: ("Warning", "InvalidSpec") in [(e[0], e[1]) for e in evs])
+    assert ("Warning", "InvalidSpec") in [(e[0], e[1]) for e in events(kube, "a", "odd")]
     assert step_jobs(kube, "a", "odd") == []
     # fixed: the run starts
     kube.patch(*RUNS, "odd", {"spec": {"judge": {"minScore": 0, "maxScore": 5}}}, "a")
@@ -519,8 +503,6 @@ def test_operator_killed_mid_phase_restarts_without_duplicates(kube, tmp_path):
         kube.create(manifest("crash", "c"))
         player.wait_job("c", "crash-i1-generate")
         wait_status(kube, "c", "crash", lambda s: s.get("activeJob") == "crash-i1-generate")
-        # kill only once the pass's Events are posted: the counts below read them
-        wait_events(kube, "c", "crash", "crash-i1-generate")
     finally:
         stop_operator(proc, kill=True)
     player.finish("c", "crash-i1-generate", [{"responses": 8}])  # completes while no operator runs
@@ -531,7 +513,6 @@ def test_operator_killed_mid_phase_restarts_without_duplicates(kube, tmp_path):
         # Job and posted its Event, is over), pairs finishing while no operator runs. A
         # kill inside a pass could lose that pass's Event, which the count below reads.
         wait_status(kube, "c", "crash", lambda s: s.get("completedStep") == "iter-1/judge")
-        wait_events(kube, "c", "crash", "crash-i1-pairs")
         stop_operator(proc, kill=True)
         player.finish("c", "crash-i1-pairs")
         proc = start_operator(kube, ["c"], log)
@@ -540,7 +521,7 @@ def test_operator_killed_mid_phase_restarts_without_duplicates(kube, tmp_path):
         assert st["history"][0]["responses"] == 8
         assert step_jobs(kube, "c", "crash") == ["crash-i1-generate", "crash-i1-judge", "crash-i1-pairs",
                                                   "crash-i1-train"]
-        reasons = [e[1] for e in events_when(kube, "c", "crash", lambda evs: [e[1] for e in evs].count("StepCompleted") >= 4)]
+        reasons = [e[1] for e in events(kube, "c", "crash")]
         assert reasons.count("StepCompleted") == 4 and reasons.count("RunStarted") == 1
         created = [m for _, _, m in events(kube, "c", "crash") if "created Job" in m or "running (Job" in m]
         assert len(created) == 4  # the restarts created nothing twice
@@ -626,8 +607,7 @@ def test_a_colocated_judge_runs_in_the_generate_jobs_real_pods(kube, tmp_path, t
         s = Store(f"file://{store}")
         assert s.read_json(layout.summary_path(1, "judge"))["modelLoads"] == 0  # both pods judged on generate's model
         assert s.read_json(layout.summary_path(1, "generate"))["modelLoads"] == 2
-        reasons = [e[2] for e in events_when(kube, "d", "fused", lambda evs: [e[1] for e in evs].count("StepCompleted") >= 4)
-                   if e[1] == "StepCompleted"]
+        reasons = [e[2] for e in events(kube, "d", "fused") if e[1] == "StepCompleted"]
         assert any(r.startswith("iter-1/judge completed in fused-i1-generate") for r in reasons), reasons
     finally:
         kubelet.close()
@@ -664,7 +644,7 @@ def test_two_peered_replicas_act_once_and_report_health(kube, tmp_path):
             wait_status(kube, "f", "peer", lambda s: s.get("phase") == "Succeeded")
         assert not runner.errors
         time.sleep(1)
-        reasons = [e[1] for e in events_when(kube, "f", "peer", lambda evs: [e[1] for e in evs].count("StepCompleted") >= 4)]
+        reasons = [e[1] for e in events(kube, "f", "peer")]
         assert reasons.count("StepCompleted") == 4 and reasons.count("RunStarted") == 1  # one replica acted
         # the active replica goes: the other takes over once its record is gone
         stop_operator(procs[1])
@@ -717,7 +697,7 @@ def test_a_completion_the_operator_has_not_recorded_survives_the_ttl(kube, tmp_p
     h = st["history"][0]
     assert (h["responses"], h["judged"], h["meanScore"], h["pairs"]) == (8, 8, 2.0, 2)
     assert sorted(ttl.deleted) == ["ttl-i1-generate", "ttl-i1-judge", "ttl-i1-pairs", "ttl-i1-train"]  # once each
-    reasons = [e[1] for e in events_when(kube, "g", "ttl", lambda evs: [e[1] for e in evs].count("StepCompleted") >= 4)]
+    reasons = [e[1] for e in events(kube, "g", "ttl")]
     assert reasons.count("StepCompleted") == 4
 
 
@@ -750,7 +730,7 @@ def test_an_exception_in_reconcile_ends_as_a_condition_and_an_event(kube, tmp_pa
         flag.unlink()  # the cause goes away: the next retry recovers
         JobPlayer(kube).wait_job("g", "boom-i1-generate", timeout=30)
         st = wait_status(kube, "g", "boom", lambda s: cond(s, "Stalled").get("status") == "False")
-        events_when(kube, "g", "boom", lambda evs: "Recovered" in [e[1] for e in evs])
+        assert "Recovered" in [e[1] for e in events(kube, "g", "boom")]
     finally:
         stop_operator(proc)
         kube.delete(*RUNS, "boom", "g")
