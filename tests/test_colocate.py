@@ -18,6 +18,7 @@ from selfreward.spec import SpecError, parse_spec
 from selfreward.storage import Store
 from selfreward.worker import run_step
 from selfreward.worker.judge import read_phase_records
+from selfreward.worker.parts import BatchParts
 
 SEEDS = [f"Question {i}: what is {i} times {i + 1}, and why?" for i in range(7)]
 # figures that measure time or this machine, not what was written
@@ -155,10 +156,10 @@ def test_a_kill_mid_judge_resumes_the_judge_without_redoing_generate(tmp_path, t
     store = Store.for_spec(spec)
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(spec.model_dump(mode="json")))
-    parts = store.path(layout.shard_data_path(1, "judge", 0, 1)[: -len(".jsonl")] + ".parts")
+    parts = BatchParts(store, layout.shard_data_path(1, "judge", 0, 1), "test").rel
     env = dict(os.environ, SELFREWARD_TERMINATION_LOG=str(tmp_path / "term.json"))
     # Only whole parts count: a kill can leave the half-written temporary file of the next one.
-    finished = lambda: len([n for n in os.listdir(parts) if n.startswith("batch-")]) if os.path.isdir(parts) else 0  # noqa: E731
+    finished = lambda: len([n for n in store.list(parts) if n.startswith("batch-")])  # noqa: E731
     proc = _worker(spec_file, env)
     try:
         deadline = time.time() + 120
@@ -182,7 +183,7 @@ def test_a_kill_mid_judge_resumes_the_judge_without_redoing_generate(tmp_path, t
     assert os.stat(store.path(gen_summary)).st_mtime_ns == gen_time
     judge = store.read_json(layout.shard_summary_path(1, "judge", 0, 1))
     assert judge["batchesResumed"] >= done_before >= 2 and judge["modelLoads"] == 1
-    assert not os.path.exists(parts)
+    assert not store.exists(parts)
     # the same verdicts as a run that was never killed
     whole = make_spec(tmp_path, tiny_model, "whole", judge={"batchSize": 1, "maxNewTokens": 48})
     run_step(whole, "generate", 1)
